@@ -1,0 +1,83 @@
+"""Address buses that route a vCPU's port I/O and MMIO exits to device models.
+
+A device covers one range on a bus and implements ``read(offset, size) -> int`` and
+``write(offset, size, value)``. Accesses that hit no device read as all ones and are ignored on
+write, like an empty ISA bus: guests probe for hardware that is not there.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class BusDevice(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class BusError(Exception):
+    """A device range overlaps another one."""
+
+
+@dataclass(frozen=True)
+class _Range:
+    base: int
+    length: int
+    device: BusDevice
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+class Bus:
+    """A sorted set of non-overlapping device ranges, safe to use from several vCPU threads."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._bases: list[int] = []
+        self._ranges: list[_Range] = []
+        self._lock = threading.Lock()
+
+    def insert(self, base: int, length: int, device: BusDevice) -> None:
+        if length <= 0:
+            raise BusError(f"{self.name}: empty range at {base:#x}")
+        with self._lock:
+            i = bisect.bisect_right(self._bases, base)
+            before = self._ranges[i - 1] if i else None
+            after = self._ranges[i] if i < len(self._ranges) else None
+            if (before and before.end > base) or (after and base + length > after.base):
+                raise BusError(f"{self.name}: range [{base:#x}, +{length:#x}) overlaps another device")
+            self._bases.insert(i, base)
+            self._ranges.insert(i, _Range(base, length, device))
+
+    def remove(self, base: int) -> None:
+        with self._lock:
+            i = self._bases.index(base)
+            del self._bases[i]
+            del self._ranges[i]
+
+    def lookup(self, addr: int, size: int = 1) -> tuple[BusDevice, int] | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i < 0:
+            return None
+        r = self._ranges[i]
+        if addr + size > r.end:
+            return None
+        return r.device, addr - r.base
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self.lookup(addr, size)
+        if hit is None:
+            return (1 << (8 * size)) - 1
+        device, offset = hit
+        return device.read(offset, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        hit = self.lookup(addr, size)
+        if hit is not None:
+            device, offset = hit
+            device.write(offset, size, value)
