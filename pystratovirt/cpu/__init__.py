@@ -1,1 +1,11 @@
-"""cpu layer."""
+"""cpu layer: the guest CPU model (CPUID, topology), initial vCPU state, and ring-0-emulation compat.
+
+Sits above ``pystratovirt.kvm``, ``pystratovirt.memory`` and ``pystratovirt.boot``, below the
+machine: it decides what each vCPU looks like and how the boot vCPU starts, but runs nothing.
+"""
+
+from .cpuid import MAX_VCPUS, CpuModel, Topology
+from .regs import configure_application_processor, configure_boot_cpu, configure_vcpu
+
+__all__ = ["MAX_VCPUS", "CpuModel", "Topology", "configure_application_processor",
+           "configure_boot_cpu", "configure_vcpu"]

@@ -1,0 +1,188 @@
+"""The ``stratovirt`` command: parse the configuration, daemonize if asked, build and run the VM.
+
+Every failure a user can cause (bad options, missing files, no KVM, a socket path in use, a
+kernel that cannot be loaded) ends with one sentence on stderr and exit code 1, never a
+traceback. A VM that shuts down (QMP ``quit``, guest power-off or reboot, SIGTERM/SIGINT) ends
+with exit code 0; a fatal guest or VMM error with exit code 1.
+
+Logging: without ``-D`` warnings and errors go to stderr; ``-D`` alone logs at info level to
+stderr; ``-D FILE`` logs at info level to FILE. ``STRATOVIRT_LOG_LEVEL`` (trace, debug, info,
+warn, error) overrides the level, as in StratoVirt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from .config import ConfigError, parse_command_line
+from .kvm import KvmUnavailableError
+from .machine.console import StdioConsole
+from .machine.microvm import MachineBuildError, MicroVm
+from .machine.vmconfig import VmConfig
+from .qmp.server import QmpServer, QmpSocketError
+from .util.eventloop import EventLoop
+
+log = logging.getLogger("pystratovirt")
+
+_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+           "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class StartupError(Exception):
+    """Starting the VM failed; the message is one sentence for the user."""
+
+
+def _setup_logging(log_file: str | None) -> None:
+    env = os.environ.get("STRATOVIRT_LOG_LEVEL", "").strip().lower()
+    if log_file:
+        handler: logging.Handler = logging.FileHandler(log_file)
+        level = logging.INFO
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        level = logging.INFO if log_file == "" else logging.WARNING
+        if sys.stderr.isatty():
+            handler.terminator = "\r\n"  # the terminal may be in raw mode for -serial stdio
+    level = _LEVELS.get(env, level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _daemonize() -> int:
+    """Double-fork; returns the write end of a pipe the daemon reports readiness on.
+
+    The original process waits on the pipe and exits 0 once the VM runs, or prints the daemon's
+    error and exits 1, so ``stratovirt -daemonize`` still fails visibly on a bad configuration.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_fd)
+        chunks = []
+        while True:
+            chunk = os.read(read_fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        message = b"".join(chunks).decode(errors="replace")
+        os.waitpid(pid, 0)
+        if message.startswith("ok"):
+            os._exit(0)
+        sys.stderr.write(message or "stratovirt: the daemon exited before the VM started.\n")
+        os._exit(1)
+    os.close(read_fd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return write_fd
+
+
+def _write_pidfile(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise StartupError("Pidfile path is existed yet.") from None
+    except OSError as exc:
+        raise StartupError(f"Cannot write pidfile {path}: {exc.strerror}.") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _remove(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def run_vm(config: VmConfig, on_ready=None) -> int:
+    """Build and run one VM; ``on_ready()`` is called once its vCPUs have started."""
+    loop = EventLoop()
+    console = None
+    if config.serial is not None and config.serial.stdio:
+        console = StdioConsole(loop)
+    machine = MicroVm(config, loop, serial_sink=console.write if console else None)
+    qmp = None
+    pidfile_written = False
+    try:
+        try:
+            if config.pidfile:
+                _write_pidfile(config.pidfile)
+                pidfile_written = True
+            machine.build()
+            if config.qmp_socket:
+                qmp = QmpServer(loop, config.qmp_socket, machine)
+                qmp.start()
+                machine.events = qmp
+        except (KvmUnavailableError, MachineBuildError, QmpSocketError) as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"Failed to create the VM: {exc.strerror or exc}.") from None
+        if console is not None:
+            console.attach(machine.serial)
+            machine.add_shutdown_hook(console.close)
+        if qmp is not None:
+            machine.add_shutdown_hook(qmp.close)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: machine.host_signal())
+        machine.start()
+        if on_ready is not None:
+            on_ready()
+        code = machine.run()
+        if machine.shutdown_reason is not None:
+            log.info("exiting with code %d after %s", code, machine.shutdown_reason.value)
+        return code
+    finally:
+        if console is not None:
+            console.close()
+        if qmp is not None:
+            qmp.close()
+        if pidfile_written:
+            _remove(config.pidfile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        invocation = parse_command_line(argv)
+    except ConfigError as exc:
+        print(f"stratovirt: {exc}", file=sys.stderr)
+        return 1
+    if invocation.action != "run":
+        print(invocation.text)
+        return 0
+    config = invocation.config
+    ready_fd = _daemonize() if config.daemonize else None
+    _setup_logging(config.log_file)
+    def report_ready() -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        return run_vm(config, report_ready)
+    except StartupError as exc:
+        message = f"stratovirt: {exc}"
+        log.error("%s", exc)
+        print(message, file=sys.stderr)
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (message + "\n").encode())
+            except OSError:
+                pass
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The typed vocabulary between the QMP front end and the machine: requests, results, errors, events.
+
+This module owns the values that cross the boundary between ``pystratovirt.qmp`` (which alone
+knows JSON) and the machine. The QMP schema turns a validated JSON command into one of the
+request dataclasses below; the machine's :class:`Executor` answers with a result dataclass (or
+``None`` for an empty result) or raises :class:`MachineError`; the machine reports asynchronous
+happenings by handing an event dataclass to the server's ``emit``. Nothing here imports anything
+above ``pystratovirt.memory``, and nothing here knows how a value is spelled on the wire: the
+field names are Python's, the JSON key names and key order are the schema's business.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol, Union
+
+# --------------------------------------------------------------------------------------------------
+# Requests. All are immutable: the schema validates every argument before building one, so the
+# machine can trust the types and never sees an unknown or missing argument.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QmpCapabilities:
+    """``qmp_capabilities``: answered by the QMP server itself, never passed to the machine."""
+
+    enable: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QueryVersion:
+    """``query-version``: answered by the QMP server itself (the version the greeting announces)."""
+
+
+@dataclass(frozen=True)
+class QueryCommands:
+    """``query-commands``: answered by the QMP server itself (qmp-shell asks for it on connect)."""
+
+
+@dataclass(frozen=True)
+class QueryStatus:
+    """``query-status``: answered with :class:`StatusInfo`."""
+
+
+@dataclass(frozen=True)
+class QueryCpus:
+    """``query-cpus``: answered with a list of :class:`CpuInfo`, one per online vCPU."""
+
+
+@dataclass(frozen=True)
+class QueryHotpluggableCpus:
+    """``query-hotpluggable-cpus``: answered with a list of :class:`HotpluggableCpu`."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """``stop``: pause every vCPU; emit :class:`StopEvent` before returning."""
+
+
+@dataclass(frozen=True)
+class Cont:
+    """``cont``: resume every vCPU; emit :class:`ResumeEvent` before returning."""
+
+
+@dataclass(frozen=True)
+class Quit:
+    """``quit``: emit ``ShutdownEvent(guest=False, reason=HOST_QMP_QUIT)``, return, stop the loop."""
+
+
+@dataclass(frozen=True)
+class BlockdevAdd:
+    """``blockdev-add``: register a block backend under ``node_name`` for a later ``device_add``."""
+
+    node_name: str
+    filename: str
+    driver: str = "file"  # the protocol driver of the "file" member: "file" or "host_device"
+    direct: bool = True  # cache.direct: open with O_DIRECT
+    no_flush: bool = False  # cache.no-flush: ignore guest flush requests
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class BlockdevDel:
+    """``blockdev-del``: forget the block backend ``node_name``."""
+
+    node_name: str
+
+
+@dataclass(frozen=True)
+class NetdevAdd:
+    """``netdev_add``: register a tap backend under ``id`` for a later ``device_add``.
+
+    ``ifname`` names a tap device; ``fds`` is StratoVirt's file-descriptor reference (a number
+    inherited by the process, kept as the text the client sent). The schema guarantees at least
+    one of the two is given.
+    """
+
+    id: str
+    ifname: str | None = None
+    fds: str | None = None
+    vhost: bool = False
+    vhostfds: str | None = None
+
+
+@dataclass(frozen=True)
+class NetdevDel:
+    """``netdev_del``: forget the net backend ``id``."""
+
+    id: str
+
+
+@dataclass(frozen=True)
+class DeviceAdd:
+    """``device_add``: put the backend registered under ``id`` into a replaceable slot.
+
+    ``addr`` is the client's ``"0xN"`` already parsed to an int; ``lun`` is the alternative
+    spelling kept for QMP compatibility. See :attr:`slot` for how StratoVirt combines them.
+    """
+
+    id: str
+    driver: str
+    addr: int | None = None
+    lun: int | None = None
+
+    @property
+    def slot(self) -> int:
+        """The replaceable slot index: ``addr`` if given, else ``lun + 1`` (lun 0 is vdb), else 0."""
+        if self.addr is not None:
+            return self.addr
+        if self.lun is not None:
+            return self.lun + 1
+        return 0
+
+
+@dataclass(frozen=True)
+class DeviceDel:
+    """``device_del``: empty the slot holding ``id``; emit :class:`DeviceDeletedEvent` first."""
+
+    id: str
+
+
+@dataclass(frozen=True)
+class Balloon:
+    """``balloon``: set the guest's target memory size to ``value`` bytes."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class QueryBalloon:
+    """``query-balloon``: answered with :class:`BalloonInfo`."""
+
+
+Request = Union[
+    QmpCapabilities, QueryVersion, QueryCommands, QueryStatus, QueryCpus, QueryHotpluggableCpus,
+    Stop, Cont, Quit, BlockdevAdd, BlockdevDel, NetdevAdd, NetdevDel, DeviceAdd, DeviceDel,
+    Balloon, QueryBalloon,
+]
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+class RunState(enum.Enum):
+    """The VM run states query-status reports (QEMU's RunState names)."""
+
+    PRELAUNCH = "prelaunch"  # created with -S, never started
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal-error"
+    DEBUG = "debug"
+
+
+@dataclass(frozen=True)
+class StatusInfo:
+    """The answer to query-status.
+
+    ``running`` is derived from ``status`` so it cannot lie: early StratoVirt answered
+    ``running: true`` while paused, which QEMU and later StratoVirt do not; we report the truth.
+    """
+
+    status: RunState
+    singlestep: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.status is RunState.RUNNING
+
+
+@dataclass(frozen=True)
+class CpuProps:
+    """A vCPU's place in the topology (StratoVirt: one socket per vCPU, one core, one thread)."""
+
+    socket_id: int
+    core_id: int = 0
+    thread_id: int = 0
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """One element of query-cpus."""
+
+    cpu_index: int
+    props: CpuProps
+    qom_path: str
+    thread_id: int  # the host thread id (gettid) of the vCPU thread
+    arch: str = "x86"
+    current: bool = True
+    halted: bool = False
+
+
+@dataclass(frozen=True)
+class HotpluggableCpu:
+    """One element of query-hotpluggable-cpus; ``qom_path`` is None for an offline vCPU."""
+
+    props: CpuProps
+    qom_path: str | None
+    type: str = "host-x86-cpu"
+    vcpus_count: int = 1
+
+
+@dataclass(frozen=True)
+class BalloonInfo:
+    """The answer to query-balloon: the guest's current memory size in bytes."""
+
+    actual: int
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """The emulated QEMU version, as the greeting and query-version announce it."""
+
+    major: int
+    minor: int
+    micro: int
+    package: str = ""
+
+
+@dataclass(frozen=True)
+class CommandInfo:
+    """One element of query-commands."""
+
+    name: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+class ErrorClass(enum.Enum):
+    """QMP error classes (StratoVirt's set; QEMU's names)."""
+
+    GENERIC_ERROR = "GenericError"
+    COMMAND_NOT_FOUND = "CommandNotFound"
+    DEVICE_NOT_FOUND = "DeviceNotFound"
+    DEVICE_NOT_ACTIVE = "DeviceNotActive"
+    KVM_MISSING_CAP = "KVMMissingCap"
+    OPERATION_THROTTLED = "OperationThrottled"
+
+
+class MachineError(Exception):
+    """A request the machine refused; becomes ``{"error":{"class":...,"desc":...}}``."""
+
+    def __init__(self, desc: str, error_class: ErrorClass = ErrorClass.GENERIC_ERROR):
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+
+
+# --------------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------------
+
+
+class ShutdownReason(enum.Enum):
+    """Why the VM shut down (QEMU's ShutdownCause names)."""
+
+    HOST_QMP_QUIT = "host-qmp-quit"
+    HOST_SIGNAL = "host-signal"
+    GUEST_SHUTDOWN = "guest-shutdown"
+    GUEST_RESET = "guest-reset"
+
+
+@dataclass(frozen=True)
+class ShutdownEvent:
+    """SHUTDOWN: the VMM is about to exit (StratoVirt never reboots a guest)."""
+
+    guest: bool
+    reason: ShutdownReason
+
+
+@dataclass(frozen=True)
+class StopEvent:
+    """STOP: the vCPUs were paused."""
+
+
+@dataclass(frozen=True)
+class ResumeEvent:
+    """RESUME: the vCPUs run again."""
+
+
+@dataclass(frozen=True)
+class DeviceDeletedEvent:
+    """DEVICE_DELETED: a replaceable slot was emptied by device_del."""
+
+    device: str
+    path: str  # StratoVirt sends the device id here too
+
+
+@dataclass(frozen=True)
+class BalloonChangedEvent:
+    """BALLOON_CHANGED: the guest's memory size (bytes) after a balloon change."""
+
+    actual: int
+
+
+Event = Union[ShutdownEvent, StopEvent, ResumeEvent, DeviceDeletedEvent, BalloonChangedEvent]
+
+# --------------------------------------------------------------------------------------------------
+# The machine's side of the contract
+# --------------------------------------------------------------------------------------------------
+
+
+class Executor(Protocol):
+    """What the QMP server calls; the machine implements it.
+
+    ``execute`` runs on the control loop's thread. It returns a result dataclass, a list of them,
+    or None (sent as ``{}``), or raises :class:`MachineError`. Events it emits (through the
+    server's ``emit``) while it runs are written before its reply.
+    """
+
+    def execute(self, request: Request) -> object: ...
+
+
+class EventSink(Protocol):
+    """What the machine calls to report an event (the QMP server implements it)."""
+
+    def emit(self, event: Event) -> None: ...

@@ -1,0 +1,157 @@
+"""One OS thread per vCPU: runs KVM_RUN, routes port I/O and MMIO exits, obeys pause and stop.
+
+Pause protocol: the machine sets ``want_pause`` and kicks the vCPU out of KVM_RUN; the thread
+notices on its way back in, parks on the shared condition and counts itself parked; the machine
+waits until every thread has parked. Only then is the guest frozen: no thread can be inside
+KVM_RUN. Resume clears the flag and notifies. Stop works the same way but the thread returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Protocol
+
+from ..cpu import pvm
+from ..devices.bus import Bus
+from ..kvm import exits
+from ..kvm.vcpu import Vcpu
+from ..memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+
+class VcpuHost(Protocol):
+    """What a vCPU thread needs from its machine."""
+
+    pio_bus: Bus
+    mmio_bus: Bus
+    memory: GuestMemory
+    pvm_compat: bool
+
+    def guest_shutdown(self, reset: bool) -> None: ...
+    def fatal_error(self, message: str) -> None: ...
+
+
+class PauseGate:
+    """The condition all vCPU threads park on while the machine is paused or stopping."""
+
+    def __init__(self, nr_threads: int):
+        self.cond = threading.Condition()
+        self.want_pause = False
+        self.stopping = False
+        self.parked = 0
+        self.nr_threads = nr_threads
+
+    def park(self) -> bool:
+        """Called by a vCPU thread that saw a request; returns False when the thread must end."""
+        with self.cond:
+            if self.stopping:
+                return False
+            if not self.want_pause:
+                return True
+            self.parked += 1
+            self.cond.notify_all()
+            while self.want_pause and not self.stopping:
+                self.cond.wait()
+            self.parked -= 1
+            self.cond.notify_all()
+            return not self.stopping
+
+    def wait_parked(self, count: int, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self.parked >= count or self.stopping, timeout)
+
+
+class VcpuThread(threading.Thread):
+    def __init__(self, host: VcpuHost, vcpu: Vcpu, gate: PauseGate,
+                 on_exit: Callable[["VcpuThread"], None] | None = None):
+        super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
+        self.host = host
+        self.vcpu = vcpu
+        self.gate = gate
+        self.native_id_ready = threading.Event()
+        self.host_thread_id: int | None = None
+        self._on_exit = on_exit
+
+    def run(self) -> None:
+        self.host_thread_id = threading.get_native_id()
+        self.native_id_ready.set()
+        try:
+            self._loop()
+        except Exception as exc:  # a VMM bug must end the VM cleanly, not leave a stuck thread
+            log.exception("vCPU %d failed", self.vcpu.index)
+            self.host.fatal_error(f"vCPU {self.vcpu.index} failed: {exc}")
+        finally:
+            if self._on_exit:
+                self._on_exit(self)
+
+    def _loop(self) -> None:
+        vcpu, gate, host = self.vcpu, self.gate, self.host
+        pio, mmio = host.pio_bus, host.mmio_bus
+        while True:
+            if gate.want_pause or gate.stopping:
+                vcpu.ack_kick()
+                if not gate.park():
+                    return
+            exit_ = vcpu.run()
+            kind = type(exit_)
+            if kind is exits.IoOut:
+                size = exit_.size
+                for chunk in exit_.elements():
+                    pio.write(exit_.port, size, int.from_bytes(chunk, "little"))
+            elif kind is exits.IoIn:
+                size = exit_.size
+                data = b"".join(pio.read(exit_.port, size).to_bytes(size, "little")
+                                for _ in range(exit_.count))
+                exit_.complete(data)
+            elif kind is exits.MmioWrite:
+                mmio.write(exit_.addr, exit_.len, int.from_bytes(exit_.data[:exit_.len], "little"))
+            elif kind is exits.MmioRead:
+                exit_.complete(mmio.read(exit_.addr, exit_.len).to_bytes(exit_.len, "little"))
+            elif kind is exits.Interrupted:
+                vcpu.ack_kick()
+            elif kind is exits.Shutdown:
+                # A triple fault: on x86 that is how a reboot ends up (reboot=t, or a failed reboot=k).
+                log.info("vCPU %d: triple fault (guest reset)", vcpu.index)
+                host.guest_shutdown(reset=True)
+                return
+            elif kind is exits.SystemEvent:
+                reset = exit_.type == exits.SystemEventType.RESET
+                log.info("vCPU %d: system event %s", vcpu.index, exit_.type)
+                host.guest_shutdown(reset=reset)
+                return
+            elif kind is exits.InternalError:
+                if not self._internal_error(exit_):
+                    return
+            elif kind is exits.Hlt:
+                # With an in-kernel irqchip KVM handles HLT itself; seeing it means a halted vCPU
+                # with interrupts off for good.
+                log.info("vCPU %d halted with interrupts disabled", vcpu.index)
+                gate_wait_forever(gate)
+                return
+            else:
+                host.fatal_error(f"vCPU {vcpu.index}: unexpected KVM exit {exit_}")
+                return
+
+    def _internal_error(self, exit_: exits.InternalError) -> bool:
+        if exit_.is_emulation_failure and self.host.pvm_compat:
+            try:
+                note = pvm.handle_emulation_failure(self.vcpu, exit_, self.host.memory)
+            except pvm.UnhandledEmulationFailure as exc:
+                self.host.fatal_error(f"vCPU {self.vcpu.index}: {exc}")
+                return False
+            log.debug("vCPU %d: %s", self.vcpu.index, note)
+            return True
+        try:
+            regs = self.vcpu.get_regs()
+            where = f" at RIP {regs.rip:#x}"
+        except OSError:
+            where = ""
+        self.host.fatal_error(f"vCPU {self.vcpu.index}: {exit_.describe()}{where}")
+        return False
+
+
+def gate_wait_forever(gate: PauseGate) -> None:
+    with gate.cond:
+        gate.cond.wait_for(lambda: gate.stopping)

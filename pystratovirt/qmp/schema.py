@@ -1,0 +1,463 @@
+"""The QMP schema: JSON commands -> typed requests, typed results/events/errors -> JSON bytes.
+
+This module owns every spelling the wire uses: command names, argument names and types, the
+error texts for bad input, and the exact key order of every reply and event (the seed's
+transcripts are the contract: ``{"return":{"running":true,"singlestep":false,"status":"running"}}``,
+``{"event":"STOP","data":{},"timestamp":{"seconds":S,"microseconds":U}}``). A command is fully
+validated here, before anything reaches the machine: unknown, missing and mistyped arguments are
+rejected with a GenericError a person can act on. It holds no state and does no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, NoReturn
+
+from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonInfo, BlockdevAdd, BlockdevDel,
+                                CommandInfo, Cont, CpuInfo, CpuProps, DeviceAdd, DeviceDel,
+                                DeviceDeletedEvent, ErrorClass, HotpluggableCpu, NetdevAdd,
+                                NetdevDel, QmpCapabilities, QueryBalloon, QueryCommands, QueryCpus,
+                                QueryHotpluggableCpus, QueryStatus, QueryVersion, Quit, Request,
+                                ResumeEvent, ShutdownEvent, ShutdownReason, StatusInfo, Stop,
+                                StopEvent, VersionInfo)
+
+#: The QEMU version StratoVirt's early QMP announces (``create_greeting(1, 0, 4)``).
+VERSION = VersionInfo(major=4, minor=0, micro=1, package="")
+
+#: The largest single message the server buffers (StratoVirt used 8 KiB; QEMU has no small limit).
+MAX_MESSAGE = 65536
+
+U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1
+
+
+class QmpError(Exception):
+    """A command rejected by the protocol layer; ``id`` is echoed when the command carried one."""
+
+    def __init__(self, desc: str, error_class: ErrorClass = ErrorClass.GENERIC_ERROR,
+                 id: object = None):
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+        self.id = id
+
+
+@dataclass(frozen=True)
+class Command:
+    """A validated command: its name, the typed request and the client's ``id`` (None if none)."""
+
+    execute: str
+    request: Request
+    id: object = None
+
+
+# ==================================================================================================
+# Decoding
+# ==================================================================================================
+
+
+def _reject_constant(name: str) -> NoReturn:
+    # json accepts NaN/Infinity by default; they are not JSON and could not be echoed back.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj: dict[str, object] = {}
+    for key, value in pairs:
+        if key in obj:
+            # A repeated key would silently let the last one win; a person meant something else.
+            raise ValueError(f"duplicate key '{key}'")
+        obj[key] = value
+    return obj
+
+
+def decode(message: bytes) -> object:
+    """Parse one framed message; raise QmpError (GenericError) when it is not valid JSON."""
+    try:
+        return json.loads(message, object_pairs_hook=_unique_keys, parse_constant=_reject_constant,
+                          parse_float=_finite_float)
+    except RecursionError:
+        raise QmpError("Invalid JSON: nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError and the hooks' errors
+        raise QmpError(f"Invalid JSON: {err}") from None
+
+
+def _valid_id(value: object) -> bool:
+    if isinstance(value, bool):
+        return False  # bool is an int subclass, but true is not a number
+    return isinstance(value, (str, int, float))
+
+
+def parse_command(obj: object) -> Command:
+    """Validate a decoded message and build its typed request; raise QmpError if it is bad."""
+    if not isinstance(obj, dict):
+        raise QmpError("QMP input must be a JSON object")
+    cmd_id = obj.get("id")
+    if "id" in obj and not _valid_id(cmd_id):
+        raise QmpError("QMP input member 'id' must be a number or a string")
+    for key in obj:
+        if key == "exec-oob":
+            raise QmpError("Out-of-band execution is not supported", id=cmd_id)
+        if key not in ("execute", "arguments", "id"):
+            raise QmpError(f"QMP input member '{key}' is unexpected", id=cmd_id)
+    if "execute" not in obj:
+        raise QmpError("QMP input lacks member 'execute'", id=cmd_id)
+    name = obj["execute"]
+    if not isinstance(name, str):
+        raise QmpError("QMP input member 'execute' must be a string", id=cmd_id)
+    parser = _COMMANDS.get(name)
+    if parser is None:
+        raise QmpError(f"The command {name} has not been found", ErrorClass.COMMAND_NOT_FOUND,
+                       id=cmd_id)
+    arguments = obj.get("arguments", {})
+    if not isinstance(arguments, dict):
+        raise QmpError("QMP input member 'arguments' must be an object", id=cmd_id)
+    try:
+        request = parser(arguments)
+    except _ArgumentError as err:
+        raise QmpError(str(err), id=cmd_id) from None
+    return Command(name, request, cmd_id)
+
+
+def command_names() -> list[str]:
+    """Every command the schema accepts, in a stable order (for query-commands)."""
+    return list(_COMMANDS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checking
+# --------------------------------------------------------------------------------------------------
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+_REQUIRED = object()
+
+
+class _Args:
+    """One JSON object of arguments, read key by key with a type check for each.
+
+    Unknown keys are refused up front (a typo should be named, not reported as a missing key);
+    ``ignored`` keys are accepted with any value and dropped, because StratoVirt and QEMU clients
+    send them and they mean nothing for a micro VM.
+    """
+
+    def __init__(self, values: dict, known: tuple[str, ...], ignored: tuple[str, ...] = (),
+                 prefix: str = ""):
+        self._values = values
+        self._prefix = prefix
+        for key in values:
+            if key not in known and key not in ignored:
+                raise _ArgumentError(f"Invalid parameter '{prefix}{key}'")
+
+    def has(self, key: str) -> bool:
+        return key in self._values
+
+    def raw(self, key: str, default: object) -> object:
+        if key in self._values:
+            return self._values[key]
+        if default is _REQUIRED:
+            raise _ArgumentError(f"Parameter '{self._prefix}{key}' is missing")
+        return default
+
+    def wrong(self, key: str, what: str) -> NoReturn:
+        raise _ArgumentError(f"Parameter '{self._prefix}{key}' expects {what}")
+
+    def string(self, key: str, default: object = _REQUIRED, *, nonempty: bool = False):
+        value = self.raw(key, default)
+        if key in self._values:
+            if not isinstance(value, str):
+                self.wrong(key, "a string")
+            if nonempty and not value:
+                self.wrong(key, "a non-empty string")
+        return value
+
+    def boolean(self, key: str, default: object = _REQUIRED):
+        value = self.raw(key, default)
+        if key in self._values and not isinstance(value, bool):
+            self.wrong(key, "a boolean")
+        return value
+
+    def integer(self, key: str, lo: int, hi: int, default: object = _REQUIRED):
+        value = self.raw(key, default)
+        if key in self._values:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.wrong(key, "an integer")
+            if not lo <= value <= hi:
+                self.wrong(key, f"an integer from {lo} to {hi}")
+        return value
+
+    def obj(self, key: str, known: tuple[str, ...], ignored: tuple[str, ...] = (),
+               default: object = _REQUIRED):
+        value = self.raw(key, default)
+        if key not in self._values:
+            return value
+        if not isinstance(value, dict):
+            self.wrong(key, "an object")
+        return _Args(value, known, ignored, prefix=f"{self._prefix}{key}.")
+
+    def choice(self, key: str, choices: tuple[str, ...], default: object = _REQUIRED):
+        value = self.raw(key, default)
+        if key in self._values and value not in choices:
+            self.wrong(key, " or ".join(f"'{c}'" for c in choices))
+        return value
+
+
+_ADDR = re.compile(r"0[xX]([0-9a-fA-F]{1,8})")
+
+
+def _addr(args: _Args) -> int | None:
+    """``addr``: StratoVirt's slot number as a hex string ("0x1"); a bare integer is accepted too.
+
+    StratoVirt quietly used slot 0 for an addr it could not parse, which hot-plugs into the
+    wrong slot; we refuse it instead.
+    """
+    if not args.has("addr"):
+        return None
+    value = args.raw("addr", None)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U32_MAX:
+        return value
+    if isinstance(value, str):
+        match = _ADDR.fullmatch(value)
+        if match:
+            return int(match.group(1), 16)
+    args.wrong("addr", "a hexadecimal slot number such as '0x1'")
+
+
+def _fd_ref(args: _Args, key: str) -> str | None:
+    """``fds``/``vhostfds``: text (a descriptor number or name); qmp-shell sends a bare number."""
+    value = args.raw(key, None)
+    if value is None and not args.has(key):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and value:
+        return value
+    args.wrong(key, "a file descriptor number or name")
+
+
+def _on_off(args: _Args, key: str) -> bool:
+    """A boolean that qmp-shell users also spell "on"/"off"."""
+    value = args.raw(key, False)
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "off"):
+        return value == "on"
+    args.wrong(key, "a boolean (or 'on' or 'off')")
+
+
+# --------------------------------------------------------------------------------------------------
+# The commands
+# --------------------------------------------------------------------------------------------------
+
+# Capabilities this server offers in its greeting: none (no out-of-band execution).
+CAPABILITIES: tuple[str, ...] = ()
+
+
+def _no_arguments(cls: type) -> Callable[[dict], Request]:
+    def parse(arguments: dict) -> Request:
+        _Args(arguments, known=())
+        return cls()
+    return parse
+
+
+def _qmp_capabilities(arguments: dict) -> QmpCapabilities:
+    a = _Args(arguments, known=("enable",))
+    enable = a.raw("enable", [])
+    if not isinstance(enable, list) or not all(isinstance(c, str) for c in enable):
+        a.wrong("enable", "a list of strings")
+    for capability in enable:
+        if capability not in CAPABILITIES:
+            raise _ArgumentError(f"Capability '{capability}' not available")
+    return QmpCapabilities(tuple(enable))
+
+
+def _blockdev_add(arguments: dict) -> BlockdevAdd:
+    # StratoVirt v0.2 also accepts read-zeros/discard/id/options/backing and ignores them.
+    a = _Args(arguments, known=("node-name", "file", "cache", "read-only", "driver"),
+              ignored=("discard", "detect-zeroes", "read-zeros", "id", "options", "backing",
+                       "auto-read-only"))
+    node_name = a.string("node-name", nonempty=True)
+    # The format driver: only raw images exist here, so anything else must not be silently
+    # treated as raw.
+    a.choice("driver", ("raw",), default="raw")
+    file = a.obj("file", known=("driver", "filename"), ignored=("aio", "locking"))
+    cache = a.obj("cache", known=("direct", "no-flush"), default=None)
+    return BlockdevAdd(
+        node_name=node_name,
+        filename=file.string("filename", nonempty=True),
+        driver=file.choice("driver", ("file", "host_device"), default="file"),
+        direct=cache.boolean("direct", True) if cache else True,
+        no_flush=cache.boolean("no-flush", False) if cache else False,
+        read_only=a.boolean("read-only", False),
+    )
+
+
+def _blockdev_del(arguments: dict) -> BlockdevDel:
+    a = _Args(arguments, known=("node-name",))
+    return BlockdevDel(a.string("node-name", nonempty=True))
+
+
+def _netdev_add(arguments: dict) -> NetdevAdd:
+    a = _Args(arguments, known=("id", "ifname", "fds", "vhost", "vhostfds", "type"),
+              ignored=("script", "downscript", "dnssearch", "queues"))
+    netdev_id = a.string("id", nonempty=True)
+    a.choice("type", ("tap",), default="tap")
+    ifname = a.string("ifname", None, nonempty=True)
+    fds = _fd_ref(a, "fds")
+    if ifname is None and fds is None:
+        raise _ArgumentError("Parameter 'ifname' or 'fds' is missing")
+    return NetdevAdd(id=netdev_id, ifname=ifname, fds=fds, vhost=_on_off(a, "vhost"),
+                     vhostfds=_fd_ref(a, "vhostfds"))
+
+
+def _netdev_del(arguments: dict) -> NetdevDel:
+    a = _Args(arguments, known=("id",))
+    return NetdevDel(a.string("id", nonempty=True))
+
+
+def _device_add(arguments: dict) -> DeviceAdd:
+    # The ignored keys are the ones StratoVirt v0.2 accepts and ignores: the backend is found
+    # by id, and a replaceable slot's bus and features are fixed at boot.
+    a = _Args(arguments, known=("id", "driver", "addr", "lun"),
+              ignored=("drive", "romfile", "share-rw", "bus", "mac", "netdev", "disable-modern",
+                       "mq", "vectors", "iothread"))
+    return DeviceAdd(id=a.string("id", nonempty=True), driver=a.string("driver", nonempty=True),
+                     addr=_addr(a), lun=a.integer("lun", 0, U32_MAX, None))
+
+
+def _device_del(arguments: dict) -> DeviceDel:
+    a = _Args(arguments, known=("id",))
+    return DeviceDel(a.string("id", nonempty=True))
+
+
+def _balloon(arguments: dict) -> Balloon:
+    a = _Args(arguments, known=("value",))
+    return Balloon(a.integer("value", 0, U64_MAX))
+
+
+_COMMANDS: dict[str, Callable[[dict], Request]] = {
+    "qmp_capabilities": _qmp_capabilities,
+    "query-version": _no_arguments(QueryVersion),
+    "query-commands": _no_arguments(QueryCommands),
+    "query-status": _no_arguments(QueryStatus),
+    "query-cpus": _no_arguments(QueryCpus),
+    "query-hotpluggable-cpus": _no_arguments(QueryHotpluggableCpus),
+    "stop": _no_arguments(Stop),
+    "cont": _no_arguments(Cont),
+    "quit": _no_arguments(Quit),
+    "blockdev-add": _blockdev_add,
+    "blockdev-del": _blockdev_del,
+    "netdev_add": _netdev_add,
+    "netdev_del": _netdev_del,
+    "device_add": _device_add,
+    "device_del": _device_del,
+    "balloon": _balloon,
+    "query-balloon": _no_arguments(QueryBalloon),
+}
+
+
+# ==================================================================================================
+# Encoding. Python dicts keep insertion order, so each dict literal below *is* the wire key order.
+# ==================================================================================================
+
+
+def _props(props: CpuProps) -> dict:
+    return {"core-id": props.core_id, "socket-id": props.socket_id, "thread-id": props.thread_id}
+
+
+def _version(v: VersionInfo) -> dict:
+    return {"qemu": {"micro": v.micro, "minor": v.minor, "major": v.major}, "package": v.package}
+
+
+def result_to_json(result: object) -> object:
+    """The JSON value of a result: a result dataclass, a list of them, or None (``{}``)."""
+    match result:
+        case None:
+            return {}
+        case list() | tuple():
+            return [result_to_json(item) for item in result]
+        case StatusInfo():
+            return {"running": result.running, "singlestep": result.singlestep,
+                    "status": result.status.value}
+        case CpuInfo():
+            return {"CPU": result.cpu_index, "arch": result.arch, "current": result.current,
+                    "halted": result.halted, "props": _props(result.props),
+                    "qom_path": result.qom_path, "thread_id": result.thread_id}
+        case HotpluggableCpu():
+            item: dict = {"props": _props(result.props)}
+            if result.qom_path is not None:  # offline vCPUs have no qom-path
+                item["qom-path"] = result.qom_path
+            item["type"] = result.type
+            item["vcpus-count"] = result.vcpus_count
+            return item
+        case BalloonInfo():
+            return {"actual": result.actual}
+        case VersionInfo():
+            return _version(result)
+        case CommandInfo():
+            return {"name": result.name}
+    raise TypeError(f"no QMP encoding for result {result!r}")
+
+
+def event_to_json(event: object) -> tuple[str, dict]:
+    """The QMP name and ``data`` of an event."""
+    match event:
+        case ShutdownEvent():
+            return "SHUTDOWN", {"guest": event.guest,
+                                "reason": ShutdownReason(event.reason).value}
+        case StopEvent():
+            return "STOP", {}
+        case ResumeEvent():
+            return "RESUME", {}
+        case DeviceDeletedEvent():
+            return "DEVICE_DELETED", {"device": event.device, "path": event.path}
+        case BalloonChangedEvent():
+            return "BALLOON_CHANGED", {"actual": event.actual}
+    raise TypeError(f"no QMP encoding for event {event!r}")
+
+
+def _dump(obj: object) -> bytes:
+    # Compact separators, as StratoVirt (serde_json) writes them; every message ends with "\n".
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def _with_id(message: dict, cmd_id: object) -> dict:
+    if cmd_id is not None:
+        message["id"] = cmd_id
+    return message
+
+
+def encode_greeting(version: VersionInfo = VERSION) -> bytes:
+    return _dump({"QMP": {"version": _version(version), "capabilities": list(CAPABILITIES)}})
+
+
+def encode_return(result: object, cmd_id: object = None) -> bytes:
+    return _dump(_with_id({"return": result_to_json(result)}, cmd_id))
+
+
+def encode_error(error_class: ErrorClass, desc: str, cmd_id: object = None) -> bytes:
+    return _dump(_with_id({"error": {"class": error_class.value, "desc": desc}}, cmd_id))
+
+
+def encode_event(event: object, timestamp_ns: int) -> bytes:
+    """An event stamped with ``timestamp_ns`` (wall clock, nanoseconds since the epoch)."""
+    name, data = event_to_json(event)
+    seconds, microseconds = divmod(timestamp_ns // 1000, 1_000_000)
+    return _dump({"event": name, "data": data,
+                  "timestamp": {"seconds": seconds, "microseconds": microseconds}})
+
+
+GREETING = encode_greeting()
