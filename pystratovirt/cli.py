@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_vm(config, report_ready)
     except StartupError as exc:
         message = f"stratovirt: {exc}"
-        log.error("%s", exc)
+        if config.log_file:  # stderr gets the sentence below; a log file should have it too
+            log.error("%s", exc)
         print(message, file=sys.stderr)
         if ready_fd is not None:
             try:

@@ -115,7 +115,7 @@ def build_probe(output: Path | None = None) -> Path:
     if output is None:
         return cached
     output = Path(output)
-    if output.parent != Path(""):
-        output.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached, output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not (output.exists() and output.samefile(cached)):
+        shutil.copyfile(cached, output)
     return output

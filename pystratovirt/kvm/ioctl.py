@@ -126,21 +126,21 @@ class Cap(enum.IntEnum):
     NR_VCPUS = 9
     NR_MEMSLOTS = 10
     PIT = 11
-    PIT2 = 33
-    SET_IDENTITY_MAP_ADDR = 37
     IRQ_INJECT_STATUS = 26
-    IOEVENTFD = 36
-    ADJUST_CLOCK = 39
-    VCPU_EVENTS = 41
-    INTERNAL_ERROR_DATA = 40
-    PIT_STATE2 = 35
     IRQFD = 32
-    TSC_DEADLINE_TIMER = 72
+    PIT2 = 33
+    PIT_STATE2 = 35
+    IOEVENTFD = 36
+    SET_IDENTITY_MAP_ADDR = 37
+    ADJUST_CLOCK = 39
+    INTERNAL_ERROR_DATA = 40
+    VCPU_EVENTS = 41
     MAX_VCPUS = 66
+    TSC_DEADLINE_TIMER = 72
     READONLY_MEM = 81
+    MAX_VCPU_ID = 128
     IMMEDIATE_EXIT = 136
     X86_DISABLE_EXITS = 143
-    MAX_VCPU_ID = 128
     EXCEPTION_PAYLOAD = 164
     EXIT_ON_EMULATION_FAILURE = 204
 
@@ -175,4 +175,5 @@ def ioctl(fd: int, request: int, arg=None) -> int:
 
 
 def is_eintr(exc: OSError) -> bool:
+    """Whether an ioctl failure was a signal interrupting it."""
     return exc.errno == _errno.EINTR

@@ -122,7 +122,11 @@ class Kvm:
             os.close(fd)
             raise
         if exit_on_emulation_failure and self.check_extension(k.Cap.EXIT_ON_EMULATION_FAILURE):
-            vm.enable_cap(k.Cap.EXIT_ON_EMULATION_FAILURE, 1)
+            try:
+                vm.enable_cap(k.Cap.EXIT_ON_EMULATION_FAILURE, 1)
+            except BaseException:
+                vm.close()
+                raise
             vm.exit_on_emulation_failure = True
         return vm
 

@@ -3,7 +3,7 @@ reset registers. Guest code is hand-assembled x86-64 (see the comments)."""
 
 import pytest
 
-from cpu_guest_helpers import CODE_ADDR, make_vm, run_until_out
+from cpu.cpu_guest_helpers import CODE_ADDR, make_vm, run_until_out
 from pystratovirt.boot import gdt
 from pystratovirt.cpu import CpuModel, Topology, configure_vcpu
 from pystratovirt.cpu import regs as r

@@ -93,11 +93,11 @@ def test_ff_abandons_a_partial_message_silently():
     assert s.feed(b"\xff\xff" + CMD) == [CMD]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(),
     lambda children: st.lists(children) | st.dictionaries(st.text(), children),
-    max_leaves=20).filter(lambda v: isinstance(v, (dict, list))), min_size=1, max_size=5),
+    max_leaves=10).filter(lambda v: isinstance(v, (dict, list))), min_size=1, max_size=5),
     st.data())
 def test_any_sequence_of_json_values_comes_back_whole(values, data):
     texts = [json.dumps(v, ensure_ascii=data.draw(st.booleans())).encode() for v in values]

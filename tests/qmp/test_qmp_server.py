@@ -12,12 +12,11 @@ import time
 
 import pytest
 
-from pystratovirt.machine.requests import (BalloonChangedEvent, DeviceAdd, QueryStatus, Quit,
-                                           RunState, StopEvent)
+from pystratovirt.machine.requests import (BalloonChangedEvent, DeviceAdd, QueryStatus, RunState,
+                                           StopEvent)
 from pystratovirt.qmp.schema import GREETING, MAX_MESSAGE, command_names
 from pystratovirt.qmp.server import QmpServer, QmpSocketError
 
-from qmp_harness import FakeMachine, LoopThread, RawClient
 
 STATUS = b'{"execute":"query-status"}'
 RUNNING = b'{"return":{"running":true,"singlestep":false,"status":"running"}}\n'
@@ -35,7 +34,7 @@ def event(line: bytes, name: str, data: dict) -> None:
     assert 0 <= msg["timestamp"]["microseconds"] < 1_000_000
 
 
-def silent(c: RawClient, wait: float = 0.2) -> bool:
+def silent(c, wait: float = 0.2) -> bool:
     """True if nothing arrives within ``wait`` seconds."""
     c.sock.settimeout(wait)
     try:
@@ -139,7 +138,7 @@ def test_machine_errors_keep_their_class(client, qmp):
         b'{"error":{"class":"DeviceNotActive","desc":"No balloon device has been activated"}}\n'
 
 
-def test_emit_threadsafe_and_events_without_a_client(client, qmp):
+def test_emit_threadsafe_and_events_without_a_client(client, qmp, connect):
     qmp.server.emit_threadsafe(StopEvent())  # may race the greeting; order on the wire is kept
     lines = [client.line(), client.line()]
     assert lines[0] == GREETING
@@ -150,7 +149,7 @@ def test_emit_threadsafe_and_events_without_a_client(client, qmp):
     time.sleep(0.05)
     qmp.server.emit_threadsafe(StopEvent())  # nobody to tell: dropped
     qmp.lt.call(lambda: None)
-    fresh = RawClient(qmp.path)
+    fresh = connect(qmp.path)
     assert fresh.line() == GREETING
     assert fresh.ask(STATUS) == RUNNING  # the dropped event never shows up
     fresh.close()
@@ -216,8 +215,8 @@ def test_ff_resets_a_confused_stream(client):
     assert client.ask(b"\xff" + STATUS) == RUNNING
 
 
-def test_half_closed_client_still_gets_its_replies(qmp):
-    c = RawClient(qmp.path)
+def test_half_closed_client_still_gets_its_replies(qmp, connect):
+    c = connect(qmp.path)
     c.line()
     c.send(STATUS + b'{"execute":"stop"}')
     c.sock.shutdown(socket.SHUT_WR)
@@ -226,29 +225,29 @@ def test_half_closed_client_still_gets_its_replies(qmp):
     assert c.line() == EMPTY
     assert c.sock.recv(1) == b""  # then the server hangs up
     c.close()
-    again = RawClient(qmp.path)
+    again = connect(qmp.path)
     assert again.line() == GREETING
     again.close()
 
 
-def test_client_that_vanishes_mid_reply_does_not_hurt(qmp):
+def test_client_that_vanishes_mid_reply_does_not_hurt(qmp, connect):
     for _ in range(20):
-        c = RawClient(qmp.path)
+        c = connect(qmp.path)
         c.send(b'{"execute":"query-cpus"}' * 50)
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         c.close()
-    c = RawClient(qmp.path)
+    c = connect(qmp.path)
     assert c.line() == GREETING
     assert c.ask(STATUS) == RUNNING
     c.close()
 
 
-def test_client_that_never_reads_is_dropped(tmp_path, loop_thread):
-    machine = FakeMachine()
+def test_client_that_never_reads_is_dropped(tmp_path, loop_thread, connect, qmp_kit):
+    machine = qmp_kit.FakeMachine()
     server = QmpServer(loop_thread.loop, tmp_path / "q.sock", machine, max_output=64 * 1024)
     machine.server = server
     loop_thread.call(server.start)
-    hog = RawClient(server.path)
+    hog = connect(server.path)
     hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     # Each reply is about 400 bytes: far more than the kernel buffers plus max_output.
     try:
@@ -260,7 +259,7 @@ def test_client_that_never_reads_is_dropped(tmp_path, loop_thread):
     while loop_thread.call(lambda: server.connected) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not loop_thread.call(lambda: server.connected)
-    other = RawClient(server.path)
+    other = connect(server.path)
     assert other.line() == GREETING
     assert other.ask(STATUS) == RUNNING
     other.close()
@@ -270,10 +269,10 @@ def test_client_that_never_reads_is_dropped(tmp_path, loop_thread):
 
 # -- one client at a time -----------------------------------------------------------------------
 
-def test_second_client_waits_and_is_greeted_when_the_first_leaves(qmp):
-    first = RawClient(qmp.path)
+def test_second_client_waits_and_is_greeted_when_the_first_leaves(qmp, connect):
+    first = connect(qmp.path)
     assert first.line() == GREETING
-    second = RawClient(qmp.path)  # connect() succeeds: the kernel backlog holds it
+    second = connect(qmp.path)  # connect() succeeds: the kernel backlog holds it
     assert silent(second)
     assert first.ask(STATUS) == RUNNING  # the first is served meanwhile
     first.close()
@@ -282,26 +281,26 @@ def test_second_client_waits_and_is_greeted_when_the_first_leaves(qmp):
     second.close()
 
 
-def test_reconnecting_always_works(qmp):
+def test_reconnecting_always_works(qmp, connect):
     for _ in range(30):
-        c = RawClient(qmp.path)
+        c = connect(qmp.path)
         assert c.line() == GREETING
         assert c.ask(STATUS) == RUNNING
         c.close()
 
 
-def test_client_leaving_without_reading_the_greeting(qmp):
+def test_client_leaving_without_reading_the_greeting(qmp, connect):
     for _ in range(10):
-        RawClient(qmp.path).close()
-    c = RawClient(qmp.path)
+        connect(qmp.path).close()
+    c = connect(qmp.path)
     assert c.line() == GREETING
     c.close()
 
 
 # -- the socket file ----------------------------------------------------------------------------
 
-def test_socket_is_0600_and_removed_on_close(tmp_path, loop_thread):
-    server = QmpServer(loop_thread.loop, tmp_path / "s.sock", FakeMachine())
+def test_socket_is_0600_and_removed_on_close(tmp_path, loop_thread, qmp_kit):
+    server = QmpServer(loop_thread.loop, tmp_path / "s.sock", qmp_kit.FakeMachine())
     old_umask = os.umask(0)  # even a permissive umask must not widen it
     try:
         loop_thread.call(server.start)
@@ -316,7 +315,7 @@ def test_socket_is_0600_and_removed_on_close(tmp_path, loop_thread):
 
 
 @pytest.mark.parametrize("existing", ["socket", "file"])
-def test_refuses_an_existing_path(tmp_path, loop_thread, existing):
+def test_refuses_an_existing_path(tmp_path, loop_thread, existing, qmp_kit):
     path = tmp_path / "s.sock"
     if existing == "socket":
         leftover = socket.socket(socket.AF_UNIX)
@@ -324,7 +323,7 @@ def test_refuses_an_existing_path(tmp_path, loop_thread, existing):
         leftover.close()
     else:
         path.write_text("keep me")
-    server = QmpServer(loop_thread.loop, path, FakeMachine())
+    server = QmpServer(loop_thread.loop, path, qmp_kit.FakeMachine())
     with pytest.raises(QmpSocketError) as info:
         server.start()
     assert str(info.value) == f"QMP socket path {path} already exists; remove it or choose " \
@@ -334,15 +333,15 @@ def test_refuses_an_existing_path(tmp_path, loop_thread, existing):
     assert path.exists()
 
 
-def test_unusable_path_is_a_clear_error(tmp_path, loop_thread):
+def test_unusable_path_is_a_clear_error(tmp_path, loop_thread, qmp_kit):
     with pytest.raises(QmpSocketError, match="Cannot create QMP socket .*"):
-        QmpServer(loop_thread.loop, tmp_path / "no-such-dir" / "s.sock", FakeMachine()).start()
+        QmpServer(loop_thread.loop, tmp_path / "no-such-dir" / "s.sock", qmp_kit.FakeMachine()).start()
     with pytest.raises(QmpSocketError, match="Cannot create QMP socket"):
-        QmpServer(loop_thread.loop, tmp_path / ("x" * 200), FakeMachine()).start()
+        QmpServer(loop_thread.loop, tmp_path / ("x" * 200), qmp_kit.FakeMachine()).start()
 
 
-def test_close_does_not_remove_a_file_that_replaced_ours(tmp_path, loop_thread):
-    server = QmpServer(loop_thread.loop, tmp_path / "s.sock", FakeMachine())
+def test_close_does_not_remove_a_file_that_replaced_ours(tmp_path, loop_thread, qmp_kit):
+    server = QmpServer(loop_thread.loop, tmp_path / "s.sock", qmp_kit.FakeMachine())
     loop_thread.call(server.start)
     os.unlink(server.path)
     with open(server.path, "w") as f:
@@ -351,16 +350,16 @@ def test_close_does_not_remove_a_file_that_replaced_ours(tmp_path, loop_thread):
     assert os.path.exists(server.path)
 
 
-def test_relative_path_is_made_absolute(tmp_path, loop_thread, monkeypatch):
+def test_relative_path_is_made_absolute(tmp_path, loop_thread, monkeypatch, qmp_kit):
     monkeypatch.chdir(tmp_path)
-    server = QmpServer(loop_thread.loop, "rel.sock", FakeMachine())
+    server = QmpServer(loop_thread.loop, "rel.sock", qmp_kit.FakeMachine())
     assert server.path == str(tmp_path / "rel.sock")
 
 
-def test_no_executor_yet(tmp_path, loop_thread):
+def test_no_executor_yet(tmp_path, loop_thread, connect):
     server = QmpServer(loop_thread.loop, tmp_path / "s.sock", None)
     loop_thread.call(server.start)
-    c = RawClient(server.path)
+    c = connect(server.path)
     c.line()
     assert c.ask(STATUS) == \
         b'{"error":{"class":"GenericError","desc":"The virtual machine is not ready"}}\n'
@@ -371,31 +370,21 @@ def test_no_executor_yet(tmp_path, loop_thread):
 
 # -- quit: the loop stops, then close() flushes the last reply ----------------------------------
 
-class QuittingMachine(FakeMachine):
-    """On quit, emit SHUTDOWN, queue a large event backlog, and stop the loop (as the machine
-    does), so the reply is still unsent when the loop ends."""
-
-    def __init__(self, loop):
-        super().__init__()
-        self.loop = loop
-
-    def execute(self, request):
-        if isinstance(request, Quit):
-            for _ in range(3000):  # more than the kernel socket buffer holds
-                self.server.emit(BalloonChangedEvent(1))
-            result = super().execute(request)
-            self.loop.stop()
-            return result
-        return super().execute(request)
-
-
-def test_close_after_quit_flushes_the_reply_and_removes_the_socket(tmp_path):
-    lt = LoopThread()
-    machine = QuittingMachine(lt.loop)
+def test_close_after_quit_flushes_the_reply_and_removes_the_socket(tmp_path, connect, qmp_kit):
+    lt = qmp_kit.LoopThread()
+    machine = qmp_kit.FakeMachine()
     server = QmpServer(lt.loop, tmp_path / "q.sock", machine)
     machine.server = server
+
+    def quit_like_the_machine() -> None:
+        # Queue more output than the kernel socket buffer holds, then stop the loop, so the
+        # reply is still unsent when the loop ends and only close() can deliver it.
+        for _ in range(3000):
+            server.emit(BalloonChangedEvent(1))
+        lt.loop.stop()
+    machine.on_quit = quit_like_the_machine
     lt.call(server.start)
-    c = RawClient(server.path)
+    c = connect(server.path)
     c.line()
     c.send(b'{"execute":"quit","id":"bye"}')
     lt.thread.join(5)
@@ -415,14 +404,13 @@ def test_close_after_quit_flushes_the_reply_and_removes_the_socket(tmp_path):
     t.join(5)
     assert lines[-1] == b'{"return":{},"id":"bye"}\n'
     event(lines[-2], "SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-    assert len(lines) == 3001 + 1
+    assert len(lines) == 3000 + 2
     assert not os.path.exists(server.path)
-    c.close()
     lt.loop.close()
 
 
-def test_flush_gives_up_after_its_timeout(qmp):
-    c = RawClient(qmp.path)
+def test_flush_gives_up_after_its_timeout(qmp, connect):
+    c = connect(qmp.path)
     c.line()
     qmp.lt.call(lambda: [qmp.server.emit(BalloonChangedEvent(1)) for _ in range(5000)])
     start = time.monotonic()

@@ -1,0 +1,42 @@
+"""Suite-wide options and fixtures: the probe guest build, KVM availability, the opt-in stock tier."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--stock", action="store_true", default=False,
+                     help="also run the opt-in tier that boots Debian's stock cloud kernel (20+ min here)")
+    parser.addoption("--no-slow", action="store_true", default=False,
+                     help="skip the slow tests that build and boot the lean Linux kernel")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_stock = config.getoption("--stock") or os.environ.get("PYSTRATOVIRT_STOCK") == "1"
+    skip_slow = config.getoption("--no-slow")
+    for item in items:
+        if "stock" in item.keywords and not run_stock:
+            item.add_marker(pytest.mark.skip(reason="stock-kernel tier is opt-in: pass --stock"))
+        elif "slow" in item.keywords and skip_slow:
+            item.add_marker(pytest.mark.skip(reason="--no-slow given"))
+
+
+@pytest.fixture(scope="session")
+def kvm_ok():
+    """Skip cleanly where /dev/kvm is unusable (the VMM's own one-sentence reason)."""
+    from pystratovirt.kvm import Kvm, KvmUnavailableError
+    try:
+        Kvm().close()
+    except KvmUnavailableError as exc:
+        pytest.skip(str(exc))
+    return True
+
+
+@pytest.fixture(scope="session")
+def probe_elf(kvm_ok):
+    """The probe guest, built from the repo's C sources (cached by source hash)."""
+    from pystratovirt.guest.build import build_probe
+    return build_probe()

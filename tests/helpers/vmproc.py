@@ -1,0 +1,198 @@
+"""Run ``stratovirt`` as a real subprocess under KVM, read its serial console, talk QMP to it.
+
+Nothing here is mocked: the VMM process is the one users run, the guest is real, and the socket
+is the one a QMP client connects to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+STRATOVIRT = [sys.executable, "-m", "pystratovirt"]
+
+
+class _Stream:
+    """Collects a pipe's output on a thread so tests can wait for text with a timeout."""
+
+    def __init__(self, pipe):
+        self.data = bytearray()
+        self.cond = threading.Condition()
+        self.closed = False
+        self._thread = threading.Thread(target=self._pump, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, pipe) -> None:
+        while True:
+            chunk = pipe.read1(65536) if hasattr(pipe, "read1") else pipe.read(4096)
+            with self.cond:
+                if not chunk:
+                    self.closed = True
+                    self.cond.notify_all()
+                    return
+                self.data += chunk
+                self.cond.notify_all()
+
+    def text(self) -> str:
+        with self.cond:
+            return self.data.decode(errors="replace")
+
+
+class VmProcess:
+    def __init__(self, args: list[str], *, env: dict | None = None, cwd: str | None = None):
+        full_env = dict(os.environ)
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        if env:
+            full_env.update(env)
+        self.args = args
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(STRATOVIRT + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=full_env, cwd=cwd)
+        self.out = _Stream(self.proc.stdout)
+        self.err = _Stream(self.proc.stderr)
+        self._pos = 0  # how far command() has consumed the serial output
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    # -- serial ---------------------------------------------------------------------------------
+    def serial(self) -> str:
+        return self.out.text()
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, *, start: int | None = None) -> re.Match:
+        """Wait until the serial output (from ``start``, default the consumed position) matches."""
+        return self._wait(pattern, timeout, start)[0]
+
+    def _wait(self, pattern: str, timeout: float, start: int | None) -> tuple[re.Match, str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        begin = self._pos if start is None else start
+        with self.out.cond:
+            while True:
+                text = self.out.data[begin:].decode(errors="replace")
+                m = regex.search(text)
+                if m:
+                    self._pos = begin + len(text[:m.end()].encode())
+                    return m, text
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.out.closed and self.proc.poll() is not None):
+                    raise AssertionError(
+                        f"timed out after {timeout}s waiting for {pattern!r} on the serial console; "
+                        f"exit code {self.proc.poll()}\n--- serial (tail) ---\n{text[-3000:]}\n"
+                        f"--- stderr (tail) ---\n{self.err.text()[-3000:]}")
+                self.out.cond.wait(min(left, 0.5))
+
+    def send(self, text: str) -> None:
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def command(self, line: str, timeout: float = 30.0) -> list[str]:
+        """Run one probe-guest command; return its output lines (without the final ``ok``)."""
+        start = self._pos
+        self.send(line + "\n")
+        m, text = self._wait(r"(?m)^(ok|error: [^\r\n]*)\r?\n", timeout, start)
+        lines = [ln.rstrip("\r") for ln in text[:m.start()].splitlines() if ln.strip()]
+        if m.group(1) != "ok":
+            raise AssertionError(f"probe command {line!r} failed: {m.group(1)}; output {lines}")
+        return lines
+
+    # -- process --------------------------------------------------------------------------------
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the VMM did not exit within {timeout}s\n--- serial (tail) ---\n"
+                                 f"{self.serial()[-2000:]}\n--- stderr ---\n{self.err.text()[-2000:]}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pipe in (self.proc.stdin,):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "VmProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def run_stratovirt(args: list[str], timeout: float = 60.0, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(STRATOVIRT + args, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+def wait_for_path(path: str | Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.02)
+
+
+class Qmp:
+    """A raw QMP connection: exact bytes in, parsed messages out."""
+
+    def __init__(self, path: str | Path, timeout: float = 30.0):
+        wait_for_path(path, timeout)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buf = b""
+        self.greeting_line = self.read_line()
+        self.greeting = json.loads(self.greeting_line)
+
+    def read_line(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("QMP connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+    def read(self) -> dict:
+        return json.loads(self.read_line())
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def execute(self, command: str, arguments: dict | None = None, **extra) -> tuple[list[dict], dict]:
+        """Send a command; return (events received before the reply, the reply)."""
+        msg = {"execute": command}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        msg.update(extra)
+        self.send_raw(json.dumps(msg).encode())
+        events = []
+        while True:
+            m = self.read()
+            if "event" in m:
+                events.append(m)
+            else:
+                return events, m
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "Qmp":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
