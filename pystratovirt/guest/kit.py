@@ -30,7 +30,6 @@ artifacts into the output directory, laid out as::
     DIR/rootfs.ext4             ext4 root disk (root=/dev/vda)
     DIR/stock/vmlinuz           Debian cloud kernel, unchanged
     DIR/stock/config            its .config
-    DIR/stock/System.map
     DIR/stock/initramfs.cpio.gz busybox initramfs + virtio modules
     DIR/stock/modules-load      module load order used by /init
     DIR/stock/cmdline           recommended kernel command line
@@ -128,7 +127,7 @@ class StockGuest:
 
     vmlinuz: Path
     config: Path
-    system_map: Path
+    system_map: Path  # a placeholder in Debian's package (real one: -dbg package)
     initramfs: Path
     modules: tuple[str, ...]  # archive file names in load order
     builtin: tuple[str, ...]  # requested modules that are built into the kernel
@@ -487,8 +486,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         if args.flavour in ("stock", "all"):
             stock = ensure_stock_guest(args.cache_dir)
+            # No System.map: Debian ships a placeholder (the real one is in -dbg).
             for src, name in ((stock.vmlinuz, "vmlinuz"), (stock.config, "config"),
-                              (stock.system_map, "System.map"), (stock.initramfs, "initramfs.cpio.gz")):
+                              (stock.initramfs, "initramfs.cpio.gz")):
                 written.append(_copy(src, out / "stock" / name))
             (out / "stock" / "modules-load").write_text("".join(f"{m}\n" for m in stock.modules))
             (out / "stock" / "cmdline").write_text(stock.cmdline + "\n")

@@ -1,4 +1,4 @@
-"""The typed vocabulary between the QMP front end and the machine: requests, results, errors, events.
+"""The typed vocabulary between QMP and the machine: requests, results, errors, events.
 
 This module owns the values that cross the boundary between ``pystratovirt.qmp`` (which alone
 knows JSON) and the machine. The QMP schema turns a validated JSON command into one of the
@@ -65,7 +65,7 @@ class Cont:
 
 @dataclass(frozen=True)
 class Quit:
-    """``quit``: emit ``ShutdownEvent(guest=False, reason=HOST_QMP_QUIT)``, return, stop the loop."""
+    """``quit``: emit ``ShutdownEvent(False, HOST_QMP_QUIT)``, return, then stop the loop."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class DeviceAdd:
 
     @property
     def slot(self) -> int:
-        """The replaceable slot index: ``addr`` if given, else ``lun + 1`` (lun 0 is vdb), else 0."""
+        """The replaceable slot: ``addr`` if given, else ``lun + 1`` (lun 0 is vdb), else 0."""
         if self.addr is not None:
             return self.addr
         if self.lun is not None:

@@ -84,8 +84,9 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 def decode(message: bytes) -> object:
     """Parse one framed message; raise QmpError (GenericError) when it is not valid JSON."""
     try:
-        return json.loads(message, object_pairs_hook=_unique_keys, parse_constant=_reject_constant,
-                          parse_float=_finite_float)
+        # Decode explicitly: json.loads(bytes) would also guess UTF-16/32, which QMP is not.
+        return json.loads(message.decode("utf-8"), object_pairs_hook=_unique_keys,
+                          parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise QmpError("Invalid JSON: nested too deeply") from None
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError and the hooks' errors

@@ -251,15 +251,14 @@ class QmpServer:
             self._loop.modify(client.fd, mask)
             client.mask = mask
 
-    def _drop(self, client: _Client, *, listen: bool = True) -> None:
+    def _drop(self, client: _Client) -> None:
         if self._client is not client:
             return
         self._client = None
         self._loop.unregister(client.fd)
         client.sock.close()
         log.debug("QMP client disconnected")
-        if listen:
-            self._listen()  # greet the next client, if one is waiting
+        self._listen()  # greet the next client, if one is waiting
 
     # -- events ---------------------------------------------------------------------------------
     def emit(self, event: Event, timestamp_ns: int | None = None) -> None:
@@ -268,7 +267,7 @@ class QmpServer:
         self._send(data)
 
     def emit_threadsafe(self, event: Event) -> None:
-        """:meth:`emit` from any thread; the timestamp is taken now, not when the loop gets to it."""
+        """:meth:`emit` from any thread; the timestamp is taken now, not when the loop runs it."""
         timestamp_ns = self._clock_ns()
         self._loop.call_soon_threadsafe(lambda: self.emit(event, timestamp_ns))
 
@@ -281,35 +280,32 @@ class QmpServer:
         deadline = time.monotonic() + timeout
         poller = select.poll()
         poller.register(client.fd, select.POLLOUT)
-        while client.out:
-            try:
-                n = client.sock.send(client.out, socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                poller.poll(remaining * 1000)
-                continue
-            except OSError:
-                self._drop(client, listen=False)
+        while True:
+            self._write(client)
+            if not client.out:
+                return True
+            if self._client is not client:
+                return False  # the peer went away
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            del client.out[:n]
-        return True
+            poller.poll(remaining * 1000)
 
     def close(self, timeout: float = 1.0) -> None:
         """Flush the client's output (bounded), hang up, and remove the socket file. Idempotent.
 
         Call it on the loop thread or after the loop has stopped.
         """
-        client = self._client
-        if client is not None:
-            self.flush(timeout)
-            self._drop(client, listen=False)
+        # The listener goes first, so nothing below re-arms it for a next client.
         if self._listener is not None:
             self._park()
             self._listener.close()
             self._listener = None
             self._unlink()
+        client = self._client
+        if client is not None:
+            self.flush(timeout)
+            self._drop(client)
 
     def _unlink(self) -> None:
         # Only remove the file we created: someone may have replaced it since.

@@ -149,8 +149,8 @@ def test_command_names_cover_the_seed_and_the_conveniences():
 # -- blockdev-add / blockdev-del ----------------------------------------------------------------
 
 def test_blockdev_add_seed_transcript():
-    command = parse_text('{"execute": "blockdev-add", "arguments": {"node-name": "drive-0", "file": '
-                         '{"driver": "file", "filename": "/path/to/block"}, "cache": '
+    command = parse_text('{"execute": "blockdev-add", "arguments": {"node-name": "drive-0", '
+                         '"file": {"driver": "file", "filename": "/path/to/block"}, "cache": '
                          '{"direct": true}, "read-only": false}}')
     assert command.request == BlockdevAdd(node_name="drive-0", filename="/path/to/block",
                                           driver="file", direct=True, no_flush=False,
@@ -336,7 +336,8 @@ def test_query_cpus_matches_seed():
             for i in range(2)]
     assert encode_return(cpus) == (
         b'{"return":[{"CPU":0,"arch":"x86","current":true,"halted":false,"props":{"core-id":0,'
-        b'"socket-id":0,"thread-id":0},"qom_path":"/machine/unattached/device[0]","thread_id":8439},'
+        b'"socket-id":0,"thread-id":0},"qom_path":"/machine/unattached/device[0]",'
+        b'"thread_id":8439},'
         b'{"CPU":1,"arch":"x86","current":true,"halted":false,"props":{"core-id":0,"socket-id":1,'
         b'"thread-id":0},"qom_path":"/machine/unattached/device[1]","thread_id":8440}]}\n')
 

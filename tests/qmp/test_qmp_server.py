@@ -139,7 +139,8 @@ def test_machine_errors_keep_their_class(client, qmp):
 
 
 def test_emit_threadsafe_and_events_without_a_client(client, qmp, connect):
-    qmp.server.emit_threadsafe(StopEvent())  # may race the greeting; order on the wire is kept
+    # connect() has returned, so the loop accepts (and greets) before it runs the queued emit.
+    qmp.server.emit_threadsafe(StopEvent())
     lines = [client.line(), client.line()]
     assert lines[0] == GREETING
     event(lines[1], "STOP", {})
@@ -335,7 +336,8 @@ def test_refuses_an_existing_path(tmp_path, loop_thread, existing, qmp_kit):
 
 def test_unusable_path_is_a_clear_error(tmp_path, loop_thread, qmp_kit):
     with pytest.raises(QmpSocketError, match="Cannot create QMP socket .*"):
-        QmpServer(loop_thread.loop, tmp_path / "no-such-dir" / "s.sock", qmp_kit.FakeMachine()).start()
+        QmpServer(loop_thread.loop, tmp_path / "no-such-dir" / "s.sock",
+                  qmp_kit.FakeMachine()).start()
     with pytest.raises(QmpSocketError, match="Cannot create QMP socket"):
         QmpServer(loop_thread.loop, tmp_path / ("x" * 200), qmp_kit.FakeMachine()).start()
 
@@ -425,3 +427,16 @@ def test_status_reflects_the_machine(client, qmp):
     assert client.ask(STATUS) == \
         b'{"return":{"running":false,"singlestep":false,"status":"prelaunch"}}\n'
     assert qmp.machine.requests == [QueryStatus()]
+
+
+def test_close_after_the_loop_is_closed(tmp_path, connect, qmp_kit):
+    lt = qmp_kit.LoopThread()
+    server = QmpServer(lt.loop, tmp_path / "q.sock", qmp_kit.FakeMachine())
+    lt.call(server.start)
+    c = connect(server.path)
+    assert c.line() == GREETING
+    c.sock.shutdown(socket.SHUT_WR)
+    lt.stop()  # stops and closes the loop
+    server.close()
+    assert not os.path.exists(server.path)
+    assert c.sock.recv(1) == b""
