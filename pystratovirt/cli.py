@@ -21,6 +21,7 @@ from .config import ConfigError, parse_command_line
 from .kvm import KvmUnavailableError
 from .machine.console import StdioConsole
 from .machine.microvm import MachineBuildError, MicroVm
+from .machine.requests import ShutdownReason
 from .machine.vmconfig import VmConfig
 from .qmp.server import QmpServer, QmpSocketError
 from .util.eventloop import EventLoop
@@ -109,7 +110,7 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
     loop = EventLoop()
     console = None
     if config.serial is not None and config.serial.stdio:
-        console = StdioConsole(loop)
+        console = StdioConsole(loop, on_escape=lambda: machine.shutdown(ShutdownReason.HOST_UI, guest=False))
     machine = MicroVm(config, loop, serial_sink=console.write if console else None)
     qmp = None
     pidfile_written = False

@@ -164,8 +164,8 @@ def help_text(prog: str = "stratovirt", version: str = "") -> str:
             options.append(f"{head}\n{'':48}{opt.help}" if len(head) > 46 else f"{head:<48}{opt.help}")
     lines.append("OPTIONS:")
     lines.extend(options)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)  # no trailing newline: callers print() it
 
 
 def version_text(version: str) -> str:
-    return f"StratoVirt {version}\n"
+    return f"StratoVirt {version}"

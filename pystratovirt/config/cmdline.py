@@ -3,6 +3,10 @@
 Owns :func:`parse_command_line` and :class:`Invocation`. The order is StratoVirt's: tokenize
 (:mod:`.args`), honour -help/-version, read the ``-config`` JSON file into a draft, apply the other
 options on top (scalars override, devices are added), then check the whole (:meth:`Draft.finish`).
+"Scalars" include ``-append``, which replaces the file's ``boot_args`` (StratoVirt does the same),
+``-serial``, ``-balloon`` and ``-rng``; ``-machine`` overrides only the properties it names.
+``-drive``/``-netdev``/``-chardev``/``-iothread`` add to the file's lists (ids must stay unique) and
+``-device vsock`` is an error if the file already has a vsock.
 
 Choices where the early StratoVirt command line is silent or where we differ on purpose:
 
@@ -21,18 +25,28 @@ Choices where the early StratoVirt command line is silent or where we differ on 
   test guests can boot from the kernel alone.
 * Booleans are case-insensitive. ``-netdev`` accepts a leading ``tap`` word and ``-chardev`` a
   leading ``socket`` word (the v0.1.0 syntax); ``vhostfds=`` needs ``vhost=on``.
+* Checked here rather than when the VM starts, so that a bad command line fails before any KVM
+  work: the kernel/initrd are regular files, drive files are regular files or block devices,
+  the rng source exists, the QMP and console socket paths do not exist yet and fit in a
+  ``sockaddr_un`` (107 bytes), an existing pidfile (``Pidfile path is existed yet.``), iothreads
+  named by drives and nets are defined, and drive and net ids are unique together (they share
+  the replaceable-slot namespace that QMP ``device_del`` looks up).
+* Limits: at most 6 drives (v0.2.0's replaceable block slots; v0.3.0 has 4) and 2 nets; every
+  path may be 4096 bytes (StratoVirt limits the initrd path to 255, a slip we do not copy).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from pystratovirt import __version__
 from pystratovirt.machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, BalloonConfig, SerialConfig, VmConfig
 
 from . import args as A
 from .draft import (
-    Draft, check_machine_type, check_path, check_socket_path, check_vcpus, new_console, new_drive, new_iothread, new_net,
-    new_rng, new_vsock,
+    Draft, check_machine_type, check_path, check_socket_path, check_vcpus, new_console, new_drive, new_iothread,
+    new_net, new_rng, new_vsock,
 )
 from .errors import ConfigError
 from .json_config import apply_json_file
@@ -44,7 +58,7 @@ class Invocation:
     """What the command line asks for: run ``config``, or print ``text`` (usage or version) and exit 0."""
 
     config: VmConfig | None
-    action: str  # "run" | "help" | "version"
+    action: Literal["run", "help", "version"]
     text: str = ""
 
 
@@ -59,8 +73,6 @@ def parse_command_line(argv: list[str], prog: str = "stratovirt") -> Invocation:
 
 
 def _parse(argv: list[str], prog: str) -> Invocation:
-    from pystratovirt import __version__
-
     for arg in argv:
         if not isinstance(arg, str):
             raise ConfigError(f"Command-line arguments must be strings, not {type(arg).__name__}.")

@@ -16,8 +16,8 @@ import stat
 from dataclasses import dataclass, field
 
 from pystratovirt.machine.vmconfig import (
-    DEFAULT_MEM_SIZE, MAX_DRIVES, MAX_GUEST_CID, MAX_ID_LEN, MAX_IOPS, MAX_IOTHREADS, MAX_MEM_SIZE, MAX_NETS, MAX_PATH_LEN,
-    MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MAX_VCPUS, MIN_GUEST_CID, MIN_MEM_SIZE, MIN_RNG_BYTES_PER_SEC,
+    DEFAULT_MEM_SIZE, MAX_DRIVES, MAX_GUEST_CID, MAX_ID_LEN, MAX_IOPS, MAX_IOTHREADS, MAX_MEM_SIZE, MAX_NETS,
+    MAX_PATH_LEN, MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MAX_VCPUS, MIN_GUEST_CID, MIN_MEM_SIZE, MIN_RNG_BYTES_PER_SEC,
     BalloonConfig, BootSource, ConsoleConfig, DriveConfig, IothreadConfig, MachineConfig, NetConfig, RngConfig,
     SerialConfig, VmConfig, VsockConfig,
 )
@@ -219,7 +219,8 @@ class Draft:
         machine = self._finish_machine()
 
         if len(self.drives) > MAX_DRIVES:
-            raise ConfigError(f"A maximum of {MAX_DRIVES} block devices are supported, but {len(self.drives)} are given.")
+            raise ConfigError(f"A maximum of {MAX_DRIVES} block devices are supported, "
+                              f"but {len(self.drives)} are given.")
         if len(self.nets) > MAX_NETS:
             raise ConfigError(f"A maximum of {MAX_NETS} net devices are supported, but {len(self.nets)} are given.")
         known_iothreads = {t.id for t in self.iothreads}
@@ -227,7 +228,8 @@ class Draft:
             self._check_iothread(drive.iothread, f"drive '{drive.id}'", known_iothreads)
             mode = _stat(drive.path, f"file of drive '{drive.id}'").st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                raise ConfigError(f"The file of drive '{drive.id}' ('{drive.path}') is not a regular file or block device.")
+                raise ConfigError(f"The file of drive '{drive.id}' ('{drive.path}') is not a regular file "
+                                  "or block device.")
         for net in self.nets:
             self._check_iothread(net.iothread, f"net '{net.id}'", known_iothreads)
         for console in self.consoles:

@@ -101,8 +101,10 @@ STOCK_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_balloon", "e
 # reboots -- i.e. exits the VMM -- rather than hanging. tsc=reliable: skip
 # the clocksource watchdog and TSC sync checks, pure cost under emulation.
 LEAN_CMDLINE = "console=ttyS0 reboot=k panic=1 tsc=reliable"
-# pci=off: the micro-VM has no PCI bus, and probing it is slow.
-STOCK_CMDLINE = "console=ttyS0 reboot=k panic=1 tsc=reliable pci=off"
+# Debian's kernel also probes a PCI bus and four legacy UARTs unless told
+# not to. Note it has neither X86_MPPARSE nor VIRTIO_MMIO_CMDLINE_DEVICES:
+# it finds extra CPUs, the IOAPIC and virtio-mmio devices only through ACPI.
+STOCK_CMDLINE = "console=ttyS0 reboot=k panic=1 tsc=reliable pci=off 8250.nr_uarts=1"
 
 
 @dataclass(frozen=True)

@@ -242,12 +242,8 @@ class MicroVm:
     def execute(self, request: rq.Request) -> object:
         handler = _HANDLERS.get(type(request))
         if handler is None:
-            raise rq.MachineError(f"The command {_command_name(request)} is not supported by this "
-                                  "VMM yet.")
+            raise rq.MachineError("This command is not supported by this VMM yet.")
         return handler(self, request)
-
-    def _q_capabilities(self, _req) -> None:
-        return None
 
     def _q_status(self, _req) -> rq.StatusInfo:
         return rq.StatusInfo(status=self.state)
@@ -280,13 +276,7 @@ class MicroVm:
         self.shutdown(rq.ShutdownReason.HOST_QMP_QUIT, guest=False)
 
 
-def _command_name(request) -> str:
-    name = type(request).__name__
-    return "".join("-" + c.lower() if c.isupper() else c for c in name).lstrip("-")
-
-
 _HANDLERS = {
-    rq.QmpCapabilities: MicroVm._q_capabilities,
     rq.QueryStatus: MicroVm._q_status,
     rq.QueryCpus: MicroVm._q_cpus,
     rq.QueryHotpluggableCpus: MicroVm._q_hotpluggable,

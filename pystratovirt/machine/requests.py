@@ -283,6 +283,7 @@ class ShutdownReason(enum.Enum):
     HOST_SIGNAL = "host-signal"
     GUEST_SHUTDOWN = "guest-shutdown"
     GUEST_RESET = "guest-reset"
+    HOST_UI = "host-ui"  # Ctrl-A x on the serial console, as QEMU names it
 
 
 @dataclass(frozen=True)

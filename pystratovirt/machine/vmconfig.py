@@ -140,9 +140,10 @@ class VmConfig:
     """Everything needed to build and run one micro-VM.
 
     ``log_file``: None = no ``-D`` (errors go to stderr only), "" = ``-D`` without a value (log to
-    stderr), otherwise a path. ``qmp_socket`` None = no management socket. ``extract_payload``:
-    for a bzImage, decompress the kernel payload on the host (True) or boot the image's own
-    decompressor (False).
+    stderr), otherwise a path. ``qmp_socket`` None = no management socket (StratoVirt requires
+    one; pystratovirt makes it optional). ``extract_payload`` (``-machine kernel-extract=on|off``,
+    our extension): for a bzImage, decompress the kernel payload on the host (True) or boot the
+    image's own decompressor (False).
     """
 
     boot: BootSource

@@ -42,6 +42,7 @@ def test_help_wins_over_everything_but_unknown_options(argv):
     assert inv.action == "help" and inv.config is None
     assert inv.text.startswith(f"StratoVirt {__version__}\n")
     assert "USAGE:" in inv.text and "FLAGS:" in inv.text and "OPTIONS:" in inv.text
+    assert not inv.text.endswith("\n")  # the CLI print()s it
     for opt in OPTIONS:
         assert f"-{opt.name}" in inv.text
 
@@ -49,7 +50,7 @@ def test_help_wins_over_everything_but_unknown_options(argv):
 @pytest.mark.parametrize("argv", [["-V"], ["-version"], ["-V", "-smp", "0"]])
 def test_version(argv):
     inv = parse_command_line(argv)
-    assert inv == type(inv)(None, "version", f"StratoVirt {__version__}\n")
+    assert inv == type(inv)(None, "version", f"StratoVirt {__version__}")
 
 
 @pytest.mark.parametrize("opt", ["name", "machine", "smp", "m", "mem-path", "config", "kernel", "initrd",
@@ -88,7 +89,8 @@ def test_missing_value(opt):
 
 
 def test_single_value_option_with_two_values():
-    assert error_of(["-kernel", "a", "b"]) == f"The argument 'kernel' only needs one value, but 2 were given (a b). {HINT}"
+    assert error_of(["-kernel", "a", "b"]) == (
+        f"The argument 'kernel' only needs one value, but 2 were given (a b). {HINT}")
     assert "only needs one value" in error_of(["-D", "a", "b"])
 
 

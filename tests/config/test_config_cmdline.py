@@ -39,7 +39,6 @@ def test_reference_quickstart_example(env):
 def test_reference_example_verbatim(env):
     if os.path.lexists("/tmp/x.sock"):
         pytest.skip("/tmp/x.sock exists on this host")
-    cfg = env.config  # noqa: F841 - documents the fixture's cwd holds vmlinux.bin and rootfs
     inv = env.parse("-kernel ./vmlinux.bin -append console=ttyS0 pci=off reboot=k panic=1 root=/dev/vda "
                     "-drive file=./rootfs,id=rootfs,readonly=off -api-channel unix:/tmp/x.sock -serial stdio")
     assert inv.config.qmp_socket == "/tmp/x.sock"
@@ -322,7 +321,8 @@ def test_block_device_is_accepted(env):
     ("file=rootfs", "'id' is missing for 'drive' device."),
     ("file=rootfs,id=r,readonly=2", "Unable to parse '2' for 'readonly'; expected on, off, true, false, yes or no."),
     ("file=rootfs,id=r,direct=x", "Unable to parse 'x' for 'direct'; expected on, off, true, false, yes or no."),
-    ("file=rootfs,id=r,serial=123456789012345678901", "Input drive serial number string's length must be no more than 20."),
+    ("file=rootfs,id=r,serial=123456789012345678901",
+     "Input drive serial number string's length must be no more than 20."),
     ("file=rootfs,id=r,iops=1000001", "iops of block device must >= 0 and <= 1000000."),
     ("file=rootfs,id=r,iops=-1", "Unable to parse '-1' for 'iops'; expected a non-negative integer."),
     ("file=rootfs,id=r,format=raw", "Invalid parameter 'format'"),
@@ -409,7 +409,8 @@ def test_chardev(env):
     ("id=c", "'path' is missing for 'chardev' device."),
     ("pty,id=c,path=c.sock", "Invalid parameter 'pty'"),
     ("id=c,path=c.sock,server", "Invalid parameter 'server'"),
-    ("id=c,path=" + "p" * 108, f"The console socket path '{'p' * 108}' is longer than 107 bytes, too long for a UNIX socket."),
+    ("id=c,path=" + "p" * 108,
+     f"The console socket path '{'p' * 108}' is longer than 107 bytes, too long for a UNIX socket."),
 ])
 def test_chardev_errors(env, value, message):
     assert error(env, ["-chardev", value]) == message
@@ -421,7 +422,8 @@ def test_chardev_duplicates_and_existing_socket(env):
     assert error(env, "-chardev id=c,path=a.sock -chardev id=d,path=a.sock") == (
         "The console socket path 'a.sock' is used more than once.")
     open("old.sock", "w").close()
-    assert error(env, "-chardev id=c,path=old.sock") == "The console socket path 'old.sock' already exists; remove it first."
+    assert error(env, "-chardev id=c,path=old.sock") == (
+        "The console socket path 'old.sock' already exists; remove it first.")
 
 
 def test_vsock(env):
@@ -530,3 +532,17 @@ def test_config_is_frozen(env):
         cfg.name = "x"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         cfg.machine.vcpus = 2  # type: ignore[misc]
+
+
+# -- odd paths ---------------------------------------------------------------------------------
+
+def test_undecodable_and_nul_paths(env):
+    assert error(env, ["-drive", "file=\udcff,id=d"]) == (
+        "The file of drive 'd' '\\udcff' is not accessible: No such file or directory.")
+    assert error(env, ["-drive", "file=\ud800,id=d"]).startswith("The file of drive 'd' '\\ud800' is not a valid path")
+    with pytest.raises(ConfigError, match=r"^The kernel image path must not contain a NUL character\.$"):
+        parse_command_line(["-kernel", "vmlinux.bin\0"])
+
+
+def test_socket_path_keeps_colons(env):
+    assert env.config("-api-channel unix:a:b.sock,server,nowait").qmp_socket == "a:b.sock"

@@ -133,6 +133,67 @@ def test_init_script_contract() -> None:
         assert applet in kit.APPLETS
 
 
+def _unpack(entries, dest: Path) -> None:
+    """Materialise a parsed archive on the host (device nodes skipped)."""
+    for e in entries:
+        target = dest / e.name
+        if e.kind == "dir":
+            target.mkdir(parents=True, exist_ok=True)
+        elif e.kind == "symlink":
+            os.symlink(e.data.decode(), target)
+        elif e.kind == "file":
+            target.write_bytes(e.data)
+            os.chmod(target, e.perm)
+
+
+STUBS = {
+    # /sbin comes before /bin in /init's PATH, so these shadow the applets.
+    # (busybox sh runs some applets -- uname, insmod -- directly whatever
+    # PATH says, so those cannot be stubbed and run for real below.)
+    "mount": 'echo "STUB mount $*"',
+    "sync": ":",
+    "cat": 'if [ "$1" = /proc/cmdline ]; then echo "$FAKE_CMDLINE"; else exec /bin/busybox cat "$@"; fi',
+    # End the run here: kill /init (our parent) instead of the machine.
+    "poweroff": 'echo "STUB poweroff $*"; kill -9 $PPID',
+    "reboot": 'echo "STUB reboot $*"; kill -9 $PPID',
+}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("busybox") is None
+                    or shutil.which("chroot") is None, reason="needs root (chroot) and busybox")
+@pytest.mark.parametrize("action", ["poweroff", "reboot"])
+def test_init_runs_in_a_chroot(tmp_path: Path, action: str) -> None:
+    """Run the real /init from the real initramfs, with stubs for privileged commands."""
+    cpio = kit.build_initramfs(Path(shutil.which("busybox")))
+    root = tmp_path / "root"
+    root.mkdir()
+    _unpack(read_newc(cpio.getvalue()), root)
+    # The listed modules do not exist, so the real insmod fails without ever
+    # reaching the host kernel, and /init reports each failure in list order.
+    (root / "lib" / "modules").mkdir(parents=True)
+    (root / "etc" / "modules-load").write_text("virtio.ko\n# comment\n\nvirtio_mmio.ko foo=1\n")
+    (root / "proc" / "uptime").write_text("12.34 5.67\n")
+    for name, body in STUBS.items():
+        (root / "sbin" / name).write_text(f"#!/bin/sh\n{body}\n")
+        os.chmod(root / "sbin" / name, 0o755)
+    env = {"FAKE_CMDLINE": f"console=ttyS0 reboot=k pystratovirt.cmd={action} *"}
+    proc = subprocess.run([shutil.which("chroot"), str(root), "/bin/sh", "/init"], env=env,
+                          timeout=30, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("insmod:")]
+    assert lines == [
+        "STUB mount -t proc proc /proc",
+        "STUB mount -t sysfs sysfs /sys",
+        "STUB mount -t devtmpfs devtmpfs /dev",
+        "init: insmod virtio.ko failed",
+        "init: insmod virtio_mmio.ko failed",
+        "PYSTRATOVIRT-READY uptime=12.34",
+        os.uname().release,  # the real `uname -r`, of the host kernel here
+        f"PYSTRATOVIRT-{action.upper()}",
+        f"STUB {action} -f",
+    ], proc.stdout
+
+
 # -- module ordering -----------------------------------------------------------
 MODULES_DEP = """\
 kernel/drivers/virtio/virtio.ko:

@@ -105,6 +105,15 @@ class VmProcess:
             raise AssertionError(f"probe command {line!r} failed: {m.group(1)}; output {lines}")
         return lines
 
+    def command_shell(self, line: str, timeout: float = 60.0) -> list[str]:
+        """Run a shell command in a Linux guest; return its output lines (between markers)."""
+        tag = f"@@{time.monotonic_ns()}@@"
+        self.send(f"echo {tag}B; {line}; echo {tag}E\n")
+        self.wait_for(rf"(?m)^{tag}B\r?\n", timeout)
+        start = self._pos
+        m, text = self._wait(rf"(?m)^{tag}E\r?$", timeout, start)
+        return [ln.rstrip("\r") for ln in text[:m.start()].splitlines() if ln.strip()]
+
     # -- process --------------------------------------------------------------------------------
     def wait_exit(self, timeout: float = 30.0) -> int:
         try:

@@ -249,3 +249,17 @@ def test_hostile_input_does_not_hurt_the_vm(probe_elf, sock):
         with Qmp(sock) as qmp:
             assert qmp.execute("query-status")[1]["return"]["status"] == "running"
         assert vm.command("echo alive") == ["alive"]
+
+
+def test_qmp_shell(probe_elf, sock):
+    import shutil
+    import subprocess
+    shell = shutil.which("qmp-shell")
+    if shell is None:
+        pytest.skip("qmp-shell (from qemu.qmp) is not on PATH")
+    with start(probe_elf, sock):
+        res = subprocess.run([shell, str(sock)], input="query-status\nstop\nquery-status\n",
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        assert '"status": "running"' in res.stdout
+        assert '"status": "paused"' in res.stdout
