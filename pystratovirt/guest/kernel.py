@@ -105,8 +105,15 @@ def cache_lock(cache: Path, name: str) -> Iterator[None]:
 
 
 def build_key(source_version: str, fragment_text: str) -> str:
+    """Cache key of a lean build: recipe, source version and the fragment's settings.
+
+    The settings are hashed in canonical form, so editing a comment in the
+    fragment does not cost a rebuild.
+    """
+    settings = parse_fragment(fragment_text)
+    canonical = "\n".join(f"{name}={value}" for name, value in sorted(settings.items()))
     digest = hashlib.sha256()
-    for part in (f"recipe={RECIPE_VERSION}", f"source={source_version}", fragment_text):
+    for part in (f"recipe={RECIPE_VERSION}", f"source={source_version}", canonical):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]

@@ -17,7 +17,7 @@ HIGH_RAM_START = MMIO_HOLE_END
 
 # Fixed low-memory boot structures (StratoVirt's x86_64 boot_loader).
 GDT_ADDR = 0x500
-IDT_ADDR = 0x520
+IDT_ADDR = 0x530  # after the 5-entry GDT (0x500..0x527)
 ZERO_PAGE_ADDR = 0x7000
 BOOT_STACK_TOP = 0x8FF0
 PML4_ADDR = 0x9000

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from bootimages import START_KERNEL_MAP, make_elf, vmlinux
+from boot.bootimages import START_KERNEL_MAP, make_elf, vmlinux
 from pystratovirt.boot import BootError, load_kernel
 from pystratovirt.boot.elf import ElfError, check_placement, load_elf, parse_elf
 from pystratovirt.memory.layout import MiB

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootimages import compress, make_bzimage, vmlinux
+from boot.bootimages import compress, make_bzimage, vmlinux
 from pystratovirt.boot import BootError, BootInfo, load_kernel
 from pystratovirt.boot.payload import PayloadError, decompress
 from pystratovirt.memory import GuestMemory

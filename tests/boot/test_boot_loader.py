@@ -6,10 +6,9 @@ import struct
 
 import pytest
 
-from bootimages import compress, make_bzimage, vmlinux
+from boot.bootimages import START_KERNEL_MAP, compress, make_bzimage, make_elf, vmlinux
 from pystratovirt.boot import BootError, BootInfo, load_kernel
-from pystratovirt.boot.bootparams import (CAN_USE_HEAP, KASLR_FLAG, LOADED_HIGH, BootParams,
-                                          XLF_KERNEL_64)
+from pystratovirt.boot.bootparams import CAN_USE_HEAP, KASLR_FLAG, LOADED_HIGH, BootParams
 from pystratovirt.boot.gdt import gdt_bytes
 from pystratovirt.boot.mptable import build_mptable
 from pystratovirt.boot.pagetables import page_tables
@@ -87,7 +86,6 @@ def test_payload_out_of_bounds_falls_back(mem, write_file):
 def test_extracted_elf_that_does_not_fit_falls_back(write_file):
     mem = GuestMemory(128 * MiB)
     try:
-        from bootimages import START_KERNEL_MAP, make_elf
         big = make_elf([(0x100_0000, START_KERNEL_MAP + 0x100_0000, b"\x90", 200 * MiB)],
                        entry=0x100_0000)
         info = load_kernel(mem, write_file(make_bzimage(compress("zstd", big))), "")

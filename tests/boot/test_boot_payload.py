@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from bootimages import compress
+from boot.bootimages import compress
 from pystratovirt.boot.payload import PayloadError, decompress, detect_codec
 
 DATA = os.urandom(4096) * 3 + b"kernel" * 50000 + bytes(100000)

@@ -87,6 +87,10 @@ def test_build_key_depends_on_inputs() -> None:
     assert key == kernel.build_key("6.1.192-2", FRAGMENT_TEXT)
     assert key != kernel.build_key("6.1.193-1", FRAGMENT_TEXT)
     assert key != kernel.build_key("6.1.192-2", FRAGMENT_TEXT + "CONFIG_X=y\n")
+    # Comments and layout do not matter; settings do.
+    assert key == kernel.build_key("6.1.192-2", "# a new comment\n\n" + FRAGMENT_TEXT)
+    assert key != kernel.build_key("6.1.192-2", FRAGMENT_TEXT.replace("CONFIG_NR_CPUS=8",
+                                                                      "CONFIG_NR_CPUS=4"))
 
 
 def test_cache_root_respects_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
