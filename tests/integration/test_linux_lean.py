@@ -142,3 +142,12 @@ def test_emulating_host_options_logged(lean_boot):
         pytest.skip("host KVM runs guest ring 0 natively")
     assert "kvm_pvm" in lean_boot["log"]
     assert re.search(r"Command line: .*noxsave clearcpuid=", lean_boot["serial"])
+
+
+def test_guest_decompressor_path(lean_guest, tmp_path):
+    """kernel-extract=off: the bzImage's own 64-bit entry and in-guest decompressor."""
+    vm = VmProcess(["-kernel", str(lean_guest.bzimage), "-append", lean_guest.cmdline,
+                    "-machine", "microvm,kernel-extract=off", "-m", "256M", "-serial", "stdio", "-D"])
+    with vm:
+        vm.wait_for(r"Linux version 6\.1\.", 600)
+        assert re.search(r"loaded as bzimage,", vm.err.text())

@@ -158,3 +158,19 @@ def test_existing_socket_path_is_refused(probe_elf, tmp_path):
     assert "already exists" in res.stderr or "exist" in res.stderr
     assert "Traceback" not in res.stderr
     assert sock.read_text() == ""  # never unlinked or replaced
+
+
+def test_raw_vmlinux_bin_format(probe_elf, tmp_path):
+    """The flat ``objcopy -O binary`` image early StratoVirt boots: loaded and entered at 16 MiB."""
+    import shutil
+    import subprocess
+    objcopy = shutil.which("objcopy")
+    if objcopy is None:
+        pytest.skip("objcopy (binutils) is not installed")
+    raw = tmp_path / "probe.bin"
+    subprocess.run([objcopy, "-O", "binary", str(probe_elf), str(raw)], check=True)
+    with boot(raw, append="console=ttyS0 format=raw") as vm:
+        assert "arg format=raw" in vm.serial()
+        assert "vmlinux-raw" in vm.err.text()
+        vm.send("reboot\n")
+        assert vm.wait_exit(30) == 0
