@@ -336,11 +336,14 @@ def ensure_lean_kernel(cache_dir: Path | str | None = None, jobs: int | None = N
                 "release": release,
                 "source_version": source_version,
                 "build_seconds": round(seconds, 1),
+                # An incremental build reused objects of an earlier configuration.
+                "incremental": expected is not None,
                 "jobs": jobs,
                 "key": key,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             (tmp / "kernel.json").write_text(json.dumps(meta, indent=2) + "\n")
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the kernel from other users
             if out.exists():
                 shutil.rmtree(out)
             os.rename(tmp, out)
