@@ -36,6 +36,18 @@ def kvm_ok():
 
 
 @pytest.fixture(scope="session")
+def kvm():
+    """A shared /dev/kvm handle for the kvm- and cpu-layer tests, or a clean skip without one."""
+    from pystratovirt.kvm import Kvm, KvmUnavailableError
+    try:
+        handle = Kvm()
+    except KvmUnavailableError as exc:
+        pytest.skip(str(exc))
+    yield handle
+    handle.close()
+
+
+@pytest.fixture(scope="session")
 def probe_elf(kvm_ok):
     """The probe guest, built from the repo's C sources (cached by source hash)."""
     from pystratovirt.guest.build import build_probe

@@ -31,44 +31,44 @@ def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
     return data
 
 
+class _PtyVm:
+    """The VMM with ``-serial stdio`` on a pseudo-terminal, as when a user runs it in a shell."""
+
+    def __init__(self, probe_elf):
+        self.master, self.slave = pty.openpty()
+        self.before = termios.tcgetattr(self.slave)
+        self.proc = subprocess.Popen(STRATOVIRT + ["-kernel", str(probe_elf), "-serial", "stdio"],
+                                     stdin=self.slave, stdout=self.slave, stderr=subprocess.PIPE)
+        _read_until(self.master, b"ready", 60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.master)
+        os.close(self.slave)
+
+
 def test_serial_stdio_raw_terminal_is_restored(probe_elf):
-    master, slave = pty.openpty()
-    before = termios.tcgetattr(slave)
-    proc = subprocess.Popen(STRATOVIRT + ["-kernel", str(probe_elf), "-serial", "stdio"],
-                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
-    try:
-        _read_until(master, b"ready", 60)
-        during = termios.tcgetattr(slave)
+    with _PtyVm(probe_elf) as vm:
+        during = termios.tcgetattr(vm.slave)
         assert not during[3] & termios.ICANON and not during[3] & termios.ECHO  # raw mode
         # Ctrl-C goes to the guest as a byte, not to the VMM as SIGINT.
-        os.write(master, b"\x03echo still here\r")
-        _read_until(master, b"still here", 30)
-        assert proc.poll() is None
-        os.write(master, b"reboot\r")
-        assert proc.wait(30) == 0
-        assert termios.tcgetattr(slave) == before
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
-        os.close(slave)
+        os.write(vm.master, b"\x03echo still here\r")
+        _read_until(vm.master, b"still here", 30)
+        assert vm.proc.poll() is None
+        os.write(vm.master, b"reboot\r")
+        assert vm.proc.wait(30) == 0
+        assert termios.tcgetattr(vm.slave) == vm.before
 
 
 def test_ctrl_a_x_quits_and_restores_terminal(probe_elf):
-    master, slave = pty.openpty()
-    before = termios.tcgetattr(slave)
-    proc = subprocess.Popen(STRATOVIRT + ["-kernel", str(probe_elf), "-serial", "stdio"],
-                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
-    try:
-        _read_until(master, b"ready", 60)
-        os.write(master, b"\x01x")
-        assert proc.wait(30) == 0
-        assert termios.tcgetattr(slave) == before
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
-        os.close(slave)
+    with _PtyVm(probe_elf) as vm:
+        os.write(vm.master, b"\x01x")
+        assert vm.proc.wait(30) == 0
+        assert termios.tcgetattr(vm.slave) == vm.before
 
 
 def test_daemonize_with_pidfile(probe_elf, tmp_path):
