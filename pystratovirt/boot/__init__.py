@@ -5,7 +5,8 @@ The machine calls :func:`load_kernel` and starts the BSP in 64-bit mode at ``Boo
 RSI = ``BootInfo.boot_params``.
 """
 
+from .acpi import write_acpi_tables
 from .errors import BootError
 from .loader import BootInfo, load_kernel
 
-__all__ = ["BootError", "BootInfo", "load_kernel"]
+__all__ = ["BootError", "BootInfo", "load_kernel", "write_acpi_tables"]

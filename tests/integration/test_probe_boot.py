@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import time
 import zlib
 
 import pytest
@@ -84,6 +85,7 @@ def test_serial_input_uses_interrupts(probe_elf):
     with boot(probe_elf) as vm:
         before = vm.command("irqs")
         for i in range(3):
+            time.sleep(0.3)  # let the guest go idle (sti; hlt): only the UART's interrupt wakes it
             assert vm.command(f"echo line{i}") == [f"line{i}"]
         after = vm.command("irqs")
         def count(lines):

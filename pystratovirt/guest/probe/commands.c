@@ -10,6 +10,7 @@
 #include "lib.h"
 #include "serial.h"
 #include "x86.h"
+#include "virtio.h"
 
 #define LINE_MAX 512
 #define ARGV_MAX 16
@@ -56,6 +57,10 @@ static const struct command commands[] = {
 	{"halt", "", "print ok, then stop this CPU for good (cli; hlt)", cmd_halt},
 	{"triple", "", "print ok, then triple-fault (empty IDT, ud2)", cmd_triple},
 	/* Driver commands go here. */
+	{"virtio", "[init <slot>|reset <slot>]", "list the virtio-mmio slots (status, features, interrupts used=N config=M); re-initialize or reset one", cmd_virtio},
+	{"blk", "<n> info|read <sector> <count>|write <sector> <count> <hexbyte|pattern> [force]|flush|discard <sector> <count>|zeroes <sector> <count> [unmap]|wait-config <timeout_ms>", "virtio-blk n (0-based among blk devices); pattern: byte i of sector s = (s*7 + i) & 0xff", cmd_blk},
+	{"net", "<n> info|send <dst-mac> <ethertype-hex> <len> <fill-hexbyte>|recv <timeout_ms>|drain", "virtio-net n (0-based among net devices); len is the whole frame without FCS", cmd_net},
+	{"balloon", "info|run <timeout_ms>", "virtio-balloon: show num_pages/actual; inflate or deflate toward num_pages until the timeout", cmd_balloon},
 };
 
 #define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))

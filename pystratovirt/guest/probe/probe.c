@@ -3,6 +3,7 @@
 #include "probe.h"
 #include "lib.h"
 #include "serial.h"
+#include "virtio.h"
 
 void probe_main(uint64_t boot_params)
 {
@@ -17,6 +18,7 @@ void probe_main(uint64_t boot_params)
 	mp_init();
 	mp_print();
 	smp_boot();
+	virtio_init();
 	console_input_init();
 	printf("ready\n");
 	command_loop();

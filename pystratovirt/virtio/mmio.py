@@ -1,0 +1,391 @@
+"""The virtio-mmio transport, register layout version 2 (virtio 1.x §4.2), as an MMIO bus device.
+
+Owns: the control registers (feature negotiation with the FEATURES_OK check, queue setup, status
+and reset, interrupt status/ack, ConfigGeneration), delegating config space (offset 0x100) to the
+device; the per-queue notify eventfds and the device's I/O thread; DEVICE_NEEDS_RESET when the
+driver's queues turn out malformed.
+
+Version 2 only: Linux's virtio_mmio accepts version 1 and 2 and takes the modern path for 2
+(Linux 6.1 included), so the legacy page-based layout is not implemented.
+
+VendorID reads 0, as StratoVirt's does: the spec gives the value no meaning for virtio-mmio,
+Linux matches drivers on any vendor, and a guest looking at ``/sys/bus/virtio/devices/*/vendor``
+sees what it would see under StratoVirt.
+
+How the machine wires one transport (see ``notify_eventfds``, ``irq_eventfd``, ``cmdline_entry``):
+insert it on the MMIO bus at ``base`` for ``VIRTIO_MMIO_SIZE`` bytes, register each notify eventfd
+with ``vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index)``, bind ``irq_eventfd`` with
+``vm.irqfd(fd, irq)``, add ``cmdline_entry(base, irq)`` to the kernel command line, ``start()``,
+and ``close()`` at shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from ..memory.guest import GuestMemory
+from ..memory.layout import VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
+from .device import (EFD_FLAGS, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+                     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+                     Interrupt, IoThread, VirtioDevice, bit)
+from .queue import QueueError, SplitQueue
+
+log = logging.getLogger(__name__)
+
+MAGIC_VALUE = 0x74726976  # "virt"
+MMIO_VERSION = 2
+VENDOR_ID = 0
+
+# Register offsets.
+MAGIC = 0x000
+VERSION = 0x004
+DEVICE_ID = 0x008
+VENDOR = 0x00C
+DEVICE_FEATURES = 0x010
+DEVICE_FEATURES_SEL = 0x014
+DRIVER_FEATURES = 0x020
+DRIVER_FEATURES_SEL = 0x024
+QUEUE_SEL = 0x030
+QUEUE_NUM_MAX = 0x034
+QUEUE_NUM = 0x038
+QUEUE_READY = 0x044
+QUEUE_NOTIFY = 0x050
+INTERRUPT_STATUS = 0x060
+INTERRUPT_ACK = 0x064
+STATUS = 0x070
+QUEUE_DESC_LOW = 0x080
+QUEUE_DESC_HIGH = 0x084
+QUEUE_DRIVER_LOW = 0x090
+QUEUE_DRIVER_HIGH = 0x094
+QUEUE_DEVICE_LOW = 0x0A0
+QUEUE_DEVICE_HIGH = 0x0A4
+SHM_SEL = 0x0AC
+SHM_LEN_LOW = 0x0B0
+SHM_LEN_HIGH = 0x0B4
+SHM_BASE_LOW = 0x0B8
+SHM_BASE_HIGH = 0x0BC
+QUEUE_RESET = 0x0C0
+CONFIG_GENERATION = 0x0FC
+CONFIG = 0x100
+
+_ADDR_REGS = {
+    QUEUE_DESC_LOW: ("desc", 0), QUEUE_DESC_HIGH: ("desc", 32),
+    QUEUE_DRIVER_LOW: ("driver", 0), QUEUE_DRIVER_HIGH: ("driver", 32),
+    QUEUE_DEVICE_LOW: ("device", 0), QUEUE_DEVICE_HIGH: ("device", 32),
+}
+
+# Transport features this implementation understands; a device may offer a subset of these
+# plus its own device-specific bits (0..23).
+TRANSPORT_FEATURES = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_RING_F_INDIRECT_DESC)
+
+
+def slot_resources(index: int) -> tuple[int, int]:
+    """(MMIO base, IRQ) of virtio-mmio slot ``index`` in the micro-VM map (0xF0100000 + i*0x200, 5 + i)."""
+    irq = VIRTIO_IRQ_FIRST + index
+    if index < 0 or irq > VIRTIO_IRQ_LAST:
+        raise ValueError(f"virtio-mmio slot {index} has no IRQ: only "
+                         f"{VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1} are available")
+    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE, irq
+
+
+def cmdline_entry(base: int, irq: int, size: int = VIRTIO_MMIO_SIZE) -> str:
+    """The kernel parameter announcing one device, e.g. ``virtio_mmio.device=512@0xf0100000:5``."""
+    return f"virtio_mmio.device={size}@{base:#x}:{irq}"
+
+
+@dataclass
+class _QueueRegs:
+    """What the driver programmed for one queue."""
+
+    max_size: int
+    num: int = 0
+    ready: bool = False
+    desc: int = 0
+    driver: int = 0
+    device: int = 0
+
+    def reset(self) -> None:
+        # QueueNum is write-only; start from the maximum in case a driver never writes it.
+        self.num, self.ready, self.desc, self.driver, self.device = self.max_size, False, 0, 0, 0
+
+
+class VirtioMmio:
+    """One virtio-mmio window in front of one device (a BusDevice: ``read``/``write``)."""
+
+    def __init__(self, device: VirtioDevice, mem: GuestMemory, *, name: str | None = None):
+        self.device = device
+        self.mem = mem
+        self.name = name or device.name
+        self.interrupt = Interrupt()
+        self._queues = [_QueueRegs(size) for size in device.queue_max_sizes]
+        for q in self._queues:
+            q.reset()
+        self._notify_fds = [os.eventfd(0, EFD_FLAGS) for _ in self._queues]
+        self._io = IoThread(f"virtio-{self.name}", [(fd, i) for i, fd in enumerate(self._notify_fds)],
+                            self._serve_queue)
+        self._lock = threading.Lock()   # the registers below; vCPU threads only
+        self._status = 0
+        self._device_features_sel = 0
+        self._driver_features_sel = 0
+        self._driver_features = 0
+        self._queue_sel = 0
+        # Set by the I/O thread (with device.lock held) or activation; read lock-free as a flag.
+        self._needs_reset = False
+        self._activated = False
+        self._failure_logged = False
+        self._bad_access_logged = False
+        self._closed = False
+
+    # -- wiring for the machine ------------------------------------------------------------------
+    def notify_eventfds(self) -> list[tuple[int, int]]:
+        """(eventfd, queue index) pairs to register with KVM_IOEVENTFD at base + QUEUE_NOTIFY
+        (4 bytes, datamatch = queue index)."""
+        return [(fd, i) for i, fd in enumerate(self._notify_fds)]
+
+    @property
+    def irq_eventfd(self) -> int:
+        """The eventfd to register with KVM_IRQFD on the device's GSI."""
+        return self.interrupt.eventfd
+
+    def start(self) -> None:
+        """Start the device's I/O thread."""
+        self._io.start()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop and join the I/O thread (requests in flight complete first)."""
+        return self._io.stop(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the I/O thread, close the device (a block device flushes), release the eventfds.
+
+        Deassign the ioeventfds/irqfd in KVM first if the VM lives on; if the VM is being torn
+        down, closing our copies is enough (KVM holds its own references).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.stop(timeout)
+        self._io.close()
+        with self.device.lock:
+            self.device.active = False
+        self.device.close()
+        for fd in self._notify_fds:
+            os.close(fd)
+        self._notify_fds = []
+        self.interrupt.close()
+
+    @property
+    def needs_reset(self) -> bool:
+        return self._needs_reset
+
+    # -- the I/O thread --------------------------------------------------------------------------
+    def _serve_queue(self, index: int) -> None:
+        device = self.device
+        while True:
+            with device.lock:
+                if not self._activated or self._needs_reset or index >= len(self._queues):
+                    return
+                if not self._queues[index].ready:
+                    return  # the spec forbids touching a queue whose QueueReady is 0
+                try:
+                    more = device.process_queue(index)
+                except QueueError as exc:
+                    self._fail(f"queue {index}: {exc}")
+                    return
+                except Exception:  # a device-model bug must not kill the thread or the VMM
+                    log.exception("%s: device failed while processing queue %d", self.name, index)
+                    self._fail(f"internal error while processing queue {index}")
+                    return
+            if not more:
+                return
+
+    def _fail(self, reason: str) -> None:
+        """Mark DEVICE_NEEDS_RESET and tell the driver (device.lock held)."""
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.error("virtio device %s needs a reset: %s; it stops processing until the driver "
+                      "resets it", self.name, reason)
+        self._needs_reset = True
+        self.interrupt.signal_config()
+
+    # -- MMIO access -----------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> int:
+        if offset >= CONFIG:
+            if size not in (1, 2, 4, 8):
+                return 0
+            return self.device.read_config(offset - CONFIG, size)
+        if size not in (1, 2, 4):
+            return 0
+        # The driver must use aligned 32-bit accesses; narrower reads get the matching bytes of
+        # the register, which is harmless because no register read has side effects.
+        base = offset & ~3
+        value = self._read_reg(base)
+        shift = 8 * (offset - base)
+        return (value >> shift) & ((1 << (8 * size)) - 1)
+
+    def _read_reg(self, reg: int) -> int:
+        if reg == MAGIC:
+            return MAGIC_VALUE
+        if reg == VERSION:
+            return MMIO_VERSION
+        if reg == DEVICE_ID:
+            return self.device.device_id
+        if reg == VENDOR:
+            return VENDOR_ID
+        if reg == INTERRUPT_STATUS:
+            return self.interrupt.status
+        if reg == CONFIG_GENERATION:
+            return self.device.config_generation
+        if reg in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
+            return 0xFFFF_FFFF  # no shared memory regions: length and base read as -1
+        with self._lock:
+            if reg == DEVICE_FEATURES:
+                if self._device_features_sel > 1:
+                    return 0
+                return (self.device.device_features() >> (32 * self._device_features_sel)) & 0xFFFF_FFFF
+            if reg == STATUS:
+                return self._status | (STATUS_DEVICE_NEEDS_RESET if self._needs_reset else 0)
+            q = self._selected_queue()
+            if reg == QUEUE_NUM_MAX:
+                return q.max_size if q is not None else 0
+            if reg == QUEUE_READY:
+                return int(q.ready) if q is not None else 0
+        return 0  # write-only and reserved registers
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset >= CONFIG:
+            if size in (1, 2, 4, 8):
+                self.device.write_config(offset - CONFIG, size, value)
+            return
+        if size != 4 or offset & 3:
+            if not self._bad_access_logged:
+                self._bad_access_logged = True
+                log.warning("%s: ignored a %d-byte write at register offset %#x (the driver must "
+                            "use aligned 32-bit accesses)", self.name, size, offset)
+            return
+        value &= 0xFFFF_FFFF
+        if offset == QUEUE_NOTIFY:
+            # The same path as KVM's ioeventfd: wake the I/O thread, never do I/O on a vCPU.
+            if value < len(self._notify_fds) and not self._closed:
+                os.eventfd_write(self._notify_fds[value], 1)
+            return
+        if offset == INTERRUPT_ACK:
+            self.interrupt.ack(value)
+            return
+        with self._lock:
+            self._write_reg(offset, value)
+
+    def _selected_queue(self) -> _QueueRegs | None:
+        return self._queues[self._queue_sel] if self._queue_sel < len(self._queues) else None
+
+    def _write_reg(self, reg: int, value: int) -> None:  # self._lock held
+        if reg == DEVICE_FEATURES_SEL:
+            self._device_features_sel = value
+        elif reg == DRIVER_FEATURES_SEL:
+            self._driver_features_sel = value
+        elif reg == DRIVER_FEATURES:
+            if self._status & STATUS_FEATURES_OK or self._driver_features_sel > 1:
+                return  # features are frozen once FEATURES_OK is set
+            shift = 32 * self._driver_features_sel
+            self._driver_features = (self._driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
+        elif reg == QUEUE_SEL:
+            self._queue_sel = value
+        elif reg == QUEUE_NUM:
+            q = self._selected_queue()
+            if q is not None and not q.ready:
+                q.num = value
+        elif reg == QUEUE_READY:
+            self._write_queue_ready(value & 1)
+        elif reg in _ADDR_REGS:
+            q = self._selected_queue()
+            if q is not None and not q.ready:
+                field, shift = _ADDR_REGS[reg]
+                old = getattr(q, field)
+                setattr(q, field, (old & ~(0xFFFF_FFFF << shift)) | (value << shift))
+        elif reg == STATUS:
+            self._write_status(value & 0xFF)
+        # Read-only, unknown, SHM_SEL and QUEUE_RESET (VIRTIO_F_RING_RESET is not offered): ignored.
+
+    def _write_queue_ready(self, ready: int) -> None:
+        q = self._selected_queue()
+        if q is None:
+            return
+        if ready:
+            q.ready = True  # the queue is handed to the device at DRIVER_OK
+            return
+        # Disabling a queue: the I/O thread checks ``ready`` under device.lock, so once we hold
+        # it the queue is no longer touched.
+        with self.device.lock:
+            q.ready = False
+
+    def _features_acceptable(self) -> str | None:
+        offered = self.device.device_features()
+        extra = self._driver_features & ~offered
+        if extra:
+            return f"the driver accepted feature bits {extra:#x} that the device did not offer"
+        if not self._driver_features & bit(VIRTIO_F_VERSION_1):
+            return "the driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)"
+        return None
+
+    def _write_status(self, value: int) -> None:  # self._lock held
+        if value == 0:
+            self._reset()
+            return
+        old = self._status
+        new = value & ~STATUS_DEVICE_NEEDS_RESET  # a device-only bit
+        if new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
+            problem = self._features_acceptable()
+            if problem is not None:
+                # Leaving FEATURES_OK clear is how the device refuses (spec §3.1.1 step 6).
+                log.warning("%s: refusing FEATURES_OK: %s", self.name, problem)
+                new &= ~STATUS_FEATURES_OK
+        self._status = new
+        if new & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
+            self._activate()
+
+    def _activate(self) -> None:  # self._lock held
+        device = self.device
+        if not self._status & STATUS_FEATURES_OK:
+            with device.lock:
+                self._fail("DRIVER_OK was set without FEATURES_OK")
+            return
+        features = self._driver_features
+        event_idx = bool(features & bit(VIRTIO_RING_F_EVENT_IDX))
+        indirect = bool(features & bit(VIRTIO_RING_F_INDIRECT_DESC))
+        with device.lock:
+            try:
+                queues = [SplitQueue(self.mem, q.num, q.desc, q.driver, q.device,
+                                     event_idx=event_idx, indirect=indirect) if q.ready else None
+                          for q in self._queues]
+            except QueueError as exc:
+                self._fail(f"bad queue set-up: {exc}")
+                return
+            try:
+                device.activate(self.mem, queues, self.interrupt, features)
+            except QueueError as exc:
+                self._fail(str(exc))
+                return
+            self._activated = True
+        # Buffers the driver made available before DRIVER_OK (allowed for some devices) get
+        # picked up now; for a driver that waited this finds nothing.
+        for q, fd in zip(self._queues, self._notify_fds):
+            if q.ready:
+                os.eventfd_write(fd, 1)
+
+    def _reset(self) -> None:  # self._lock held
+        with self.device.lock:
+            self.device.reset()
+            self._activated = False
+            self._needs_reset = False
+            self._failure_logged = False
+            for q in self._queues:
+                q.reset()
+        self.interrupt.reset()
+        self._status = 0
+        self._driver_features = 0
+        self._device_features_sel = 0
+        self._driver_features_sel = 0
+        self._queue_sel = 0
