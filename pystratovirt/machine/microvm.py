@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat as statmod
 import sys
 import threading
 from typing import Callable
@@ -30,12 +31,17 @@ from ..kvm import Kvm
 from ..kvm.vcpu import install_kick_signal
 from ..memory import GuestMemory, layout
 from . import requests as rq
+from ..virtio.balloon import VirtioBalloon
+from ..virtio.blk import BackendError, FileBackend, VirtioBlk
+from .mmio_devices import BALLOON_WINDOW, BLOCK_WINDOW_FIRST, MmioDevices
+from .slots import BLOCK_SLOTS, BackendOpenError, ReplaceableSlots, SlotKind
 from .vcpu_thread import PauseGate, VcpuThread
 from .vmconfig import VmConfig
 
 log = logging.getLogger(__name__)
 
 PAUSE_TIMEOUT = 10.0   # seconds to wait for every vCPU to leave KVM_RUN
+BALLOON_EVENT_INTERVAL = 1.0  # BALLOON_CHANGED at most this often while the guest's size moves
 JOIN_TIMEOUT = 5.0
 QOM_PATH = "/machine/unattached/device[{}]"
 
@@ -67,6 +73,11 @@ class MicroVm:
         self._gate: PauseGate | None = None
         self._shutting_down = False
         self._on_shutdown: list[Callable[[], None]] = []
+        self.mmio_devices: MmioDevices | None = None
+        self.slots: ReplaceableSlots | None = None
+        self.balloon: VirtioBalloon | None = None
+        self._balloon_timer = None
+        self._balloon_reported: int | None = None
 
     # -- building -------------------------------------------------------------------------------
     def build(self) -> None:
@@ -89,8 +100,9 @@ class MicroVm:
                                            self.memory.host_base + region.offset)
 
         self._build_legacy_devices()
+        self._build_virtio_devices()
 
-        cmdline = cfg.boot.cmdline
+        cmdline = f"{cfg.boot.cmdline} {self.mmio_devices.cmdline()}".strip()
         self.pvm_compat = pvm.detect()
         if self.pvm_compat:
             extra = pvm.guest_cmdline_options()
@@ -128,6 +140,39 @@ class MicroVm:
         self.pio_bus.insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, self.serial)
         self.pio_bus.insert(I8042.BASE, I8042.LENGTH, I8042(lambda: self.guest_shutdown(reset=True)))
 
+    def _build_virtio_devices(self) -> None:
+        cfg = self.config
+        self.mmio_devices = MmioDevices(self.vm, self.memory, self.mmio_bus)
+        block_devices = []
+        for slot in range(BLOCK_SLOTS):
+            backend = None
+            if slot < len(cfg.drives):
+                drive = cfg.drives[slot]
+                try:
+                    backend = FileBackend.open(drive.path, drive.read_only, drive.direct, serial=drive.serial)
+                except BackendError as exc:
+                    raise MachineBuildError(str(exc)) from None
+            device = VirtioBlk(backend, name=f"blk{slot}")
+            self.mmio_devices.add(BLOCK_WINDOW_FIRST + slot, device)
+            block_devices.append(device)
+        if cfg.balloon is not None:
+            self.balloon = VirtioBalloon(cfg.machine.mem_size, deflate_on_oom=cfg.balloon.deflate_on_oom,
+                                         on_actual_changed=self._balloon_moved_threadsafe)
+            self.mmio_devices.add(BALLOON_WINDOW, self.balloon)
+        self.slots = ReplaceableSlots(block_devices, [], self._open_backend)
+        for slot, drive in enumerate(cfg.drives):
+            self.slots.adopt(drive.id, SlotKind.BLOCK, drive, drive.path, slot)
+        self.add_shutdown_hook(self.mmio_devices.close)
+
+    @staticmethod
+    def _open_backend(kind: SlotKind, spec) -> object:
+        if kind is SlotKind.BLOCK:
+            try:
+                return FileBackend.open(spec.filename, spec.read_only, spec.direct)
+            except BackendError as exc:
+                raise BackendOpenError(str(exc)) from None
+        raise BackendOpenError(f"No {kind.value} backend can be opened yet.")
+
     # -- running --------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the vCPU threads (parked at once with ``-S``); call from the main thread."""
@@ -140,6 +185,7 @@ class MicroVm:
             thread.start()
         for thread in self.threads:
             thread.native_id_ready.wait(JOIN_TIMEOUT)
+        self.mmio_devices.start()
         self.state = rq.RunState.PAUSED if self.config.freeze else rq.RunState.RUNNING
         log.info("VM %s started with %d vCPU(s), %d MiB%s", self.config.name, len(self.vcpus),
                  self.config.machine.mem_size >> 20, " (paused: -S)" if self.config.freeze else "")
@@ -275,6 +321,56 @@ class MicroVm:
         # The seed's transcript: the SHUTDOWN event comes before quit's {"return":{}}.
         self.shutdown(rq.ShutdownReason.HOST_QMP_QUIT, guest=False)
 
+    def _q_blockdev_add(self, req: rq.BlockdevAdd) -> None:
+        try:
+            st = os.stat(req.filename)
+        except OSError as exc:
+            raise rq.MachineError(f"Cannot use {req.filename}: {exc.strerror}.") from None
+        if not (statmod.S_ISREG(st.st_mode) or statmod.S_ISBLK(st.st_mode)):
+            raise rq.MachineError("File is not a regular file or block device")
+        self.slots.register(req.node_name, SlotKind.BLOCK, req, req.filename)
+
+    def _q_backend_del(self, req) -> None:
+        self.slots.unregister(req.node_name if isinstance(req, rq.BlockdevDel) else req.id)
+
+    def _q_device_add(self, req: rq.DeviceAdd) -> None:
+        self.slots.attach(req.id, req.driver, req.slot)
+
+    def _q_device_del(self, req: rq.DeviceDel) -> None:
+        self.slots.detach(req.id)
+        self.emit(rq.DeviceDeletedEvent(device=req.id, path=req.id))
+
+    def _active_balloon(self) -> VirtioBalloon:
+        if self.balloon is None or not self.balloon.active:
+            raise rq.MachineError("No balloon device has been activated", rq.ErrorClass.DEVICE_NOT_ACTIVE)
+        return self.balloon
+
+    def _q_balloon(self, req: rq.Balloon) -> None:
+        self._active_balloon().set_target(req.value)
+
+    def _q_query_balloon(self, _req) -> rq.BalloonInfo:
+        return rq.BalloonInfo(actual=self._active_balloon().actual_bytes())
+
+    # BALLOON_CHANGED: the first change is reported at once, later ones at most once per
+    # interval while the size keeps moving, and the settled value always gets an event.
+    def _balloon_moved_threadsafe(self, _actual: int) -> None:
+        self.loop.call_soon_threadsafe(self._balloon_moved)
+
+    def _balloon_moved(self) -> None:
+        if self._balloon_timer is None:
+            self._report_balloon()
+
+    def _report_balloon(self) -> None:
+        self._balloon_timer = None
+        if self.balloon is None:
+            return
+        actual = self.balloon.actual_bytes()
+        if actual == self._balloon_reported:
+            return
+        self._balloon_reported = actual
+        self.emit(rq.BalloonChangedEvent(actual=actual))
+        self._balloon_timer = self.loop.call_later(BALLOON_EVENT_INTERVAL, self._report_balloon)
+
 
 _HANDLERS = {
     rq.QueryStatus: MicroVm._q_status,
@@ -283,4 +379,11 @@ _HANDLERS = {
     rq.Stop: MicroVm._q_stop,
     rq.Cont: MicroVm._q_cont,
     rq.Quit: MicroVm._q_quit,
+    rq.BlockdevAdd: MicroVm._q_blockdev_add,
+    rq.BlockdevDel: MicroVm._q_backend_del,
+    rq.NetdevDel: MicroVm._q_backend_del,
+    rq.DeviceAdd: MicroVm._q_device_add,
+    rq.DeviceDel: MicroVm._q_device_del,
+    rq.Balloon: MicroVm._q_balloon,
+    rq.QueryBalloon: MicroVm._q_query_balloon,
 }

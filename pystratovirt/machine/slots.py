@@ -84,6 +84,12 @@ class ReplaceableSlots:
         self._regs[reg_id] = reg
         return reg
 
+    def adopt(self, reg_id: str, kind: SlotKind, spec: object, path: str | None, slot: int) -> None:
+        """Record a backend that was put into ``slot`` when the VM was built (boot drives, NICs)."""
+        reg = self.register(reg_id, kind, spec, path)
+        reg.slot = slot
+        self._occupant[(kind, slot)] = reg_id
+
     def unregister(self, reg_id: str) -> None:
         reg = self._regs.get(reg_id)
         if reg is None:

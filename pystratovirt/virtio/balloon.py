@@ -473,17 +473,16 @@ class VirtioBalloon(VirtioDevice):
             chain = queue.pop()
             if chain is None:
                 break
+            if not self._parse_stats(chain):
+                queue.add_used(chain.head, 0)  # returned unread; a buffer already held stays
+                returned = True
+                continue
             if self._stats_head is not None:
                 # The driver must keep at most one buffer here (spec §5.5.6.3); give the older
                 # one back so it cannot leak.
                 queue.add_used(self._stats_head, 0)
-                self._stats_head = None
                 returned = True
-            if self._parse_stats(chain):
-                self._stats_head = chain.head
-            else:
-                queue.add_used(chain.head, 0)
-                returned = True
+            self._stats_head = chain.head
         if returned:
             self.notify_used(queue)
 

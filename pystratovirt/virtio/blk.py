@@ -36,10 +36,8 @@ import struct
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from ..memory.guest import GuestMemory
-from .device import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice,
-                     bit)
-from .queue import Buffers, DescChain, QueueError, SplitQueue, read_buffers, split_buffers, write_buffers
+from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, bit
+from .queue import Buffers, DescChain, QueueError, read_buffers, split_buffers, write_buffers
 
 log = logging.getLogger(__name__)
 
@@ -436,9 +434,13 @@ class VirtioBlk(VirtioDevice):
     # -- hot-replace -----------------------------------------------------------------------------
     def set_backend(self, backend: FileBackend | None) -> None:
         """Replace the drive (None empties the slot); see the module docstring. Any thread."""
+        capacity = backend.capacity if backend is not None else 0
         with self.lock:  # waits for the request in flight on the old backend
             old, self._backend = self._backend, backend
             self._io_error_logged = False
+            # Under the device lock, so a driver reset cannot slip between "active" and the
+            # config interrupt (a reset device must show no pending interrupt).
+            self._update_config(CONFIG_CAPACITY, capacity.to_bytes(8, "little"))
         if old is not None and old is not backend:
             try:
                 if not old.read_only:
@@ -446,8 +448,6 @@ class VirtioBlk(VirtioDevice):
             except OSError as exc:
                 log.warning("%s: flushing %s before replacing it failed: %s", self.name, old.path, exc.strerror)
             old.close()
-        capacity = backend.capacity if backend is not None else 0
-        self._update_config(CONFIG_CAPACITY, capacity.to_bytes(8, "little"))
         log.info("%s: backend %s, %d sectors", self.name, backend.path if backend else "none", capacity)
 
     def flush(self) -> None:

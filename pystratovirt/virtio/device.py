@@ -178,8 +178,15 @@ class VirtioDevice:
     def reset(self) -> None:
         """The driver reset the device: forget the queues and negotiated features."""
         self.active = False
-        self.queues = []
+        self.release_queues()
         self.driver_features = 0
+
+    def release_queues(self) -> None:
+        """Drop the queues and their views of guest RAM (lock held)."""
+        queues, self.queues = self.queues, []
+        for queue in queues:
+            if queue is not None:
+                queue.close()
 
     def process_queue(self, index: int) -> bool:
         """Serve the available chains of queue ``index``; True if it stopped early with more to do.

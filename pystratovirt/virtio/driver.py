@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..memory.guest import GuestMemory
 from . import mmio as r
 from .device import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-                     VIRTIO_F_VERSION_1, bit)
+                     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, bit)
 from .queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 _DESC = struct.Struct("<QIHH")
@@ -232,14 +232,23 @@ class VirtioDriver:
         """Collect ``count`` used elements, sleeping on the interrupt between checks."""
         got: list[tuple[int, int]] = []
         deadline = time.monotonic() + timeout
+        event_idx = bool(self.features & bit(VIRTIO_RING_F_EVENT_IDX))
         while True:
             got += self.take_used(qi)
             if len(got) >= count:
                 return got
+            if event_idx:
+                # As Linux's virtqueue_enable_cb: ask for an interrupt when the next entry is
+                # used, then look again in case it was used before the device could see that.
+                self.set_used_event(qi, self.queues[qi].last_used)
+                got += self.take_used(qi)
+                if len(got) >= count:
+                    return got
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DriverError(f"only {len(got)} of {count} used buffers after {timeout} s")
-            self.wait_irq(min(left, 0.05))
+            # The short timeout is only a safety net; a correct device interrupts first.
+            self.wait_irq(min(left, 0.5))
 
 
 # -- virtio-blk requests ---------------------------------------------------------------------------

@@ -150,6 +150,19 @@ class VirtioMmio:
         """The eventfd to register with KVM_IRQFD on the device's GSI."""
         return self.interrupt.eventfd
 
+    def kvm_attach(self, vm, base: int, irq: int) -> None:
+        """Register this transport's eventfds with KVM: one KVM_IOEVENTFD per queue on
+        ``base + QUEUE_NOTIFY`` (4 bytes, datamatch = queue index) and KVM_IRQFD on ``irq``."""
+        for fd, index in self.notify_eventfds():
+            vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index)
+        vm.irqfd(self.irq_eventfd, irq)
+
+    def kvm_detach(self, vm, base: int, irq: int) -> None:
+        """Undo :meth:`kvm_attach` (not needed when the whole VM is being closed)."""
+        for fd, index in self.notify_eventfds():
+            vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index, deassign=True)
+        vm.irqfd(self.irq_eventfd, irq, deassign=True)
+
     def start(self) -> None:
         """Start the device's I/O thread."""
         self._io.start()
@@ -171,6 +184,8 @@ class VirtioMmio:
         self._io.close()
         with self.device.lock:
             self.device.active = False
+            self.device.release_queues()  # guest memory may be unmapped after this
+            self._activated = False
         self.device.close()
         for fd in self._notify_fds:
             os.close(fd)
@@ -269,8 +284,12 @@ class VirtioMmio:
         value &= 0xFFFF_FFFF
         if offset == QUEUE_NOTIFY:
             # The same path as KVM's ioeventfd: wake the I/O thread, never do I/O on a vCPU.
-            if value < len(self._notify_fds) and not self._closed:
-                os.eventfd_write(self._notify_fds[value], 1)
+            fds = self._notify_fds
+            if value < len(fds) and not self._closed:
+                try:
+                    os.eventfd_write(fds[value], 1)
+                except OSError:  # closed by a concurrent shutdown: nobody is listening any more
+                    pass
             return
         if offset == INTERRUPT_ACK:
             self.interrupt.ack(value)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..memory.guest import GuestMemory, GuestMemoryError
 
@@ -51,8 +51,7 @@ class QueueError(Exception):
 Buffers = tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True)
-class DescChain:
+class DescChain(NamedTuple):
     """One available descriptor chain: its head index and its device-readable and
     device-writable buffers as (guest physical address, length) pairs, in chain order."""
 
@@ -112,6 +111,8 @@ class SplitQueue:
         self.desc_addr = desc_addr
         self.avail_addr = avail_addr
         self.used_addr = used_addr
+        # Guest RAM as (start, end) pairs: the buffer check below runs for every descriptor.
+        self._ram = tuple((region.gpa, region.end) for region in mem.regions)
         self.event_idx = event_idx
         self.indirect = indirect
         self.last_avail_idx = 0     # next available ring entry the device will consume
@@ -120,22 +121,19 @@ class SplitQueue:
         self._signalled_used: int | None = None  # used_idx when we last decided about an interrupt
         self._fence = threading.Lock()
 
-    # -- ring field addresses --------------------------------------------------------------------
-    @property
-    def _avail_idx_addr(self) -> int:
-        return self.avail_addr + 2
+    def close(self) -> None:
+        """The owner is done with the queue (it keeps no host resources; kept for symmetry)."""
 
-    @property
-    def _used_event_addr(self) -> int:
-        return self.avail_addr + 4 + 2 * self.size
-
-    @property
-    def _avail_event_addr(self) -> int:
-        return self.used_addr + 4 + USED_ELEM_SIZE * self.size
+    def _in_ram(self, addr: int, length: int) -> bool:
+        end = addr + length
+        for start, stop in self._ram:
+            if start <= addr and end <= stop:
+                return True
+        return False
 
     # -- consuming available chains --------------------------------------------------------------
     def _read_avail_idx(self) -> int:
-        idx = self.mem.read_u16(self._avail_idx_addr)
+        idx = self.mem.read_u16(self.avail_addr + 2)
         pending = (idx - self.last_avail_idx) & 0xFFFF
         if pending > self.size:
             raise QueueError(f"available index {idx} is {pending} entries ahead of the device's "
@@ -169,13 +167,10 @@ class SplitQueue:
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
             if self.event_idx:
                 # Ask to be notified when the driver makes the entry after this one available.
-                self.mem.write_u16(self._avail_event_addr, self.last_avail_idx)
+                self.mem.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.size, self.last_avail_idx)
             return chain
         except GuestMemoryError as exc:  # unreachable: everything is checked before access
             raise QueueError(str(exc)) from None
-
-    def _read_desc(self, table: int, index: int) -> tuple[int, int, int, int]:
-        return _DESC.unpack(self.mem.read(table + DESC_SIZE * index, DESC_SIZE))
 
     def _walk(self, head: int) -> DescChain:
         if head >= self.size:
@@ -190,7 +185,7 @@ class SplitQueue:
             if steps > limit:
                 where = "indirect table" if in_indirect else "descriptor chain"
                 raise QueueError(f"{where} from head {head} is longer than {limit} descriptors (a loop)")
-            addr, length, flags, nxt = self._read_desc(table, index)
+            addr, length, flags, nxt = _DESC.unpack(self.mem.read(table + DESC_SIZE * index, DESC_SIZE))
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     raise QueueError(f"chain {head}: indirect descriptor inside an indirect table")
@@ -202,7 +197,7 @@ class SplitQueue:
                 if length == 0 or length % DESC_SIZE:
                     raise QueueError(f"chain {head}: indirect table length {length} is not a "
                                      f"non-zero multiple of {DESC_SIZE}")
-                if not self.mem.contains(addr, length):
+                if not self._in_ram(addr, length):
                     raise QueueError(f"chain {head}: indirect table [{addr:#x}, +{length:#x}) is "
                                      "outside guest RAM")
                 # The WRITE flag of the descriptor naming the table is ignored (spec §2.7.5.3.2).
@@ -211,7 +206,7 @@ class SplitQueue:
                 in_indirect = True
                 index, steps = 0, 0
                 continue
-            if not self.mem.contains(addr, length):
+            if not self._in_ram(addr, length):
                 raise QueueError(f"chain {head}: buffer [{addr:#x}, +{length:#x}) is outside guest RAM")
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append((addr, length))
@@ -245,7 +240,7 @@ class SplitQueue:
         if self.event_idx:
             if old is None:
                 return True  # nothing known about the driver's wishes yet: be safe
-            used_event = self.mem.read_u16(self._used_event_addr)
+            used_event = self.mem.read_u16(self.avail_addr + 4 + 2 * self.size)
             return vring_need_event(used_event, new, old)
         if old == new:
             return False

@@ -450,3 +450,24 @@ def test_close_joins_the_io_thread(mem):
     assert not t._io.running
     t.close()  # idempotent
     t.write(r.QUEUE_NOTIFY, 4, 0)  # a late vCPU write after close does not crash
+
+
+def test_kvm_attach_registers_ioeventfds_and_irqfd(echo):
+    _, t, _ = echo
+    calls = []
+
+    class FakeVm:
+        def ioeventfd(self, fd, addr, length, datamatch=None, pio=False, deassign=False):
+            calls.append(("ioeventfd", fd, addr, length, datamatch, deassign))
+
+        def irqfd(self, fd, gsi, deassign=False, resample_fd=None):
+            calls.append(("irqfd", fd, gsi, deassign))
+
+    base, irq = slot_resources(2)
+    t.kvm_attach(FakeVm(), base, irq)
+    (fd0, _), (fd1, _) = t.notify_eventfds()
+    assert calls == [("ioeventfd", fd0, base + 0x50, 4, 0, False), ("ioeventfd", fd1, base + 0x50, 4, 1, False),
+                     ("irqfd", t.irq_eventfd, 7, False)]
+    calls.clear()
+    t.kvm_detach(FakeVm(), base, irq)
+    assert [c[-1] for c in calls] == [True, True, True]

@@ -1,0 +1,649 @@
+"""virtio-net (device id 1, virtio 1.x §5.1) over a Linux tap, with StratoVirt's replaceable slots.
+
+Owns: the network device model -- one receive queue (0) and one transmit queue (1) of 256
+entries, no control queue -- its config space (MAC, link status), the feature set, moving frames
+and their 12-byte ``virtio_net_hdr`` between guest buffers and a :class:`~.tap.Tap`, the tap
+poller thread, and the NIC's counters (:class:`NetStats`).
+
+Slots and hot-plug. The machine creates a fixed number of NICs (StratoVirt: 2, eth0/eth1); an
+empty slot is a NIC with no tap: transmitted frames are dropped (their chains completed) and
+nothing is received. :meth:`VirtioNet.set_backend` attaches a tap or detaches it, thread-safely
+(under the device lock: a batch in flight finishes on the old tap first). VIRTIO_NET_F_STATUS is
+offered and the link is up exactly while a tap is attached; each change bumps ConfigGeneration
+and raises a config-change interrupt, so the guest sees carrier come and go. StratoVirt sends no
+interrupt on a NIC hot-plug (the guest is not told), but a user who unplugs a tap expects the
+guest's link to go down, and Linux's virtio_net handles the interrupt with the standard driver.
+
+MAC. ``mac=`` from the configuration, else :func:`generated_mac`: stable for a VM name and slot
+(the same VM gets the same MAC on every boot, two slots never share one), locally administered
+and unicast.
+
+Threads. The transport's I/O thread calls :meth:`process_queue` on guest notifications. The
+transport's IoThread only takes eventfds (it drains each with an 8-byte read, which on a tap
+would swallow a frame), so the tap is watched by the device's own poller thread: one epoll on
+the tap fd plus a stop eventfd, started at the first activation, stopped by :meth:`close`. Both
+threads work under ``device.lock``. They split the work so that guest-ring errors stay where
+the transport can report them: only the transport's thread pops chains from the rings (a
+malformed ring raises QueueError there and the transport sets DEVICE_NEEDS_RESET); the poller
+only consumes chains already popped and validated -- it fills cached receive chains from the
+tap and retries transmit chains the tap refused with EAGAIN. Every notification pops *all*
+receive chains the driver made available, and while transmission is blocked also all transmit
+chains, so no chain the driver announced is left in a ring waiting for a notification that
+already came. A device whose ring turned out malformed stops using its cached chains until reset.
+
+Back-pressure. The tap fd is polled for reading only while cached receive chains exist. When the
+guest has posted no buffers the device stops reading, so frames wait in the tap's own queue
+(``txqueuelen`` frames, 1000 by default; beyond that the *kernel* drops them and counts them in
+the tap's tx_dropped) until the guest posts buffers and notifies. Transmission runs on the I/O
+thread, never on a vCPU; if the tap write would block, the chain is kept and retried when the
+tap becomes writable (EPOLLOUT), later chains behind it in order.
+
+Sizes. A frame longer than the receive chain it would go into is read into an overflow buffer
+past the chain's end, dropped and counted (``rx_oversized``); it is never written past the
+guest's buffers, and the chain stays for the next frame. A receive chain shorter than the
+header, or a transmit chain shorter than the header, violates the spec: the former is a
+QueueError, the latter is dropped and counted.
+
+Offloads, passed through only where the tap really does the work:
+
+* guest to host: VIRTIO_NET_F_CSUM, HOST_TSO4, HOST_TSO6 -- the tap takes partially
+  checksummed and GSO frames with their vnet header and the host kernel finishes them;
+* host to guest: GUEST_CSUM, GUEST_TSO4, GUEST_TSO6 -- set with TUNSETOFFLOAD to exactly what
+  the driver accepted (nothing at all without GUEST_CSUM), so the kernel checksums and segments
+  everything else before we read it. A frame that still carries something the driver did not
+  accept (queued under older settings, or a tap whose offloads could not be changed) is dropped
+  and counted rather than handed over; without GUEST_CSUM the header flags are cleared, as
+  §5.1.6.4.1 requires. No MRG_RXBUF, ECN or UFO.
+
+A tap that goes away under a running VM (deleted: reads and writes fail with EBADFD, epoll
+reports EPOLLERR) is logged once, closed, and the NIC becomes an empty slot with the link down;
+the VMM carries on. A tap that is merely down (writes fail with EIO) keeps its place: frames are
+dropped and counted until it is up again.
+
+vhost-net (``vhost=on``) is not implemented; see :mod:`.vhost_net`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import select
+import string
+import struct
+import threading
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from ..memory.guest import GuestMemory
+from .device import EFD_FLAGS, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, bit
+from .queue import DescChain, QueueError, SplitQueue, read_buffers, write_buffers
+from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN, Tap
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_NET = 1
+RX_QUEUE = 0
+TX_QUEUE = 1
+QUEUE_SIZE = 256
+HDR_LEN = VNET_HDR_LEN   # struct virtio_net_hdr with num_buffers: the VERSION_1 layout
+
+# Feature bits (spec §5.1.3).
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_STATUS = 16
+
+OFFLOAD_FEATURES = (bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4)
+                    | bit(VIRTIO_NET_F_GUEST_TSO6) | bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6))
+
+# struct virtio_net_hdr fields (spec §5.1.6).
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+NET_HDR = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+
+# struct virtio_net_config up to max_virtqueue_pairs (spec §5.1.4).
+VIRTIO_NET_S_LINK_UP = 1
+CONFIG = struct.Struct("<6sHH")
+CONFIG_MAC = 0
+CONFIG_STATUS = 6
+
+# Frames handled per lock hold, so a hot-plug or reset waiting on the lock gets its turn.
+RX_BUDGET = 64
+TX_BATCH = 64
+# Catches the part of a frame that does not fit the receive chain, so that its length is known
+# and nothing lands beyond the guest's buffers. Frames from a tap are at most 64 KiB plus the
+# header (GSO); a read that fills this completely is treated as oversized as well.
+OVERFLOW_SIZE = 65536 + 4096
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+# errno values meaning the interface behind the tap file is gone.
+_TAP_GONE = frozenset({errno.EBADFD, errno.EBADF, errno.ENODEV, errno.ENXIO})
+
+
+# -- MAC addresses ---------------------------------------------------------------------------------
+def parse_mac(text: str) -> bytes:
+    """``12:34:56:78:9a:bc`` to 6 bytes; raises ValueError for anything but a unicast address."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in string.hexdigits for c in p) for p in parts):
+        raise ValueError(f"'{text}' is not a MAC address (six hexadecimal bytes separated by ':').")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise ValueError(f"MAC address '{text}' is a multicast address; a NIC needs a unicast one.")
+    if mac == bytes(6):
+        raise ValueError(f"MAC address '{text}' is all zeroes.")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def generated_mac(vm_name: str, slot: int) -> bytes:
+    """The MAC of a NIC configured without one: the first 6 bytes of
+    SHA-256(``"pystratovirt-net:<vm_name>:<slot>"``) with the first byte's multicast bit cleared
+    and its locally-administered bit set. Stable across boots of the same VM; VMs must have
+    different names to get different MACs (as with any derived address)."""
+    digest = hashlib.sha256(f"pystratovirt-net:{vm_name}:{slot}".encode()).digest()
+    return bytes(((digest[0] & 0xFC) | 0x02,)) + digest[1:6]
+
+
+# -- counters --------------------------------------------------------------------------------------
+@dataclass
+class NetStats:
+    """Frame counters of one NIC (bytes count Ethernet frames, without the vnet header)."""
+
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_oversized: int = 0   # longer than the receive chain that was next: dropped
+    rx_dropped: int = 0     # offload kinds the driver did not accept: dropped
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_dropped: int = 0     # no tap attached, or the tap is down
+    tx_errors: int = 0      # shorter than the header, or refused by the tap
+
+
+class _RxChain:
+    """A popped receive chain waiting for a frame, with the iovec that reads one into it."""
+
+    __slots__ = ("head", "cap", "bufs", "views", "iov", "limit")
+
+    def __init__(self, chain: DescChain, mem: GuestMemory, overflow: memoryview):
+        self.head = chain.head
+        self.cap = chain.writable_len
+        self.bufs = chain.writable
+        if len(chain.writable) < IOV_MAX:
+            self.views = [mem.view(addr, length) for addr, length in chain.writable if length]
+            self.iov: list[memoryview] | None = self.views + [overflow]
+            self.limit = self.cap + len(overflow)
+        else:  # too many pieces for one readv: read into the bounce buffer and scatter
+            self.views = []
+            self.iov = None
+            self.limit = OVERFLOW_SIZE
+
+    def release(self) -> None:
+        for v in self.views:
+            v.release()
+        self.views = []
+        self.iov = None
+
+
+class _TapPoller:
+    """The thread that waits for the tap (readable, writable, error) and calls ``handler(mask)``.
+
+    ``watch`` is called with the device lock held; the handler takes that lock, so ``stop`` must
+    not be called with it held.
+    """
+
+    def __init__(self, name: str, handler: Callable[[int], None]):
+        self.name = name
+        self._handler = handler
+        self._epoll = select.epoll()
+        self._stop_fd = os.eventfd(0, EFD_FLAGS)
+        self._epoll.register(self._stop_fd, select.EPOLLIN)
+        self._fd = -1
+        self._mask = 0
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def watch(self, fd: int, mask: int) -> None:
+        """Poll ``fd`` for ``mask`` (0: errors only), or nothing when ``fd`` is -1."""
+        if fd != self._fd:
+            if self._fd >= 0:
+                try:
+                    self._epoll.unregister(self._fd)
+                except OSError:
+                    pass
+                self._fd = -1
+            if fd >= 0:
+                self._epoll.register(fd, mask)
+                self._fd, self._mask = fd, mask
+        elif fd >= 0 and mask != self._mask:
+            self._epoll.modify(fd, mask)
+            self._mask = mask
+
+    def _run(self) -> None:
+        while True:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):  # the epoll was closed under us: shutting down
+                return
+            for fd, mask in events:
+                if fd == self._stop_fd:
+                    return
+                try:
+                    self._handler(mask)
+                except Exception:  # the handler contains tap errors; this is a last resort
+                    log.exception("%s: tap handler failed", self.name)
+
+    def stop(self, timeout: float | None = None) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            os.eventfd_write(self._stop_fd, 1)
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("tap poller %s did not stop within %s s", self.name, timeout)
+
+    def close(self) -> None:
+        if self._stop_fd >= 0:
+            self._epoll.close()
+            os.close(self._stop_fd)
+            self._stop_fd = -1
+
+
+# -- the device ------------------------------------------------------------------------------------
+class VirtioNet(VirtioDevice):
+    """A virtio-net NIC in one slot, over an optional :class:`Tap` (owned once attached).
+
+    ``mac``: "aa:bb:cc:dd:ee:ff" or 6 bytes; default :func:`generated_mac` of ``vm_name`` and
+    ``slot``. ``offloads=False`` offers no checksum or segmentation offloads at all.
+    """
+
+    device_id = VIRTIO_ID_NET
+    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, tap: Tap | None = None, *, mac: str | bytes | None = None, vm_name: str = "",
+                 slot: int = 0, name: str | None = None, offloads: bool = True):
+        super().__init__(name or f"net{slot}")
+        if mac is None:
+            self.mac = generated_mac(vm_name, slot)
+        elif isinstance(mac, str):
+            self.mac = parse_mac(mac)
+        else:
+            if len(mac) != 6:
+                raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+            self.mac = parse_mac(format_mac(bytes(mac)))  # the same unicast/non-zero checks
+        self.offloads = offloads
+        self._backend = tap
+        self._link_up = tap is not None
+        self._rx_chains: deque[_RxChain] = deque()
+        self._tx_pending: deque[DescChain] = deque()
+        self._broken = False       # a ring turned out malformed: hands off until reset
+        self._closed = False
+        self._warned: set[str] = set()   # one-time warnings, per backend
+        self._stats = NetStats()
+        self._overflow = memoryview(bytearray(OVERFLOW_SIZE))
+        self._bounce: bytearray | None = None
+        self._poller = _TapPoller(f"virtio-{self.name}-tap", self._on_tap_event)
+        self._config = bytearray(CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP if self._link_up else 0, 1))
+
+    # -- features, config, state -----------------------------------------------------------------
+    def device_features(self) -> int:
+        features = (super().device_features() | bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_RING_F_INDIRECT_DESC)
+                    | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS))
+        if self.offloads:
+            features |= OFFLOAD_FEATURES
+        return features
+
+    @property
+    def backend(self) -> Tap | None:
+        return self._backend
+
+    @property
+    def link_up(self) -> bool:
+        return self._link_up
+
+    @property
+    def stats(self) -> NetStats:
+        """A snapshot of the counters."""
+        return replace(self._stats)
+
+    def _set_link(self, up: bool) -> None:  # lock held
+        if up != self._link_up:
+            self._link_up = up
+            self._update_config(CONFIG_STATUS, struct.pack("<H", VIRTIO_NET_S_LINK_UP if up else 0))
+
+    def _tun_offload(self) -> int:
+        """TUNSETOFFLOAD flags for what the driver accepted (the tap needs CSUM for TSO)."""
+        if not self.negotiated(VIRTIO_NET_F_GUEST_CSUM):
+            return 0
+        flags = TUN_F_CSUM
+        if self.negotiated(VIRTIO_NET_F_GUEST_TSO4):
+            flags |= TUN_F_TSO4
+        if self.negotiated(VIRTIO_NET_F_GUEST_TSO6):
+            flags |= TUN_F_TSO6
+        return flags
+
+    def _apply_offload(self, tap: Tap) -> None:  # lock held
+        flags = self._tun_offload()
+        try:
+            tap.set_offload(flags)
+        except OSError as exc:
+            # Harmless for correctness: frames the driver cannot take are dropped on receive.
+            self._warn_once("offload", "%s: tap %s refused offloads %#x (%s); receiving without them",
+                            self.name, tap.ifname, flags, exc.strerror)
+            try:
+                tap.set_offload(0)
+            except OSError:
+                pass
+
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg + " (further occurrences are counted, not logged)", *args)
+
+    # -- hot-plug --------------------------------------------------------------------------------
+    def set_backend(self, tap: Tap | None) -> None:
+        """Attach ``tap`` (the device owns it from now on) or, with None, empty the slot; the old
+        tap is closed. Any thread; waits for a batch in flight."""
+        with self.lock:
+            if self._closed:
+                raise RuntimeError(f"{self.name} is closed")
+            old, self._backend = self._backend, tap
+            self._warned.clear()
+            if tap is not None and self.active:
+                self._apply_offload(tap)
+            self._update_watch()    # unregisters the old fd before it is closed below
+            self._settle_tx()
+            self._set_link(tap is not None)
+        if old is not None and old is not tap:
+            old.close()
+        log.info("%s: %s", self.name, f"tap {tap.ifname} attached" if tap is not None else "tap detached")
+
+    def _lose_backend(self, exc: OSError) -> None:  # lock held
+        tap = self._backend
+        if tap is None:
+            return
+        log.warning("%s: tap %s failed (%s); the NIC behaves as an empty slot with the link down "
+                    "until a tap is attached again", self.name, tap.ifname, exc.strerror or exc)
+        self._backend = None
+        self._poller.watch(-1, 0)
+        tap.close()
+        self._set_link(False)
+
+    # -- lifecycle (lock held) -------------------------------------------------------------------
+    def activate(self, mem: GuestMemory, queues: Sequence[SplitQueue | None], interrupt: Interrupt,
+                 features: int) -> None:
+        super().activate(mem, queues, interrupt, features)
+        self._broken = False
+        if self._backend is not None:
+            self._apply_offload(self._backend)
+        self._poller.start()
+        self._update_watch()
+
+    def reset(self) -> None:
+        self._release_rx()
+        self._tx_pending.clear()  # the rings are gone with the reset; nothing to complete
+        super().reset()
+        self._broken = False
+        self._update_watch()
+
+    def close(self) -> None:
+        """Stop the tap poller and close the tap (the transport's I/O thread is already stopped)."""
+        self._poller.stop(timeout=5)
+        with self.lock:
+            self._closed = True
+            self._release_rx()
+            self._tx_pending.clear()
+            tap, self._backend = self._backend, None
+            self._poller.watch(-1, 0)
+        self._poller.close()
+        if tap is not None:
+            tap.close()
+
+    def _release_rx(self) -> None:
+        while self._rx_chains:
+            self._rx_chains.popleft().release()
+
+    def _queue(self, index: int) -> SplitQueue | None:
+        return self.queues[index] if index < len(self.queues) else None
+
+    def _update_watch(self) -> None:  # lock held
+        """Poll the tap for what is waiting on it: reading while receive chains are cached (the
+        back-pressure rule), writing while transmission is blocked, errors always."""
+        if self._closed:
+            return
+        tap = self._backend
+        if tap is None or not self.active or self._broken:
+            self._poller.watch(-1, 0)
+            return
+        mask = (select.EPOLLIN if self._rx_chains else 0) | (select.EPOLLOUT if self._tx_pending else 0)
+        self._poller.watch(tap.fd, mask)
+
+    # -- guest notifications (transport I/O thread, lock held) ------------------------------------
+    def process_queue(self, index: int) -> bool:
+        try:
+            if index == RX_QUEUE:
+                self._collect_rx()
+                more = False
+            elif index == TX_QUEUE:
+                more = self._process_tx()
+            else:
+                more = False
+        except BaseException:
+            self._broken = True  # the transport marks DEVICE_NEEDS_RESET; stop using cached chains
+            try:
+                self._update_watch()
+            except OSError:
+                pass
+            raise
+        self._update_watch()
+        return more
+
+    def _collect_rx(self) -> None:
+        queue = self._queue(RX_QUEUE)
+        if queue is None:
+            return
+        while (chain := queue.pop()) is not None:
+            if chain.writable_len < HDR_LEN:
+                raise QueueError(f"virtio-net receive chain {chain.head} has {chain.writable_len} "
+                                 f"writable bytes, less than the {HDR_LEN}-byte header")
+            self._rx_chains.append(_RxChain(chain, self.mem, self._overflow))
+
+    def _process_tx(self) -> bool:
+        queue = self._queue(TX_QUEUE)
+        if queue is None:
+            return False
+        blocked = bool(self._tx_pending)
+        popped = 0
+        while blocked or popped < TX_BATCH:
+            chain = queue.pop()
+            if chain is None:
+                break
+            self._tx_pending.append(chain)
+            popped += 1
+        self._flush_tx(queue)
+        if self._tx_pending:
+            # Blocked: take every chain the driver has announced, so that none waits in the ring
+            # for a notification that already came (the poller cannot pop; see module doc).
+            while (chain := queue.pop()) is not None:
+                self._tx_pending.append(chain)
+            return False
+        return popped >= TX_BATCH
+
+    # -- transmit --------------------------------------------------------------------------------
+    def _flush_tx(self, queue: SplitQueue) -> None:  # lock held
+        completed = 0
+        while self._tx_pending:
+            chain = self._tx_pending[0]
+            if not self._transmit(chain):
+                break  # the tap would block: EPOLLOUT resumes here
+            self._tx_pending.popleft()
+            queue.add_used(chain.head, 0)
+            completed += 1
+        if completed:
+            self.notify_used(queue)
+
+    def _settle_tx(self) -> None:  # lock held
+        """Complete blocked chains as dropped once there is no tap to retry them on."""
+        queue = self._queue(TX_QUEUE)
+        if self._tx_pending and self._backend is None and self.active and queue is not None:
+            self._flush_tx(queue)
+
+    def _transmit(self, chain: DescChain) -> bool:
+        """Send one chain's frame; False if the tap would block (the chain stays pending)."""
+        length = chain.readable_len
+        stats = self._stats
+        if length < HDR_LEN:
+            stats.tx_errors += 1
+            self._warn_once("tx-short", "%s: transmit chain %d has %d bytes, less than the %d-byte "
+                            "header; dropped", self.name, chain.head, length, HDR_LEN)
+            return True
+        tap = self._backend
+        if tap is None:
+            stats.tx_dropped += 1
+            return True
+        bufs = [(addr, n) for addr, n in chain.readable if n]
+        views = []
+        try:
+            if len(bufs) <= IOV_MAX:
+                views = [self.mem.view(addr, n) for addr, n in bufs]
+                os.writev(tap.fd, views)
+            else:
+                os.write(tap.fd, read_buffers(self.mem, tuple(bufs)))
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in _TAP_GONE:
+                self._lose_backend(exc)
+                stats.tx_dropped += 1
+            elif exc.errno == errno.EIO:  # the tap interface is down: no carrier, frame lost
+                stats.tx_dropped += 1
+                self._warn_once("tx-down", "%s: tap %s is down; transmitted frames are dropped",
+                                self.name, tap.ifname)
+            else:
+                stats.tx_errors += 1
+                self._warn_once("tx-error", "%s: tap %s refused a %d-byte frame: %s", self.name,
+                                tap.ifname, length - HDR_LEN, exc.strerror)
+            return True
+        finally:
+            for v in views:
+                v.release()
+        stats.tx_packets += 1
+        stats.tx_bytes += length - HDR_LEN
+        return True
+
+    # -- the tap poller (its own thread) ---------------------------------------------------------
+    def _on_tap_event(self, mask: int) -> None:
+        with self.lock:
+            if self._closed:
+                return
+            tap = self._backend
+            if tap is not None and self.active and not self._broken:
+                if mask & (select.EPOLLERR | select.EPOLLHUP) and not tap.attached():
+                    self._lose_backend(OSError(errno.EBADFD, "the tap interface was removed"))
+                else:
+                    queue = self._queue(TX_QUEUE)
+                    if mask & select.EPOLLOUT and self._tx_pending and queue is not None:
+                        self._flush_tx(queue)
+                    if mask & select.EPOLLIN and self._rx_chains:
+                        self._receive()
+                self._settle_tx()
+            self._update_watch()
+
+    def _receive(self) -> None:  # lock held
+        """Read up to RX_BUDGET frames from the tap into cached receive chains."""
+        queue = self._queue(RX_QUEUE)
+        if queue is None:
+            return
+        stats = self._stats
+        delivered = 0
+        budget = RX_BUDGET
+        while self._rx_chains and budget:
+            tap = self._backend
+            if tap is None:
+                break
+            rx = self._rx_chains[0]
+            iov = rx.iov
+            if iov is None:
+                if self._bounce is None:
+                    self._bounce = bytearray(OVERFLOW_SIZE)
+                iov = [self._bounce]
+            try:
+                n = os.readv(tap.fd, iov)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._lose_backend(exc)
+                break
+            budget -= 1
+            if n > rx.cap or n >= rx.limit:
+                stats.rx_oversized += 1
+                self._warn_once("rx-oversized", "%s: dropped a %d-byte frame from tap %s: the "
+                                "guest's receive buffer holds %d", self.name, n - HDR_LEN,
+                                tap.ifname, rx.cap - HDR_LEN)
+                continue
+            if n < HDR_LEN:
+                stats.rx_dropped += 1
+                continue
+            if rx.iov is None:
+                write_buffers(self.mem, rx.bufs, memoryview(self._bounce)[:n])
+            first = rx.views[0] if rx.views else None
+            if first is not None and len(first) >= HDR_LEN:
+                # The usual layout (header and frame in one buffer): patch the header in place.
+                if not self._fix_rx_header(first):
+                    stats.rx_dropped += 1
+                    continue
+            else:
+                header = bytearray(read_buffers(self.mem, rx.bufs, HDR_LEN))
+                if not self._fix_rx_header(memoryview(header)):
+                    stats.rx_dropped += 1
+                    continue
+                write_buffers(self.mem, rx.bufs, header)
+            self._rx_chains.popleft()
+            rx.release()
+            queue.add_used(rx.head, n)
+            delivered += 1
+            stats.rx_packets += 1
+            stats.rx_bytes += n - HDR_LEN
+        if delivered:
+            self.notify_used(queue)
+
+    def _fix_rx_header(self, header: memoryview) -> bool:
+        """Turn the header the tap wrote (first HDR_LEN bytes of ``header``) into the one the
+        driver gets; False when the frame uses an offload the driver did not accept."""
+        flags, gso_type = header[0], header[1]
+        kind = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+        if kind != VIRTIO_NET_HDR_GSO_NONE:
+            if not ((kind == VIRTIO_NET_HDR_GSO_TCPV4 and self.negotiated(VIRTIO_NET_F_GUEST_TSO4))
+                    or (kind == VIRTIO_NET_HDR_GSO_TCPV6 and self.negotiated(VIRTIO_NET_F_GUEST_TSO6))):
+                return False
+            if gso_type & VIRTIO_NET_HDR_GSO_ECN and not self.negotiated(VIRTIO_NET_F_GUEST_ECN):
+                return False
+        if self.negotiated(VIRTIO_NET_F_GUEST_CSUM):
+            header[0] = flags & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID)
+        elif flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            return False  # a partial checksum the driver cannot finish
+        else:
+            header[0] = 0  # §5.1.6.4.1: flags zero without GUEST_CSUM
+        # num_buffers is 1 without MRG_RXBUF; the tap does not write that field at all.
+        header[10:12] = b"\x01\x00"
+        return True

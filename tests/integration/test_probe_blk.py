@@ -1,0 +1,203 @@
+"""virtio-blk and disk hot-plug, driven from inside the probe guest under real KVM.
+
+The probe's virtio-mmio driver finds the six block slots from the kernel command line, reads and
+writes sectors; the host checks the bytes in the image file, and hot-plugs disks over QMP.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+
+import pytest
+
+from helpers.vmproc import Qmp, VmProcess, wait_for_path
+
+pytestmark = pytest.mark.kvm
+
+SECTOR = 512
+
+
+def pattern(sector: int, count: int) -> bytes:
+    """The probe's ``pattern`` fill: byte i of sector s is (s*7 + i) & 0xff."""
+    return b"".join(bytes(((s * 7 + i) & 0xFF) for i in range(SECTOR)) for s in range(sector, sector + count))
+
+
+def make_image(path, size: int, seed: int) -> bytes:
+    data = bytes(((i * seed) >> 3) & 0xFF for i in range(size))
+    path.write_bytes(data)
+    return data
+
+
+def kv(lines: list[str], key: str) -> str:
+    for ln in lines:
+        m = re.match(rf"{key}[:=] ?(.*)", ln)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"no {key} in {lines}")
+
+
+@pytest.fixture
+def disks(tmp_path):
+    root = tmp_path / "root.img"
+    data = make_image(root, 1 << 20, 13)
+    return tmp_path, root, data
+
+
+def boot(probe_elf, sock, *drive_args) -> VmProcess:
+    vm = VmProcess(["-kernel", str(probe_elf), "-serial", "stdio", "-D", "-api-channel", f"unix:{sock}",
+                    *drive_args])
+    vm.wait_for(r"(?m)^ready\r?$", 60)
+    wait_for_path(sock)
+    return vm
+
+
+def test_six_block_slots_and_boot_drive(probe_elf, disks):
+    tmp, root, data = disks
+    with boot(probe_elf, tmp / "s", "-drive", f"file={root},id=rootfs,direct=off,serial=SN-42") as vm:
+        text = vm.serial()
+        assert len(re.findall(r"virtio: \d base=0x[0-9a-f]+ irq=\d+ id=2 \(blk\)", text)) == 6
+        info = vm.command("blk 0 info")
+        assert kv(info, "capacity") == str(len(data) // SECTOR)
+        assert "serial=SN-42" in info
+        assert "FLUSH" in kv(info, "features")
+        for slot in range(1, 6):  # empty slots are disks of capacity 0
+            assert kv(vm.command(f"blk {slot} info"), "capacity") == "0"
+
+
+def test_guest_reads_host_data_and_host_sees_guest_writes(probe_elf, disks):
+    tmp, root, data = disks
+    with boot(probe_elf, tmp / "s", "-drive", f"file={root},id=rootfs,direct=off") as vm:
+        out = vm.command("blk 0 read 0 8")
+        assert kv(out, "crc32") == f"0x{zlib.crc32(data[:8 * SECTOR]):08x}"
+        assert kv(out, "status") == "0"
+        out = vm.command("blk 0 read 2000 48")
+        assert kv(out, "crc32") == f"0x{zlib.crc32(data[2000 * SECTOR:2048 * SECTOR]):08x}"
+
+        assert kv(vm.command("blk 0 write 100 4 pattern"), "status") == "0"
+        assert kv(vm.command("blk 0 write 200 2 5a"), "status") == "0"
+        assert kv(vm.command("blk 0 flush"), "status") == "0"
+        disk = root.read_bytes()
+        assert disk[100 * SECTOR:104 * SECTOR] == pattern(100, 4)
+        assert disk[200 * SECTOR:202 * SECTOR] == b"\x5a" * (2 * SECTOR)
+        assert disk[104 * SECTOR:200 * SECTOR] == data[104 * SECTOR:200 * SECTOR]
+
+        # The reverse: the host changes the file, the guest reads the new bytes.
+        fresh = os.urandom(4 * SECTOR)
+        with open(root, "r+b") as f:
+            f.seek(500 * SECTOR)
+            f.write(fresh)
+        assert kv(vm.command("blk 0 read 500 4"), "crc32") == f"0x{zlib.crc32(fresh):08x}"
+
+        # Past the end of the disk: an I/O error for the guest, nothing for the host file.
+        assert kv(vm.command("blk 0 read 2047 2"), "status") == "1"
+
+
+def test_direct_io_drive(probe_elf, tmp_path):
+    # O_DIRECT needs a file system that supports it (tmpfs does not); /var/tmp is a disk.
+    d = os.path.join("/var/tmp", f"pystratovirt-test-{os.getpid()}")
+    os.makedirs(d, exist_ok=True)
+    img = os.path.join(d, "direct.img")
+    try:
+        with open(img, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+        with boot(probe_elf, tmp_path / "s", "-drive", f"file={img},id=d0,direct=on") as vm:
+            assert kv(vm.command("blk 0 write 3 5 pattern"), "status") == "0"
+            assert kv(vm.command("blk 0 read 3 5"), "crc32") == f"0x{zlib.crc32(pattern(3, 5)):08x}"
+            vm.send("reboot\n")
+            assert vm.wait_exit(30) == 0
+        with open(img, "rb") as f:
+            f.seek(3 * SECTOR)
+            assert f.read(5 * SECTOR) == pattern(3, 5)
+    finally:
+        os.unlink(img)
+        os.rmdir(d)
+
+
+def test_read_only_drive_refuses_writes(probe_elf, disks):
+    tmp, root, data = disks
+    with boot(probe_elf, tmp / "s", "-drive", f"file={root},id=rootfs,readonly=on,direct=off") as vm:
+        assert "RO" in kv(vm.command("blk 0 info"), "features").split()
+        assert kv(vm.command("blk 0 write 0 1 ff force"), "status") == "1"
+    assert root.read_bytes() == data
+
+
+def test_quit_flushes_guest_writes(probe_elf, disks):
+    tmp, root, _ = disks
+    sock = tmp / "s"
+    with boot(probe_elf, sock, "-drive", f"file={root},id=rootfs,direct=off") as vm, Qmp(sock) as qmp:
+        assert kv(vm.command("blk 0 write 40 8 pattern"), "status") == "0"
+        qmp.execute("quit")
+        assert vm.wait_exit(30) == 0
+    assert root.read_bytes()[40 * SECTOR:48 * SECTOR] == pattern(40, 8)
+
+
+def test_hot_plug_and_unplug(probe_elf, disks):
+    tmp, root, _ = disks
+    sock = tmp / "s"
+    extra = tmp / "extra.img"
+    extra_data = make_image(extra, 3 << 20, 29)
+    with boot(probe_elf, sock, "-drive", f"file={root},id=rootfs,direct=off") as vm, Qmp(sock) as qmp:
+        events, reply = qmp.execute("blockdev-add", {
+            "node-name": "drive-0", "file": {"driver": "file", "filename": str(extra)},
+            "cache": {"direct": False}, "read-only": False})
+        assert reply == {"return": {}} and events == []
+        assert qmp.execute("device_add", {"id": "drive-0", "driver": "virtio-blk-mmio", "addr": "0x1"})[1] == {"return": {}}
+        out = vm.command("blk 1 wait-config 10000")
+        assert kv(out, "capacity") == str(len(extra_data) // SECTOR)
+        assert kv(vm.command("blk 1 read 6000 16"), "crc32") == f"0x{zlib.crc32(extra_data[6000 * SECTOR:6016 * SECTOR]):08x}"
+        assert kv(vm.command("blk 1 write 7 1 pattern"), "status") == "0"
+
+        events, reply = qmp.execute("device_del", {"id": "drive-0"})
+        assert reply == {"return": {}}
+        assert [(e["event"], e["data"]) for e in events] == [
+            ("DEVICE_DELETED", {"device": "drive-0", "path": "drive-0"})]
+        assert kv(vm.command("blk 1 wait-config 10000"), "capacity") == "0"
+        assert extra.read_bytes()[7 * SECTOR:8 * SECTOR] == pattern(7, 1)  # flushed on unplug
+
+        # The slot can be used again, with lun (lun 0 is vdb, i.e. slot 1).
+        qmp.execute("blockdev-add", {"node-name": "drive-1", "file": {"driver": "file", "filename": str(extra)},
+                                     "cache": {"direct": False}})
+        assert qmp.execute("device_add", {"id": "drive-1", "driver": "virtio-blk-mmio", "lun": 0})[1] == {"return": {}}
+        assert kv(vm.command("blk 1 wait-config 10000"), "capacity") == str(len(extra_data) // SECTOR)
+        # The other disk was never disturbed.
+        assert kv(vm.command("blk 0 info"), "capacity") == str((1 << 20) // SECTOR)
+
+
+def test_hot_plug_errors_leave_the_vm_untouched(probe_elf, disks):
+    tmp, root, data = disks
+    sock = tmp / "s"
+    extra = tmp / "extra.img"
+    make_image(extra, 1 << 20, 3)
+
+    def error(qmp, cmd, args):
+        events, reply = qmp.execute(cmd, args)
+        assert events == [] and "error" in reply, reply
+        return reply["error"]["desc"]
+
+    blockdev = lambda name, path: {"node-name": name, "file": {"driver": "file", "filename": str(path)},
+                                   "cache": {"direct": False}}
+    with boot(probe_elf, sock, "-drive", f"file={root},id=rootfs,direct=off") as vm, Qmp(sock) as qmp:
+        assert "No such file" in error(qmp, "blockdev-add", blockdev("d-missing", tmp / "nope.img"))
+        assert "regular file" in error(qmp, "blockdev-add", blockdev("d-dir", tmp))
+        # The root disk cannot be plugged a second time.
+        assert "already used by rootfs" in error(qmp, "blockdev-add", blockdev("d-root", root))
+        assert qmp.execute("blockdev-add", blockdev("drive-9", extra))[1] == {"return": {}}
+        assert error(qmp, "blockdev-add", blockdev("drive-9", extra)) == "Add the id drive-9 repeatedly"
+        assert error(qmp, "device_add", {"id": "drive-9", "driver": "virtio-blk-mmio", "addr": "0x6"}) == \
+            "Index 6 is out of bounds 6 for block to add replaceable device"
+        assert "already used" in error(qmp, "device_add", {"id": "drive-9", "driver": "virtio-blk-mmio", "addr": "0x0"})
+        assert error(qmp, "device_add", {"id": "drive-9", "driver": "virtio-scsi", "addr": "0x2"}).startswith(
+            "Unsupported replaceable device type")
+        assert error(qmp, "device_add", {"id": "other", "driver": "virtio-blk-mmio", "addr": "0x2"}).startswith(
+            "Failed to find the configuration")
+        _, reply = qmp.execute("device_del", {"id": "nothing"})
+        assert reply["error"] == {"class": "DeviceNotFound", "desc": "Device nothing not found"}
+        # Nothing changed: the root disk still reads its data, the other slots are empty.
+        assert kv(vm.command("blk 0 read 0 4"), "crc32") == f"0x{zlib.crc32(data[:4 * SECTOR]):08x}"
+        for slot in range(1, 6):
+            assert kv(vm.command(f"blk {slot} info"), "capacity") == "0"
+        # And the registered backend still plugs in fine afterwards.
+        assert qmp.execute("device_add", {"id": "drive-9", "driver": "virtio-blk-mmio", "addr": "0x5"})[1] == {"return": {}}
+        assert kv(vm.command("blk 5 wait-config 10000"), "capacity") == str((1 << 20) // SECTOR)
