@@ -33,8 +33,11 @@ from ..memory import GuestMemory, layout
 from . import requests as rq
 from ..virtio.balloon import VirtioBalloon
 from ..virtio.blk import BackendError, FileBackend, VirtioBlk
-from .mmio_devices import BALLOON_WINDOW, BLOCK_WINDOW_FIRST, MmioDevices
-from .slots import BLOCK_SLOTS, BackendOpenError, ReplaceableSlots, SlotKind
+from ..virtio.net import VirtioNet
+from ..virtio.tap import Tap, TapError
+from ..virtio.vhost_net import VhostNetError, open_vhost_net
+from .mmio_devices import BALLOON_WINDOW, BLOCK_WINDOW_FIRST, NET_WINDOW_FIRST, MmioDevices
+from .slots import BLOCK_SLOTS, NET_SLOTS, BackendOpenError, ReplaceableSlots, SlotKind
 from .vcpu_thread import PauseGate, VcpuThread
 from .vmconfig import VmConfig
 
@@ -155,23 +158,49 @@ class MicroVm:
             device = VirtioBlk(backend, name=f"blk{slot}")
             self.mmio_devices.add(BLOCK_WINDOW_FIRST + slot, device)
             block_devices.append(device)
+        net_devices = []
+        for slot in range(NET_SLOTS):
+            nic = cfg.nets[slot] if slot < len(cfg.nets) else None
+            tap = None
+            if nic is not None:
+                try:
+                    tap = self._open_backend(SlotKind.NET, nic)
+                except BackendOpenError as exc:
+                    raise MachineBuildError(str(exc)) from None
+            device = VirtioNet(tap, mac=nic.mac if nic else None, vm_name=cfg.name, slot=slot, name=f"net{slot}")
+            self.mmio_devices.add(NET_WINDOW_FIRST + slot, device)
+            net_devices.append(device)
         if cfg.balloon is not None:
             self.balloon = VirtioBalloon(cfg.machine.mem_size, deflate_on_oom=cfg.balloon.deflate_on_oom,
                                          on_actual_changed=self._balloon_moved_threadsafe)
             self.mmio_devices.add(BALLOON_WINDOW, self.balloon)
-        self.slots = ReplaceableSlots(block_devices, [], self._open_backend)
+        self.slots = ReplaceableSlots(block_devices, net_devices, self._open_backend)
         for slot, drive in enumerate(cfg.drives):
             self.slots.adopt(drive.id, SlotKind.BLOCK, drive, drive.path, slot)
+        for slot, nic in enumerate(cfg.nets):
+            self.slots.adopt(nic.id, SlotKind.NET, nic, None, slot)
         self.add_shutdown_hook(self.mmio_devices.close)
 
     @staticmethod
     def _open_backend(kind: SlotKind, spec) -> object:
-        if kind is SlotKind.BLOCK:
-            try:
+        """Open the backend a registration describes (QMP request or boot-time config)."""
+        try:
+            if kind is SlotKind.BLOCK:
                 return FileBackend.open(spec.filename, spec.read_only, spec.direct)
-            except BackendError as exc:
-                raise BackendOpenError(str(exc)) from None
-        raise BackendOpenError(f"No {kind.value} backend can be opened yet.")
+            # A boot NIC (NetConfig) or a netdev_add request (NetdevAdd).
+            if isinstance(spec, rq.NetdevAdd):
+                vhost, vhost_fds = spec.vhost or spec.vhostfds is not None, spec.vhostfds
+                fds = [_parse_fd(spec.fds)] if spec.fds is not None else []
+                ifname = spec.ifname
+            else:
+                vhost, vhost_fds = spec.vhost or bool(spec.vhost_fds), spec.vhost_fds
+                fds, ifname = list(spec.tap_fds), spec.tap
+            if vhost:
+                open_vhost_net(_parse_fd(vhost_fds[0] if isinstance(vhost_fds, list) else vhost_fds)
+                               if vhost_fds else None)
+            return Tap.from_fd(fds[0]) if fds else Tap.open(ifname)
+        except (BackendError, TapError, VhostNetError) as exc:
+            raise BackendOpenError(str(exc)) from None
 
     # -- running --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -330,6 +359,14 @@ class MicroVm:
             raise rq.MachineError("File is not a regular file or block device")
         self.slots.register(req.node_name, SlotKind.BLOCK, req, req.filename)
 
+    def _q_netdev_add(self, req: rq.NetdevAdd) -> None:
+        # Open the tap once now, as StratoVirt does, so a missing or busy tap is reported here.
+        try:
+            self._open_backend(SlotKind.NET, req).close()
+        except BackendOpenError as exc:
+            raise rq.MachineError(str(exc)) from None
+        self.slots.register(req.id, SlotKind.NET, req)
+
     def _q_backend_del(self, req) -> None:
         self.slots.unregister(req.node_name if isinstance(req, rq.BlockdevDel) else req.id)
 
@@ -372,6 +409,14 @@ class MicroVm:
         self._balloon_timer = self.loop.call_later(BALLOON_EVENT_INTERVAL, self._report_balloon)
 
 
+def _parse_fd(text) -> int:
+    """StratoVirt's ``fds`` reference: a number, or ``name:number`` (the last field counts)."""
+    try:
+        return int(str(text).rsplit(":", 1)[-1])
+    except ValueError:
+        raise BackendOpenError(f"Add netdev error: failed to convert {text} to RawFd.") from None
+
+
 _HANDLERS = {
     rq.QueryStatus: MicroVm._q_status,
     rq.QueryCpus: MicroVm._q_cpus,
@@ -381,6 +426,7 @@ _HANDLERS = {
     rq.Quit: MicroVm._q_quit,
     rq.BlockdevAdd: MicroVm._q_blockdev_add,
     rq.BlockdevDel: MicroVm._q_backend_del,
+    rq.NetdevAdd: MicroVm._q_netdev_add,
     rq.NetdevDel: MicroVm._q_backend_del,
     rq.DeviceAdd: MicroVm._q_device_add,
     rq.DeviceDel: MicroVm._q_device_del,

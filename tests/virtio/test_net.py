@@ -1,7 +1,7 @@
 """Tests of the virtio-net device (pystratovirt.virtio.net) behind the virtio-mmio transport, with
 the test-side driver playing the guest and a REAL tap on the host side.
 
-Each test gets its own network namespace (see test_tap.NetNs) holding a tap; the VMM side opens
+Each test gets its own network namespace (see helpers/netns.py) holding a tap; the VMM side opens
 the tap by name inside it, and the other end of the wire is an AF_PACKET socket bound to the same
 interface: what the guest transmits shows up on that socket, and what the socket sends comes out
 of the tap into the guest. Frames are raw Ethernet with the local experimental EtherType 0x88B5;
@@ -36,7 +36,7 @@ from pystratovirt.virtio.net import (HDR_LEN, NET_HDR, VIRTIO_NET_F_CSUM, VIRTIO
 from pystratovirt.virtio.queue import read_buffers
 from pystratovirt.virtio.tap import Tap
 from virtio.helper import SpyMemory
-from virtio.test_tap import NetNs
+from helpers.netns import NetNs
 
 MEM = 32 << 20
 ETH_P_ALL = 0x0003

@@ -2,10 +2,7 @@
 network namespace each test session creates and deletes (nothing touches the host's own
 interfaces), and of the vhost-net refusal.
 
-Also home of :class:`NetNs`, the namespace helper test_net.py uses: a named namespace
-(``ip netns add``) with IPv6 disabled, so the kernel sends no router solicitations of its own on
-the taps, and ``entered()`` to run a few calls (opening a tap by name, binding a packet socket)
-inside it on the calling thread only (setns(2) is per thread).
+The namespace helper (:class:`NetNs`) lives in tests/helpers/netns.py.
 """
 
 from __future__ import annotations
@@ -26,66 +23,9 @@ from pystratovirt.virtio import tap as tapmod
 from pystratovirt.virtio import vhost_net
 from pystratovirt.virtio.tap import Tap, TapError
 
-CLONE_NEWNET = 0x40000000
+from helpers.netns import NetNs, _setns  # noqa: F401 (re-exported for test_net)
+
 TUNGETVNETHDRSZ = 0x800454D7
-_libc = ctypes.CDLL(None, use_errno=True)
-_names = itertools.count()
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-class NetNs:
-    """A network namespace owned by a test; ``close()`` deletes it and everything in it."""
-
-    def __init__(self) -> None:
-        self.name = f"pstv-test-{os.getpid()}-{next(_names)}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
-        self.exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
-                  "net.ipv6.conf.default.disable_ipv6=1")
-
-    def exec(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.name, *argv], check=check,
-                              capture_output=True, text=True)
-
-    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "-n", self.name, *args], check=check, capture_output=True, text=True)
-
-    def add_tap(self, name: str, *extra: str, up: bool = True, mode: str = "tap") -> str:
-        self.ip("tuntap", "add", "dev", name, "mode", mode, *extra)
-        if up:
-            self.ip("link", "set", name, "up")
-        return name
-
-    def delete_link(self, name: str) -> None:
-        self.ip("link", "del", name)
-
-    @contextmanager
-    def entered(self):
-        """Run the body inside the namespace (this thread only)."""
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            target = os.open(f"/run/netns/{self.name}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(target)
-                try:
-                    yield self
-                finally:
-                    _setns(own)
-            finally:
-                os.close(target)
-        finally:
-            os.close(own)
-
-    def open_tap(self, name: str) -> Tap:
-        with self.entered():
-            return Tap.open(name)
-
-    def close(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
 @pytest.fixture

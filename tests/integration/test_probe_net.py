@@ -1,0 +1,149 @@
+"""virtio-net on a tap, driven from inside the probe guest under real KVM.
+
+Each test makes its own network namespace, creates the tap there and runs the VMM inside it;
+the test's end of the wire is a packet socket bound to the tap in the same namespace. No address
+outside the namespace is ever used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+import zlib
+
+import pytest
+
+from helpers.netns import NetNs
+from helpers.vmproc import Qmp, VmProcess, wait_for_path
+
+pytestmark = pytest.mark.kvm
+
+ETH_P_ALL = 0x0003
+GUEST_MAC = "52:54:00:12:34:56"
+PEER_MAC = bytes.fromhex("020000aabbcc")
+
+
+@pytest.fixture
+def ns():
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("no /dev/net/tun on this host")
+    n = NetNs()
+    yield n
+    n.close()
+
+
+def packet_socket(ns: NetNs, ifname: str) -> socket.socket:
+    with ns.entered():
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        s.bind((ifname, 0))
+    s.settimeout(10)
+    return s
+
+
+def boot(probe_elf, ns: NetNs, sock, *args) -> VmProcess:
+    vm = VmProcess(["-kernel", str(probe_elf), "-serial", "stdio", "-D", "-api-channel", f"unix:{sock}", *args],
+                   prefix=["ip", "netns", "exec", ns.name])
+    vm.wait_for(r"(?m)^ready\r?$", 60)
+    wait_for_path(sock)
+    return vm
+
+
+def recv_from_guest(s: socket.socket, ethertype: int, timeout: float = 10) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frame = s.recv(65536)
+        if len(frame) >= 14 and int.from_bytes(frame[12:14], "big") == ethertype:
+            return frame
+    raise AssertionError(f"no frame of type {ethertype:#x} from the guest")
+
+
+def kv(lines, key):
+    for ln in lines:
+        m = re.match(rf"{key}: (.*)", ln)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"no {key} in {lines}")
+
+
+def test_frames_both_ways_on_a_boot_nic(probe_elf, ns, tmp_path):
+    ns.add_tap("tap0")
+    peer = packet_socket(ns, "tap0")
+    with boot(probe_elf, ns, tmp_path / "s", "-netdev", f"id=net0,netdev=tap0,mac={GUEST_MAC}") as vm:
+        info = vm.command("net 0 info")
+        assert kv(info, "mac") == GUEST_MAC and kv(info, "link") == "up"
+        assert kv(vm.command("net 1 info"), "link") == "down"  # the empty slot
+
+        # Guest -> host: exact bytes, MAC and length.
+        vm.command(f"net 0 send {PEER_MAC.hex(':')} 88b5 300 a7")
+        frame = recv_from_guest(peer, 0x88B5)
+        assert frame[:6] == PEER_MAC
+        assert frame[6:12] == bytes.fromhex(GUEST_MAC.replace(":", ""))
+        assert len(frame) == 300 and frame[14:] == b"\xa7" * 286
+
+        # Host -> guest.
+        vm.command("net 0 drain")
+        payload = os.urandom(1000)
+        out_frame = bytes.fromhex(GUEST_MAC.replace(":", "")) + PEER_MAC + b"\x88\xb6" + payload
+        peer.send(out_frame)
+        line = vm.command("net 0 recv 5000")[0]
+        assert f"len={len(out_frame)}" in line and "type=0x88b6" in line
+        assert f"crc32=0x{zlib.crc32(out_frame):08x}" in line
+    peer.close()
+
+
+def test_nic_hot_plug_traffic_and_unplug(probe_elf, ns, tmp_path):
+    ns.add_tap("tap0")
+    ns.add_tap("tap1")
+    sock = tmp_path / "s"
+    with boot(probe_elf, ns, sock, "-netdev", "id=net0,netdev=tap0") as vm, Qmp(sock) as qmp:
+        assert kv(vm.command("net 1 info"), "link") == "down"
+        assert qmp.execute("netdev_add", {"id": "net-1", "ifname": "tap1"})[1] == {"return": {}}
+        assert qmp.execute("device_add", {"id": "net-1", "driver": "virtio-net-mmio", "addr": "0x1"})[1] == {"return": {}}
+        deadline = time.monotonic() + 10
+        while kv(vm.command("net 1 info"), "link") != "up":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        peer = packet_socket(ns, "tap1")
+        vm.command(f"net 1 send {PEER_MAC.hex(':')} 88b5 64 11")
+        assert len(recv_from_guest(peer, 0x88B5)) == 64
+
+        events, reply = qmp.execute("device_del", {"id": "net-1"})
+        assert reply == {"return": {}}
+        assert [(e["event"], e["data"]) for e in events] == [("DEVICE_DELETED", {"device": "net-1", "path": "net-1"})]
+        assert kv(vm.command("net 1 info"), "link") == "down"
+        peer.close()
+
+        # Errors: each leaves the VM as it was.
+        def error(cmd, args):
+            events, reply = qmp.execute(cmd, args)
+            assert events == [] and "error" in reply, reply
+            return reply["error"]["desc"]
+        assert "does not exist" in error("netdev_add", {"id": "n-x", "ifname": "nosuchtap"})
+        assert "busy" in error("netdev_add", {"id": "n-busy", "ifname": "tap0"})  # the boot NIC has it
+        qmp.execute("netdev_add", {"id": "net-2", "ifname": "tap1"})
+        assert error("device_add", {"id": "net-2", "driver": "virtio-net-mmio", "addr": "0x2"}) == \
+            "Index 2 is out of bounds 2 for net to add replaceable device"
+        assert "already used" in error("device_add", {"id": "net-2", "driver": "virtio-net-mmio", "addr": "0x0"})
+        assert error("netdev_add", {"id": "net-2", "ifname": "tap1"}) == "Add the id net-2 repeatedly"
+        assert kv(vm.command("net 0 info"), "link") == "up"
+
+
+def test_tap_deleted_under_running_vm(probe_elf, ns, tmp_path):
+    ns.add_tap("tap0")
+    with boot(probe_elf, ns, tmp_path / "s", "-netdev", "id=net0,netdev=tap0") as vm:
+        ns.delete_link("tap0")
+        vm.command(f"net 0 send {PEER_MAC.hex(':')} 88b5 64 11")
+        time.sleep(0.5)
+        assert vm.command("echo alive") == ["alive"]
+        assert vm.proc.poll() is None
+
+
+def test_unknown_boot_tap_is_a_clear_error(probe_elf, ns):
+    from helpers.vmproc import STRATOVIRT
+    import subprocess
+    res = subprocess.run(["ip", "netns", "exec", ns.name, *STRATOVIRT, "-kernel", str(probe_elf),
+                          "-netdev", "id=n0,netdev=nosuchtap"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "nosuchtap" in res.stderr and "Traceback" not in res.stderr
