@@ -28,6 +28,7 @@ static const char *cmd_ticks(int argc, char **argv, const char *args);
 static const char *cmd_peek(int argc, char **argv, const char *args);
 static const char *cmd_poke(int argc, char **argv, const char *args);
 static const char *cmd_crc32(int argc, char **argv, const char *args);
+static const char *cmd_touch(int argc, char **argv, const char *args);
 static const char *cmd_in(int argc, char **argv, const char *args);
 static const char *cmd_out(int argc, char **argv, const char *args);
 static const char *cmd_reboot(int argc, char **argv, const char *args);
@@ -47,6 +48,7 @@ static const struct command commands[] = {
 	{"peek", "<hexaddr> [1|2|4|8]", "read guest physical memory (default 1 byte)", cmd_peek},
 	{"poke", "<hexaddr> <hexval> [1|2|4|8]", "write guest physical memory (default 1 byte)", cmd_poke},
 	{"crc32", "<hexaddr> <hexlen>", "CRC-32 (zlib's) of guest physical memory", cmd_crc32},
+	{"touch", "<hexaddr> <hexlen>", "rewrite one byte of every 4 KiB page (makes the host back it)", cmd_touch},
 	{"inb", "<hexport>", "read an I/O port (8 bits)", cmd_in},
 	{"inw", "<hexport>", "read an I/O port (16 bits)", cmd_in},
 	{"inl", "<hexport>", "read an I/O port (32 bits)", cmd_in},
@@ -212,6 +214,25 @@ static const char *cmd_crc32(int argc, char **argv, const char *args)
 	if (addr >= IDENTITY_MAPPED || len > IDENTITY_MAPPED - addr)
 		return errorf("range 0x%lx+0x%lx is not mapped (only the first 4 GiB are)", addr, len);
 	printf("crc32: 0x%08x\n", crc32(0, (const void *)addr, len));
+	return 0;
+}
+
+/* Rewrites the first byte of each page with its own value: the data stays as it was, but the
+ * host has to back every page with real memory, which is what a balloon test measures. */
+static const char *cmd_touch(int argc, char **argv, const char *args)
+{
+	(void)args;
+	uint64_t addr, len;
+	if (argc != 3 || parse_hex(argv[1], &addr) || parse_hex(argv[2], &len))
+		return usage_error(argv[0]);
+	if (addr >= IDENTITY_MAPPED || len > IDENTITY_MAPPED - addr)
+		return errorf("range 0x%lx+0x%lx is not mapped (only the first 4 GiB are)", addr, len);
+	uint64_t pages = 0;
+	for (uint64_t a = addr & ~0xfffUL; a < addr + len; a += 0x1000, pages++) {
+		volatile uint8_t *p = (volatile uint8_t *)a;
+		*p = *p;
+	}
+	printf("touched: %lu pages\n", pages);
 	return 0;
 }
 
