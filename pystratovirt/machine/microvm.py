@@ -23,6 +23,8 @@ from typing import Callable
 from .. import boot
 from ..cpu import pvm
 from ..cpu import CpuModel, Topology, configure_vcpu
+from ..boot.acpi import write_acpi_tables
+from ..devices.acpi_pm import AcpiPm
 from ..devices.bus import Bus
 from ..devices.i8042 import I8042
 from ..devices.irq import IrqLine
@@ -117,6 +119,12 @@ class MicroVm:
                                               extract_payload=cfg.extract_payload)
         except boot.BootError as exc:
             raise MachineBuildError(str(exc)) from None
+        try:
+            write_acpi_tables(self.memory, nr_cpus=mcfg.vcpus, max_cpus=mcfg.max_vcpus,
+                              virtio_devices=self.mmio_devices.acpi_resources(),
+                              serial_ports=[(SERIAL_PORT_BASE, SERIAL_IRQ)])
+        except boot.BootError as exc:
+            raise MachineBuildError(str(exc)) from None
         log.info("kernel %s loaded as %s, entry %#x", cfg.boot.kernel, self.boot_info.kind,
                  self.boot_info.entry)
         for note in self.boot_info.notes:
@@ -142,6 +150,7 @@ class MicroVm:
                              self._serial_sink)
         self.pio_bus.insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, self.serial)
         self.pio_bus.insert(I8042.BASE, I8042.LENGTH, I8042(lambda: self.guest_shutdown(reset=True)))
+        self.pio_bus.insert(AcpiPm.BASE, AcpiPm.LENGTH, AcpiPm(lambda: self.guest_shutdown(reset=False)))
 
     def _build_virtio_devices(self) -> None:
         cfg = self.config

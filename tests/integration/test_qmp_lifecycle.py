@@ -263,3 +263,14 @@ def test_qmp_shell(probe_elf, sock):
         assert res.returncode == 0, res.stderr
         assert '"status": "running"' in res.stdout
         assert '"status": "paused"' in res.stdout
+
+
+def test_acpi_poweroff_emits_guest_shutdown(probe_elf, sock):
+    with start(probe_elf, sock) as vm, Qmp(sock) as qmp:
+        # The RSDP is where a guest's legacy scan finds it.
+        assert vm.command("peek f0000 8") == [f"value: 0x{int.from_bytes(b'RSD PTR ', 'little'):016x}"]
+        # SLEEP_CONTROL_REG (FADT): SLP_TYP = 5 (the \_S5_ value) | SLP_EN.
+        vm.send("outb 600 34\n")
+        event = qmp.read()
+        assert (event["event"], event["data"]) == ("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        assert vm.wait_exit(30) == 0
