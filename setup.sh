@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 APT_PACKAGES=(
     build-essential binutils bc flex bison libelf-dev libssl-dev
     linux-source-6.1 busybox-static e2fsprogs cpio lz4 zstd xz-utils kmod
-    iproute2 python3-venv acpica-tools
+    iproute2 iputils-ping python3-venv acpica-tools
 )
 
 SUDO=""

@@ -45,6 +45,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("smp", VALUE, "set the number of CPUs to 'n' (default: 1)",
            "[cpus=]n[,maxcpus=m][,sockets=s][,cores=c][,threads=t]"),
     Option("m", VALUE, "configure guest RAM (bare number = bytes, default 256M)", "[size=]megs[m|M|g|G]"),
+    Option("mem-prealloc", FLAG, "back all guest RAM with host memory at start (our extension, as QEMU's)"),
     Option("mem-path", VALUE, "configure file path that backs guest memory.", "filebackend file path"),
     Option("config", VALUE, "Sets a config file for vmm.", "json file path"),
     Option("kernel", VALUE, "use uncompressed kernel image or bzImage", "kernel_path"),

@@ -163,6 +163,7 @@ def apply_args(draft: Draft, parsed: A.Parsed) -> None:
         check_path(pidfile, "pidfile path")
         draft.pidfile = pidfile
     draft.daemonize = draft.daemonize or bool(parsed.all("daemonize"))
+    draft.mem_prealloc = draft.mem_prealloc or bool(parsed.all("mem-prealloc"))
     draft.disable_seccomp = draft.disable_seccomp or bool(parsed.all("disable-seccomp"))
     draft.freeze = draft.freeze or bool(parsed.all("freeze"))
 

@@ -159,6 +159,7 @@ class Draft:
     max_vcpus: int | None = None
     mem_size: int | None = None
     mem_path: str | None = None
+    mem_prealloc: bool = False
     mem_share: bool | None = None
     dump_guest_core: bool | None = None
     extract_payload: bool | None = None
@@ -283,6 +284,7 @@ class Draft:
         return MachineConfig(
             vcpus=vcpus, max_vcpus=max_vcpus, mem_size=mem_size, mem_path=self.mem_path,
             mem_share=bool(self.mem_share), dump_guest_core=self.dump_guest_core is not False,
+            mem_prealloc=self.mem_prealloc,
         )
 
     @staticmethod

@@ -17,7 +17,6 @@ import mmap
 import os
 import stat as statmod
 import sys
-import threading
 from typing import Callable
 
 from .. import boot
@@ -98,6 +97,8 @@ class MicroVm:
         self.vm.create_pit2(speaker_dummy=True)
 
         self.memory = GuestMemory(mcfg.mem_size)
+        if mcfg.mem_prealloc:
+            self.memory.populate()
         if not mcfg.dump_guest_core:
             self.memory.advise(mmap.MADV_DONTDUMP)
         for region in self.memory.regions:

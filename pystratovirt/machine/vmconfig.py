@@ -56,6 +56,7 @@ class MachineConfig:
     mem_path: str | None = None    # file or directory (hugetlbfs) backing guest RAM
     mem_share: bool = False        # MAP_SHARED instead of MAP_PRIVATE
     dump_guest_core: bool = True   # False = MADV_DONTDUMP on guest RAM
+    mem_prealloc: bool = False     # fault in all guest RAM at start (-mem-prealloc)
     type: str = "microvm"          # the only machine type
 
     def __post_init__(self) -> None:

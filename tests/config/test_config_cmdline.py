@@ -94,6 +94,11 @@ def test_minimal_vm_has_stratovirt_defaults(env):
     assert (cfg.freeze, cfg.daemonize, cfg.disable_seccomp, cfg.extract_payload) == (False, False, False, True)
 
 
+def test_mem_prealloc_flag(env):
+    assert env.config().machine.mem_prealloc is False
+    assert env.config("-mem-prealloc").machine.mem_prealloc is True
+
+
 # -- boot source -------------------------------------------------------------------------------
 
 def test_missing_kernel(env):

@@ -56,7 +56,7 @@ def lean_boot(lean_guest, tmp_path_factory):
         obs["output_while_paused"] = bytes(vm.out.data[before:])
         obs["cont"] = qmp.execute("cont")
 
-        m = vm.wait_for(r"Run /init as init process", BOOT_TIMEOUT)
+        vm.wait_for(r"Run /init as init process", BOOT_TIMEOUT)
         obs["ready_seconds"] = time.monotonic() - vm.started
         try:
             vm.wait_for(r"PYSTRATOVIRT-READY uptime=", 60)

@@ -3,7 +3,6 @@ host, and QMP reports what the guest actually gave."""
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest

@@ -217,9 +217,10 @@ def test_hostile_input_does_not_hurt_the_vm(probe_elf, sock):
     pieces = [b"{", b"}", b"[", b"]", b'"execute"', b":", b",", b'"query-status"', b"null",
               b"\x00", b"\xff\xfe", b"\n", b'"arguments"', b"1e999", b"-1", b'"id"', b"true"]
     with start(probe_elf, sock) as vm:
+        s = None
         for case in range(3000):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) if case % 500 == 0 else s
             if case % 500 == 0:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(str(sock))
                 s.settimeout(10)
             kind = case % 4

@@ -7,15 +7,12 @@ The namespace helper (:class:`NetNs`) lives in tests/helpers/netns.py.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
-import itertools
 import os
 import struct
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 
