@@ -52,3 +52,10 @@ def probe_elf(kvm_ok):
     """The probe guest, built from the repo's C sources (cached by source hash)."""
     from pystratovirt.guest.build import build_probe
     return build_probe()
+
+
+@pytest.fixture(scope="session")
+def lean_guest(kvm_ok):
+    """The guest kit's lean kernel and initramfs (built once, then cached)."""
+    from pystratovirt.guest.kit import ensure_lean_guest
+    return ensure_lean_guest()

@@ -24,12 +24,6 @@ MEM_MIB = 512
 BOOT_TIMEOUT = 900  # seconds to "Run /init" on an emulating host (about 2 minutes measured)
 
 
-@pytest.fixture(scope="session")
-def lean_guest(kvm_ok):
-    from pystratovirt.guest.kit import ensure_lean_guest
-    return ensure_lean_guest()
-
-
 @pytest.fixture(scope="module")
 def lean_boot(lean_guest, tmp_path_factory):
     """Boot once, drive QMP during the boot, and collect what happened."""

@@ -201,3 +201,33 @@ def test_hot_plug_errors_leave_the_vm_untouched(probe_elf, disks):
         # And the registered backend still plugs in fine afterwards.
         assert qmp.execute("device_add", {"id": "drive-9", "driver": "virtio-blk-mmio", "addr": "0x5"})[1] == {"return": {}}
         assert kv(vm.command("blk 5 wait-config 10000"), "capacity") == str((1 << 20) // SECTOR)
+
+
+def test_permission_denied_is_a_clear_error(probe_elf, tmp_path):
+    """Root bypasses file modes, but not an immutable file: opening it for writing gets EPERM."""
+    import shutil
+    import subprocess
+    chattr = shutil.which("chattr")
+    d = os.path.join("/var/tmp", f"pystratovirt-perm-{os.getpid()}")
+    os.makedirs(d, exist_ok=True)
+    img = os.path.join(d, "locked.img")
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    try:
+        if chattr is None or subprocess.run([chattr, "+i", img], capture_output=True).returncode != 0:
+            pytest.skip("cannot make an immutable file here (chattr or the file system refuses)")
+        sock = tmp_path / "s"
+        with boot(probe_elf, sock), Qmp(sock) as qmp:
+            qmp.execute("blockdev-add", {"node-name": "locked", "file": {"driver": "file", "filename": img},
+                                         "cache": {"direct": False}})
+            _, reply = qmp.execute("device_add", {"id": "locked", "driver": "virtio-blk-mmio", "addr": "0x1"})
+            assert reply["error"]["class"] == "GenericError"
+            assert "ermission" in reply["error"]["desc"] or "not permitted" in reply["error"]["desc"]
+            # The refused backend stays registered and unattached; the slot is still empty.
+            _, reply = qmp.execute("blockdev-del", {"node-name": "locked"})
+            assert reply == {"return": {}}
+    finally:
+        if chattr is not None:
+            subprocess.run([chattr, "-i", img], capture_output=True)
+        os.unlink(img)
+        os.rmdir(d)
