@@ -165,6 +165,83 @@ def handle_emulation_failure(vcpu: "Vcpu", exit: InternalError,
         regs.rip = where.rip + 1
         vcpu.set_regs(regs)
         return f"pvm: vCPU {vcpu.index} fwait at rip {where.rip:#x}: stepped over"
+    mx = _decode_mxcsr_insn(insn, regs)
+    if mx is not None:
+        op, gva, length = mx
+        return _finish_mxcsr(vcpu, memory, regs, where, op, gva, length)
     raise UnhandledEmulationFailure(
         f"vCPU {vcpu.index}: KVM could not emulate the instruction at rip {where.rip:#x} "
         f"(bytes from {source}: {insn.hex(' ')})", where.rip, bytes(insn))
+
+
+# -- ldmxcsr / stmxcsr (0F AE /2, 0F AE /3 with a memory operand) ---------------------------------
+# Seen with Debian's 6.1 kernel (kernel_fpu_begin loads the default MXCSR): the emulator has no
+# SSE state instructions. We decode the ModRM memory operand ourselves, move the 32-bit value
+# between guest memory (translated and bounds-checked) and MXCSR (through the XSAVE area), and
+# step over the instruction.
+
+_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+def _decode_mxcsr_insn(insn: bytes, regs) -> tuple[str, int, int] | None:
+    """("ld"|"st", guest virtual address, instruction length), or None if not such an insn."""
+    i = 0
+    rex = 0
+    if i < len(insn) and 0x40 <= insn[i] <= 0x4F:
+        rex = insn[i]
+        i += 1
+    if insn[i:i + 2] != b"\x0f\xae" or len(insn) < i + 3:
+        return None
+    modrm = insn[i + 2]
+    i += 3
+    mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
+    if mod == 3 or reg not in (2, 3):
+        return None
+    reg_value = lambda n: getattr(regs, _GPR_ORDER[n])  # noqa: E731
+    addr = 0
+    if rm == 4:  # SIB
+        if len(insn) <= i:
+            return None
+        sib = insn[i]
+        i += 1
+        scale, index, base = sib >> 6, ((sib >> 3) & 7) | ((rex & 2) << 2), (sib & 7) | ((rex & 1) << 3)
+        if index != 4:
+            addr += reg_value(index) << scale
+        if (sib & 7) == 5 and mod == 0:
+            disp_len = 4
+        else:
+            addr += reg_value(base)
+            disp_len = {0: 0, 1: 1, 2: 4}[mod]
+    elif rm == 5 and mod == 0:  # RIP-relative: relative to the end of the instruction
+        disp_len = 4
+        addr = None
+    else:
+        addr += reg_value(rm | ((rex & 1) << 3))
+        disp_len = {0: 0, 1: 1, 2: 4}[mod]
+    if len(insn) < i + disp_len:
+        return None
+    disp = int.from_bytes(insn[i:i + disp_len], "little", signed=True) if disp_len else 0
+    i += disp_len
+    if addr is None:
+        addr = regs.rip + i
+    return ("ld" if reg == 2 else "st"), (addr + disp) & 0xFFFF_FFFF_FFFF_FFFF, i
+
+
+def _finish_mxcsr(vcpu, memory, regs, where, op: str, gva: int, length: int) -> str:
+    tr = vcpu.translate(gva)
+    if not tr.valid or (gva & 0xFFF) > PAGE_SIZE - 4:
+        raise UnhandledEmulationFailure(
+            f"vCPU {vcpu.index}: {op}mxcsr at rip {where.rip:#x}: operand {gva:#x} is unmapped or "
+            "crosses a page", where.rip, None)
+    try:
+        if op == "ld":
+            vcpu.set_mxcsr(memory.read_u32(tr.physical_address))
+        else:
+            memory.write_u32(tr.physical_address, vcpu.get_mxcsr())
+    except (GuestMemoryError, OSError) as exc:
+        raise UnhandledEmulationFailure(
+            f"vCPU {vcpu.index}: {op}mxcsr at rip {where.rip:#x} failed: {exc}", where.rip, None) from None
+    regs.rip = where.rip + length
+    vcpu.set_regs(regs)
+    return f"pvm: vCPU {vcpu.index} {op}mxcsr at rip {where.rip:#x}: done by the VMM"

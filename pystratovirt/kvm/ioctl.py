@@ -109,6 +109,8 @@ KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, s.kvm_cpuid2)
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, s.kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, s.kvm_mp_state)
 KVM_NMI = _IO(KVMIO, 0x9A)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, s.kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, s.kvm_xsave)
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, s.kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, s.kvm_vcpu_events)
 

@@ -225,6 +225,15 @@ def entries_from_cpuid2(cpuid) -> list[CpuidEntry]:
 KVM_APIC_REG_SIZE = 0x400
 
 
+class kvm_xsave(ctypes.Structure):
+    """The XSAVE area as KVM_GET_XSAVE/KVM_SET_XSAVE exchange it (legacy FXSAVE layout first)."""
+
+    _fields_ = [("region", ctypes.c_uint32 * 1024)]
+
+
+XSAVE_MXCSR_INDEX = 24 // 4  # MXCSR sits at byte 24 of the legacy region
+
+
 class kvm_lapic_state(ctypes.Structure):
     _fields_ = [("regs", u8 * KVM_APIC_REG_SIZE)]
 

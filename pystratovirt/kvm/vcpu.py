@@ -161,6 +161,19 @@ class Vcpu:
     def set_fpu(self, fpu: s.kvm_fpu) -> None:
         k.ioctl(self.fd, k.KVM_SET_FPU, fpu)
 
+    def get_mxcsr(self) -> int:
+        """MXCSR, read through the XSAVE area (KVM_GET_FPU does not report it)."""
+        xs = s.kvm_xsave()
+        k.ioctl(self.fd, k.KVM_GET_XSAVE, xs)
+        return xs.region[s.XSAVE_MXCSR_INDEX]
+
+    def set_mxcsr(self, value: int) -> None:
+        """Set MXCSR through the XSAVE area (KVM_SET_FPU ignores its mxcsr field)."""
+        xs = s.kvm_xsave()
+        k.ioctl(self.fd, k.KVM_GET_XSAVE, xs)
+        xs.region[s.XSAVE_MXCSR_INDEX] = value & 0xFFFF_FFFF
+        k.ioctl(self.fd, k.KVM_SET_XSAVE, xs)
+
     # -- MSRs ----------------------------------------------------------------------------------
     def get_msrs(self, indices: typing.Iterable[int]) -> list[tuple[int, int]]:
         """Read MSRs; raises :class:`MsrAccessError` naming the first one KVM refuses."""

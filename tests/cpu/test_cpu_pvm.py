@@ -256,3 +256,32 @@ def test_real_unhandled_instruction_is_reported(kvm):
         assert "f0 48 0f c7 0e" in str(info.value)
     finally:
         lm.close()
+
+
+@pytest.mark.kvm
+def test_real_ldmxcsr_and_stmxcsr_done_by_the_vmm(kvm):
+    """Debian's kernel_fpu_begin runs ldmxcsr, which this host's ring-0 emulator lacks: the VMM
+    decodes the memory operand, moves the value through MXCSR itself and steps over it."""
+    code = bytes.fromhex(
+        "be00200000"    # mov esi, 0x2000
+        "0fae5604"      # ldmxcsr [rsi+4]          (CODE+5, 4 bytes)
+        "0fae5e08"      # stmxcsr [rsi+8]          (CODE+9, 4 bytes)
+        "8b4608"        # mov eax, [rsi+8]
+        "66baf903"      # mov dx, 0x3f9
+        "ef"            # out dx, eax
+        "ebfe")
+    lm, vcpu = _guest(kvm, code)
+    lm.memory.write_u32(0x2004, 0x1F80 | 0x40)  # default MXCSR plus DAZ, to see it round-trip
+    try:
+        for _ in range(4):
+            ex = vcpu.run()
+            if isinstance(ex, IoOut):
+                break
+            _need_emulation_failure(ex)
+            assert "mxcsr" in pvm.handle_emulation_failure(vcpu, ex, lm.memory)
+        assert isinstance(ex, IoOut) and ex.port == 0x3F9
+        assert struct.unpack("<I", ex.data)[0] == 0x1FC0
+        assert lm.memory.read_u32(0x2008) == 0x1FC0
+        assert vcpu.get_mxcsr() == 0x1FC0
+    finally:
+        lm.close()
