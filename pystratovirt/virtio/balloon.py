@@ -367,27 +367,18 @@ class VirtioBalloon(VirtioDevice):
         if index not in (INFLATE_QUEUE, DEFLATE_QUEUE):
             return False
         inflate = index == INFLATE_QUEUE
-        handled = 0
-        more = False
-        while True:
-            chain = queue.pop()
-            if chain is None:
-                break
-            pfns = self._read_pfns(chain, "inflate" if inflate else "deflate")
+        what = "inflate" if inflate else "deflate"
+
+        def handle(chain: DescChain) -> int:
+            pfns = self._read_pfns(chain, what)
             if pfns:
                 if inflate:
                     self._inflate(pfns)
                 else:
                     self._deflate(pfns)
-            # Used length 0: the device wrote nothing into these device-readable buffers.
-            queue.add_used(chain.head, 0)
-            handled += 1
-            if handled >= BATCH:
-                more = True
-                break
-        if handled:
-            self.notify_used(queue)
-        return more
+            return 0  # used length 0: the device wrote nothing into device-readable buffers
+
+        return self.serve_batch(queue, handle, BATCH)
 
     def _read_pfns(self, chain: DescChain, what: str) -> list[int]:
         """The PFNs of one inflate/deflate request, or [] for a malformed one (logged)."""

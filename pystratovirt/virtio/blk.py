@@ -474,20 +474,7 @@ class VirtioBlk(VirtioDevice):
         queue = self.queues[index] if index < len(self.queues) else None
         if queue is None:
             return False
-        handled = 0
-        more = False
-        while True:
-            chain = queue.pop()
-            if chain is None:
-                break
-            queue.add_used(chain.head, self._handle(chain))
-            handled += 1
-            if handled >= BATCH:
-                more = True
-                break
-        if handled:
-            self.notify_used(queue)
-        return more
+        return self.serve_batch(queue, self._handle, BATCH)
 
     def _handle(self, chain: DescChain) -> int:
         """Execute one request; returns the number of bytes written to its writable buffers."""

@@ -195,6 +195,21 @@ class VirtioDevice:
         """
         raise NotImplementedError
 
+    def serve_batch(self, queue: SplitQueue, handle, batch: int = 32) -> bool:
+        """Pop up to ``batch`` chains, complete each with ``handle(chain)`` (the bytes written
+        into its device-writable buffers) and notify the driver once; True if more may wait.
+        Bounding the batch keeps one busy queue from starving the device's other queues."""
+        handled = 0
+        while handled < batch:
+            chain = queue.pop()
+            if chain is None:
+                break
+            queue.add_used(chain.head, handle(chain))
+            handled += 1
+        if handled:
+            self.notify_used(queue)
+        return handled >= batch
+
     def notify_used(self, queue: SplitQueue) -> None:
         """Raise a used-buffer interrupt if the driver's suppression settings want one."""
         if self.interrupt is not None and queue.needs_notification():
