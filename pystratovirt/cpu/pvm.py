@@ -8,8 +8,8 @@ VMM does about that, so that on ordinary hardware none of it runs:
 * :func:`detect` says whether we are on such a host;
 * :func:`guest_cmdline_options` are kernel options that keep a stock Linux guest away from the
   instructions the emulator lacks;
-* :func:`handle_emulation_failure` finishes the two instructions a guest cannot be talked out of
-  (``int3`` and ``fwait``) and explains any other failure.
+* :func:`handle_emulation_failure` finishes the few instructions a guest cannot be talked out of
+  (``int3``, ``fwait``, ``ldmxcsr``/``stmxcsr``) and explains any other failure.
 
 Why these options (the clearcpuid numbers are Linux X86_FEATURE_* bits, word * 32 + bit):
 
@@ -23,6 +23,9 @@ noxsave    XSAVE family (xsave/xrstor on context switch); CPUID cannot hide it h
 298, 145   INVPCID, PCID (TLB flushing)
 311, 312   CLFLUSHOPT, CLWB (cache flushing)
 291, 296   BMI1, BMI2 (alternatives patched into kernel code)
+137, 147,  SSSE3, SSE4.1, SSE4.2, AES-NI, AVX: kernel code that picks SIMD versions of
+148, 153,  its crypto helpers by these bits (Debian's BLAKE2s for the RNG ran SSSE3 code at
+156        boot, which the emulator cannot run); the generic C versions are used instead
 =========  =======================================================================
 
 ``mitigations=off`` keeps out verw/lfence sequences and the retpoline/IBRS plumbing, which cost
@@ -47,7 +50,7 @@ PVM_ENV = "PYSTRATOVIRT_PVM"
 
 GUEST_CMDLINE_OPTIONS: tuple[str, ...] = (
     "noxsave",
-    "clearcpuid=308,515,288,151,158,306,298,145,311,312,291,296",
+    "clearcpuid=308,515,288,151,158,306,298,145,311,312,291,296,137,147,148,153,156",
     "mitigations=off",
 )
 

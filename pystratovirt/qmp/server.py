@@ -108,9 +108,9 @@ class QmpServer:
             raise QmpSocketError(f"Cannot create QMP socket {self.path}: "
                                  f"{err.strerror or err}.") from None
         try:
+            sock.listen(BACKLOG)  # first: a client that sees the file can connect at once
             st = os.stat(self.path)
             self._identity = (st.st_dev, st.st_ino)
-            sock.listen(BACKLOG)
             sock.setblocking(False)
         except OSError as err:
             sock.close()

@@ -42,7 +42,8 @@ def test_detect_reads_the_process_environment(monkeypatch, tmp_path):
 
 def test_guest_cmdline_options():
     assert pvm.guest_cmdline_options() == (
-        "noxsave clearcpuid=308,515,288,151,158,306,298,145,311,312,291,296 mitigations=off")
+        "noxsave clearcpuid=308,515,288,151,158,306,298,145,311,312,291,296,137,147,148,153,156 "
+        "mitigations=off")
 
 
 # -- constructed exits on a stand-in vCPU ----------------------------------------------------------

@@ -162,9 +162,19 @@ class Qmp:
 
     def __init__(self, path: str | Path, timeout: float = 30.0):
         wait_for_path(path, timeout)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(str(path))
+                break
+            except ConnectionRefusedError:
+                # The file exists from bind() on; listen() follows a moment later.
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         self.buf = b""
         self.greeting_line = self.read_line()
         self.greeting = json.loads(self.greeting_line)
