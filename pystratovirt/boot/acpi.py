@@ -6,7 +6,7 @@ virtio_mmio driver binds to ``LNRO0005`` ACPI devices), and how it powers the VM
 
 Where: the RSDP sits at the start of the BIOS ROM area (layout.BIOS_ROM_START, 0xF0000), where
 Linux's legacy scan of 0xE0000..0xFFFFF finds it, and the other tables follow it inside that
-64 KiB area, which the e820 map already reports as reserved. ~4.6 KiB for 254 vCPUs and 16
+64 KiB area, which the e820 map already reports as reserved: 3692 bytes for 254 vCPUs and 16
 virtio devices, so the area is never close to full.
 
 What the tables say (ACPI 6.3: FADT 6.3, MADT revision 5):
