@@ -131,32 +131,32 @@ def _io_all(op, fd: int, views: Sequence[memoryview], offset: int) -> None:
                 n = 0
 
 
-def _copy_out(src: memoryview, views: Sequence[memoryview], start: int) -> None:
-    """Copy ``src`` into the concatenation of ``views`` beginning at byte ``start``."""
+def _copy(views: Sequence[memoryview], start: int, buf: memoryview, into_views: bool) -> None:
+    """Copy between ``buf`` and the concatenation of ``views`` from byte ``start`` of the
+    latter: into the views when ``into_views``, out of them otherwise."""
     pos = 0
     done = 0
     for v in views:
         end = pos + len(v)
-        if end > start and done < len(src):
+        if end > start and done < len(buf):
             lo = max(start - pos, 0)
-            n = min(len(v) - lo, len(src) - done)
-            v[lo:lo + n] = src[done:done + n]
+            n = min(len(v) - lo, len(buf) - done)
+            if into_views:
+                v[lo:lo + n] = buf[done:done + n]
+            else:
+                buf[done:done + n] = v[lo:lo + n]
             done += n
         pos = end
+
+
+def _copy_out(src: memoryview, views: Sequence[memoryview], start: int) -> None:
+    """Copy ``src`` into the concatenation of ``views`` beginning at byte ``start``."""
+    _copy(views, start, src, into_views=True)
 
 
 def _copy_in(views: Sequence[memoryview], start: int, dst: memoryview) -> None:
     """Fill ``dst`` from the concatenation of ``views`` beginning at byte ``start``."""
-    pos = 0
-    done = 0
-    for v in views:
-        end = pos + len(v)
-        if end > start and done < len(dst):
-            lo = max(start - pos, 0)
-            n = min(len(v) - lo, len(dst) - done)
-            dst[done:done + n] = v[lo:lo + n]
-            done += n
-        pos = end
+    _copy(views, start, dst, into_views=False)
 
 
 def _address(view: memoryview) -> int | None:
