@@ -59,3 +59,10 @@ def lean_guest(kvm_ok):
     """The guest kit's lean kernel and initramfs (built once, then cached)."""
     from pystratovirt.guest.kit import ensure_lean_guest
     return ensure_lean_guest()
+
+
+@pytest.fixture(scope="session")
+def lean_acpi_guest(kvm_ok):
+    """The lean kernel's ACPI-only variant (linux/lean-acpi.config), built once, then cached."""
+    from pystratovirt.guest.kit import ensure_lean_guest
+    return ensure_lean_guest(acpi=True)

@@ -38,6 +38,7 @@ from ..memory.layout import (ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, BI
                              HIGH_MEMORY_START, IOAPIC_ADDR, LAPIC_ADDR)
 from . import aml
 from .errors import BootError
+from .mptable import ioapic_id
 
 RSDP_ADDR = BIOS_ROM_START       # 16-byte aligned, inside the legacy scan window
 ACPI_AREA_END = HIGH_MEMORY_START
@@ -203,11 +204,6 @@ def build_fadt(dsdt_addr: int, *, sleep_ports: tuple[int, int],
     body[256 - HEADER_SIZE:268 - HEADER_SIZE] = gas(status_port)    # SLEEP_STATUS_REG
     put(268, "<8s", OEM_TABLE_ID)            # Hypervisor Vendor Identity
     return _table(b"FACP", FADT_REVISION, bytes(body))
-
-
-def ioapic_id(max_cpus: int) -> int:
-    """The IOAPIC's id: the one after the last vCPU's, as the MP table has it, but never 0xFF."""
-    return min(max_cpus + 1, MAX_CPUS)
 
 
 def build_madt(nr_cpus: int, max_cpus: int) -> bytes:

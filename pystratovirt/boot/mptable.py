@@ -18,7 +18,7 @@ import struct
 from ..memory.layout import BIOS_ROM_START, EBDA_START, IOAPIC_ADDR, LAPIC_ADDR
 from .errors import BootError
 
-MAX_CPUS = 254           # APIC ids 0..253; the IOAPIC takes max_cpus + 1; 0xff is the broadcast id
+MAX_CPUS = 254           # APIC ids 0..253; 0xff is the broadcast id
 SPEC_REV = 4             # MP spec 1.4
 OEM_ID = b"PYSTRATO"     # 8 bytes
 PRODUCT_ID = b"STRATOVIRT  "  # 12 bytes
@@ -66,6 +66,12 @@ def mptable_size(max_cpus: int) -> int:
             + SMALL_ENTRY_SIZE * (1 + 1 + ISA_IRQS + 2))
 
 
+
+def ioapic_id(max_cpus: int) -> int:
+    """The IOAPIC's id, shared by the MP table and the MADT: the one after the last vCPU's,
+    but never 0xFF (the broadcast id), which max_cpus = 254 would otherwise give it."""
+    return min(max_cpus + 1, MAX_CPUS)
+
 def build_mptable(nr_cpus: int, max_cpus: int, base: int = EBDA_START) -> bytes:
     """The floating pointer followed by the configuration table, to be written at guest ``base``.
 
@@ -85,12 +91,12 @@ def build_mptable(nr_cpus: int, max_cpus: int, base: int = EBDA_START) -> bytes:
         entries.append(struct.pack("<BBBBII8x", MP_PROCESSOR, cpu, APIC_VERSION, flags,
                                    CPU_SIGNATURE, CPU_FEATURES))
     entries.append(struct.pack("<BB6s", MP_BUS, ISA_BUS_ID, b"ISA   "))
-    ioapic_id = max_cpus + 1
-    entries.append(struct.pack("<BBBBI", MP_IOAPIC, ioapic_id, IOAPIC_VERSION, IOAPIC_ENABLED,
+    ioapic = ioapic_id(max_cpus)
+    entries.append(struct.pack("<BBBBI", MP_IOAPIC, ioapic, IOAPIC_VERSION, IOAPIC_ENABLED,
                                IOAPIC_ADDR))
     for irq in range(ISA_IRQS):
         entries.append(struct.pack("<BBHBBBB", MP_INTSRC, MP_INT, MP_IRQ_CONFORMING, ISA_BUS_ID, irq,
-                                   ioapic_id, irq))
+                                   ioapic, irq))
     # The 8259 PIC's output reaches the BSP on LINT0 (virtual-wire mode); NMIs arrive on LINT1.
     entries.append(struct.pack("<BBHBBBB", MP_LINTSRC, MP_EXTINT, MP_IRQ_CONFORMING, ISA_BUS_ID, 0,
                                LINT_ALL_APICS, 0))

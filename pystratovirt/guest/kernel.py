@@ -18,8 +18,14 @@ Cache layout, below :func:`cache_root` (``$XDG_CACHE_HOME/pystratovirt`` or
 
     src/linux-source-<pkgversion>/     unpacked kernel source (read-only use)
     build/lean-<pkgversion>/           kbuild output dir, reused incrementally
+    build/lean-acpi-<pkgversion>/      the same for the ACPI variant
     lean-<key>/                        finished artifacts, one per key:
         bzImage vmlinux System.map config build.log kernel.json
+
+The ACPI variant (``linux/lean-acpi.config``) is an overlay: its settings
+replace or extend lean.config's (:func:`overlay_fragment`). It finds CPUs,
+the IOAPIC and the virtio-mmio devices through the VMM's ACPI tables only,
+as Debian's kernel does.
 
 ``<key>`` hashes the source package version, the fragment text and
 :data:`RECIPE_VERSION`, so a second run with the same inputs is instant and
@@ -50,6 +56,7 @@ from pystratovirt.guest.debian import log
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 FRAGMENT = Path(__file__).with_name("linux") / "lean.config"
+ACPI_OVERLAY = Path(__file__).with_name("linux") / "lean-acpi.config"
 # Bump whenever the build steps change what ends up in the artifacts.
 RECIPE_VERSION = 1
 
@@ -146,6 +153,20 @@ def parse_fragment(text: str) -> dict[str, str | None]:
                 f"fragment line {number}: write '# {name} is not set' rather than {name}=n")
         options[name] = value
     return options
+
+
+def overlay_fragment(base_text: str, overlay_text: str) -> str:
+    """``base_text`` with ``overlay_text``'s settings applied: base lines naming an option the
+    overlay sets are dropped, the overlay's lines follow. Both must be well-formed fragments."""
+    parse_fragment(base_text)
+    overridden = parse_fragment(overlay_text)
+    kept = []
+    for raw in base_text.splitlines():
+        line = raw.strip()
+        match = _ASSIGN.match(line) or _UNSET.match(line)
+        if not (match and match.group(1) in overridden):
+            kept.append(raw)
+    return "\n".join(kept) + "\n\n# --- overlay ---\n" + overlay_text
 
 
 def parse_config(text: str) -> dict[str, str | None]:
@@ -296,11 +317,18 @@ def bzimage_version(path: Path) -> str:
 
 
 def ensure_lean_kernel(cache_dir: Path | str | None = None, jobs: int | None = None,
-                       fragment_path: Path = FRAGMENT, force: bool = False) -> LeanKernel:
-    """Build the lean kernel, or return the cached build for the same inputs."""
+                       fragment_path: Path = FRAGMENT, force: bool = False,
+                       overlay_path: Path | None = None) -> LeanKernel:
+    """Build the lean kernel (with ``overlay_path``'s settings on top, if given), or return the
+    cached build for the same inputs."""
     cache = cache_root(cache_dir)
     fragment_path = Path(fragment_path)
     fragment_text = fragment_path.read_text()
+    variant = "lean"
+    if overlay_path is not None:
+        overlay_path = Path(overlay_path)
+        fragment_text = overlay_fragment(fragment_text, overlay_path.read_text())
+        variant = overlay_path.stem
     parse_fragment(fragment_text)  # fail on a malformed fragment before any work
     with cache_lock(cache, "lean"):
         source_version = debian.ensure_installed(SOURCE_PACKAGE)
@@ -310,8 +338,12 @@ def ensure_lean_kernel(cache_dir: Path | str | None = None, jobs: int | None = N
             return _load(out)
         # Only now the (large) source tree is needed; it may have been pruned.
         source_version, tree = ensure_source(cache)
-        build_dir = cache / "build" / f"lean-{source_version}"
+        build_dir = cache / "build" / f"{variant}-{source_version}"
         start = time.monotonic()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if overlay_path is not None:
+            fragment_path = build_dir / f"{variant}.fragment.config"
+            fragment_path.write_text(fragment_text)
         configure(tree, build_dir, fragment_path)
         steps_file = build_dir / ".pystratovirt-steps"
         expected = int(steps_file.read_text()) if steps_file.is_file() else None
@@ -350,7 +382,7 @@ def ensure_lean_kernel(cache_dir: Path | str | None = None, jobs: int | None = N
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log(f"lean kernel {release} built in {seconds / 60:.1f} min: {out}")
+        log(f"{variant} kernel {release} built in {seconds / 60:.1f} min: {out}")
         return _load(out)
 
 

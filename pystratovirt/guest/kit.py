@@ -213,9 +213,12 @@ def ensure_initramfs(cache_dir: Path | str | None = None,
 
 
 # -- lean --------------------------------------------------------------------
-def ensure_lean_guest(cache_dir: Path | str | None = None, jobs: int | None = None) -> LeanGuest:
-    """Build (first time, minutes) or reuse the lean kernel and its initramfs."""
-    built = kernel.ensure_lean_kernel(cache_dir, jobs=jobs)
+def ensure_lean_guest(cache_dir: Path | str | None = None, jobs: int | None = None,
+                      acpi: bool = False) -> LeanGuest:
+    """Build (first time, minutes) or reuse the lean kernel and its initramfs; with ``acpi``,
+    the variant that finds the machine through ACPI only (linux/lean-acpi.config)."""
+    built = kernel.ensure_lean_kernel(cache_dir, jobs=jobs,
+                                      overlay_path=kernel.ACPI_OVERLAY if acpi else None)
     initrd = ensure_initramfs(cache_dir)
     return LeanGuest(
         bzimage=built.bzimage, vmlinux=built.vmlinux, config=built.config,
@@ -449,9 +452,11 @@ def _parser() -> argparse.ArgumentParser:
                     "from Debian packages.",
     )
     parser.add_argument("-o", "--output", required=True, type=Path, help="output directory")
-    parser.add_argument("--flavour", "--flavor", choices=("lean", "stock", "all"), default="lean",
+    parser.add_argument("--flavour", "--flavor", choices=("lean", "lean-acpi", "stock", "all"),
+                        default="lean",
                         help="lean: micro-VM kernel built from linux-source-6.1 (default); "
-                             "stock: Debian's cloud kernel; all: both")
+                             "lean-acpi: the same, finding CPUs and devices through ACPI only; "
+                             "stock: Debian's cloud kernel; all: every one")
     parser.add_argument("--jobs", "-j", type=int, default=None, help="make -j (default: all CPUs)")
     parser.add_argument("--rootfs-size", default="64M", help="size of rootfs.ext4 (default 64M)")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -470,22 +475,25 @@ def main(argv: list[str] | None = None) -> int:
     manifest: dict[str, object] = {}
     written: list[Path] = []
     try:
-        if args.flavour in ("lean", "all"):
-            lean = ensure_lean_guest(args.cache_dir, jobs=args.jobs)
+        for flavour in ("lean", "lean-acpi"):
+            if args.flavour not in (flavour, "all"):
+                continue
+            lean = ensure_lean_guest(args.cache_dir, jobs=args.jobs, acpi=flavour == "lean-acpi")
             for src, name in ((lean.bzimage, "bzImage"), (lean.vmlinux, "vmlinux"),
                               (lean.system_map, "System.map"), (lean.config, "config")):
-                written.append(_copy(src, out / "lean" / name))
-            (out / "lean" / "cmdline").write_text(lean.cmdline + "\n")
-            written.append(out / "lean" / "cmdline")
-            written.append(_copy(lean.initramfs, out / "initramfs.cpio.gz"))
-            written.append(_copy(lean.initramfs_uncompressed, out / "initramfs.cpio"))
-            log(f"writing rootfs.ext4 ({args.rootfs_size})")
-            written.append(write_rootfs(out / "rootfs.ext4", args.rootfs_size, cache_dir=args.cache_dir))
-            manifest["lean"] = {
+                written.append(_copy(src, out / flavour / name))
+            (out / flavour / "cmdline").write_text(lean.cmdline + "\n")
+            written.append(out / flavour / "cmdline")
+            manifest[flavour] = {
                 "version": lean.version, "release": lean.release, "cmdline": lean.cmdline,
                 "rootfs_cmdline": f"{lean.cmdline} root=/dev/vda rw",
                 "build_seconds": lean.kernel.build_seconds, "cache": str(lean.bzimage.parent),
             }
+        if args.flavour in ("lean", "lean-acpi", "all"):
+            written.append(_copy(lean.initramfs, out / "initramfs.cpio.gz"))
+            written.append(_copy(lean.initramfs_uncompressed, out / "initramfs.cpio"))
+            log(f"writing rootfs.ext4 ({args.rootfs_size})")
+            written.append(write_rootfs(out / "rootfs.ext4", args.rootfs_size, cache_dir=args.cache_dir))
         if args.flavour in ("stock", "all"):
             stock = ensure_stock_guest(args.cache_dir)
             # No System.map: Debian ships a placeholder (the real one is in -dbg).

@@ -45,6 +45,10 @@ from .vmconfig import VmConfig
 log = logging.getLogger(__name__)
 
 PAUSE_TIMEOUT = 10.0   # seconds to wait for every vCPU to leave KVM_RUN
+# qom-get/qom-set on the balloon: QEMU's type and property names.
+BALLOON_TYPE = "virtio-balloon-device"
+STATS_PROPERTY = "guest-stats"
+STATS_INTERVAL_PROPERTY = "guest-stats-polling-interval"
 BALLOON_EVENT_INTERVAL = 1.0  # BALLOON_CHANGED at most this often while the guest's size moves
 JOIN_TIMEOUT = 5.0
 QOM_PATH = "/machine/unattached/device[{}]"
@@ -82,6 +86,8 @@ class MicroVm:
         self.balloon: VirtioBalloon | None = None
         self._balloon_timer = None
         self._balloon_reported: int | None = None
+        self._stats_interval = 0  # seconds; 0: the guest's statistics are not polled
+        self._stats_timer = None
 
     # -- building -------------------------------------------------------------------------------
     def build(self) -> None:
@@ -419,6 +425,52 @@ class MicroVm:
         self._balloon_timer = self.loop.call_later(BALLOON_EVENT_INTERVAL, self._report_balloon)
 
 
+    # -- qom-get / qom-set: the balloon's statistics, with QEMU's paths, names and error texts --
+    def _qom_balloon(self, path: str) -> VirtioBalloon:
+        if path != rq.BALLOON_QOM_PATH or self.balloon is None:
+            raise rq.MachineError(f"Device '{path}' not found", rq.ErrorClass.DEVICE_NOT_FOUND)
+        return self.balloon
+
+    def _q_qom_get(self, req: rq.QomGet) -> object:
+        balloon = self._qom_balloon(req.path)
+        if req.property == STATS_PROPERTY:
+            stats = balloon.latest_stats()
+            if stats is None:
+                return rq.BalloonGuestStats(last_update=0, values={})
+            return rq.BalloonGuestStats(last_update=int(stats.timestamp), values=dict(stats.values))
+        if req.property == STATS_INTERVAL_PROPERTY:
+            return self._stats_interval
+        raise rq.MachineError(f"Property '{BALLOON_TYPE}.{req.property}' not found")
+
+    def _q_qom_set(self, req: rq.QomSet) -> None:
+        self._qom_balloon(req.path)
+        if req.property == STATS_PROPERTY:
+            raise rq.MachineError(f"Property '{BALLOON_TYPE}.{req.property}' is not writable")
+        if req.property != STATS_INTERVAL_PROPERTY:
+            raise rq.MachineError(f"Property '{BALLOON_TYPE}.{req.property}' not found")
+        value = req.value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise rq.MachineError("Invalid parameter type for 'value', expected: integer")
+        if value < 0:
+            raise rq.MachineError("timer value must be greater than zero")
+        if value > 0xFFFFFFFF:
+            raise rq.MachineError("timer value is too big")
+        self._stats_interval = value
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
+        if value:
+            self._stats_timer = self.loop.call_later(value, self._poll_stats)
+
+    def _poll_stats(self) -> None:
+        """Hand the driver its statistics buffer back, which asks it for fresh values (a guest
+        that has not posted one yet, or is paused, is simply asked again next time)."""
+        self._stats_timer = None
+        if self.balloon is not None and self._stats_interval:
+            self.balloon.request_stats()
+            self._stats_timer = self.loop.call_later(self._stats_interval, self._poll_stats)
+
+
 def _parse_fd(text) -> int:
     """StratoVirt's ``fds`` reference: a number, or ``name:number`` (the last field counts)."""
     try:
@@ -442,4 +494,6 @@ _HANDLERS = {
     rq.DeviceDel: MicroVm._q_device_del,
     rq.Balloon: MicroVm._q_balloon,
     rq.QueryBalloon: MicroVm._q_query_balloon,
+    rq.QomGet: MicroVm._q_qom_get,
+    rq.QomSet: MicroVm._q_qom_set,
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Mapping, Protocol, Union
 
 # --------------------------------------------------------------------------------------------------
 # Requests. All are immutable: the schema validates every argument before building one, so the
@@ -152,10 +152,36 @@ class QueryBalloon:
     """``query-balloon``: answered with :class:`BalloonInfo`."""
 
 
+@dataclass(frozen=True)
+class QomGet:
+    """``qom-get``: read ``property`` of the object at ``path``. The micro-VM's object tree
+    answers for the balloon only (:data:`BALLOON_QOM_PATH`): ``guest-stats`` (answered with
+    :class:`BalloonGuestStats`) and ``guest-stats-polling-interval`` (an int, seconds)."""
+
+    path: str
+    property: str
+
+
+@dataclass(frozen=True)
+class QomSet:
+    """``qom-set``: write ``property`` of the object at ``path``; only the balloon's
+    ``guest-stats-polling-interval`` is writable. ``value`` is whatever scalar the client sent:
+    the machine checks it against the property."""
+
+    path: str
+    property: str
+    value: object
+
+
+#: Where qom-get/qom-set find the balloon: QEMU's path for ``-device virtio-balloon-device,id=balloon``
+#: (StratoVirt's ``-balloon`` has no id; this is the one path we answer to, see docs/compatibility.md).
+BALLOON_QOM_PATH = "/machine/peripheral/balloon"
+
+
 Request = Union[
     QmpCapabilities, QueryVersion, QueryCommands, QueryStatus, QueryCpus, QueryHotpluggableCpus,
     Stop, Cont, Quit, BlockdevAdd, BlockdevDel, NetdevAdd, NetdevDel, DeviceAdd, DeviceDel,
-    Balloon, QueryBalloon,
+    Balloon, QueryBalloon, QomGet, QomSet,
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +253,18 @@ class BalloonInfo:
     """The answer to query-balloon: the guest's current memory size in bytes."""
 
     actual: int
+
+
+@dataclass(frozen=True)
+class BalloonGuestStats:
+    """The balloon's ``guest-stats``: what the guest's driver last reported through the
+    statistics queue. ``values`` maps the spec's statistic names (``free-memory``,
+    ``total-memory``, ... as virtio.balloon.STAT_NAMES spells them; sizes in bytes) to numbers,
+    holding only those the guest sent; ``last_update`` is when they arrived (seconds since the
+    epoch, 0 when the guest never reported)."""
+
+    last_update: int
+    values: Mapping[str, int]
 
 
 @dataclass(frozen=True)

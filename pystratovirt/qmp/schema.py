@@ -16,10 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import Callable, NoReturn
 
-from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonInfo, BlockdevAdd, BlockdevDel,
+from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats, BalloonInfo,
+                                BlockdevAdd, BlockdevDel,
                                 CommandInfo, Cont, CpuInfo, CpuProps, DeviceAdd, DeviceDel,
                                 DeviceDeletedEvent, ErrorClass, HotpluggableCpu, NetdevAdd,
-                                NetdevDel, QmpCapabilities, QueryBalloon, QueryCommands, QueryCpus,
+                                NetdevDel, QmpCapabilities, QomGet, QomSet, QueryBalloon, QueryCommands, QueryCpus,
                                 QueryHotpluggableCpus, QueryStatus, QueryVersion, Quit, Request,
                                 ResumeEvent, ShutdownEvent, ShutdownReason, StatusInfo, Stop,
                                 StopEvent, VersionInfo)
@@ -349,6 +350,20 @@ def _balloon(arguments: dict) -> Balloon:
     return Balloon(a.integer("value", 0, U64_MAX))
 
 
+def _qom_get(arguments: dict) -> QomGet:
+    a = _Args(arguments, known=("path", "property"))
+    return QomGet(path=a.string("path"), property=a.string("property"))
+
+
+def _qom_set(arguments: dict) -> QomSet:
+    a = _Args(arguments, known=("path", "property", "value"))
+    path, prop = a.string("path"), a.string("property")
+    value = a.raw("value", _REQUIRED)
+    if isinstance(value, (dict, list)) or value is None:
+        a.wrong("value", "a number, a string or a boolean")
+    return QomSet(path=path, property=prop, value=value)
+
+
 _COMMANDS: dict[str, Callable[[dict], Request]] = {
     "qmp_capabilities": _qmp_capabilities,
     "query-version": _no_arguments(QueryVersion),
@@ -367,6 +382,8 @@ _COMMANDS: dict[str, Callable[[dict], Request]] = {
     "device_del": _device_del,
     "balloon": _balloon,
     "query-balloon": _no_arguments(QueryBalloon),
+    "qom-get": _qom_get,
+    "qom-set": _qom_set,
 }
 
 
@@ -381,6 +398,23 @@ def _props(props: CpuProps) -> dict:
 
 def _version(v: VersionInfo) -> dict:
     return {"qemu": {"micro": v.micro, "minor": v.minor, "major": v.major}, "package": v.package}
+
+
+#: QEMU's names for the balloon statistics in ``guest-stats``, in its order, keyed by the
+#: device's names (virtio.balloon.STAT_NAMES). A statistic the guest did not report is shown
+#: as QEMU shows it: (uint64) -1.
+_GUEST_STAT_NAMES = {
+    "swap-in": "stat-swap-in",
+    "swap-out": "stat-swap-out",
+    "major-faults": "stat-major-faults",
+    "minor-faults": "stat-minor-faults",
+    "free-memory": "stat-free-memory",
+    "total-memory": "stat-total-memory",
+    "available-memory": "stat-available-memory",
+    "disk-caches": "stat-disk-caches",
+    "hugetlb-allocations": "stat-htlb-pgalloc",
+    "hugetlb-failures": "stat-htlb-pgfail",
+}
 
 
 def result_to_json(result: object) -> object:
@@ -406,6 +440,12 @@ def result_to_json(result: object) -> object:
             return item
         case BalloonInfo():
             return {"actual": result.actual}
+        case BalloonGuestStats():
+            return {"last-update": result.last_update,
+                    "stats": {wire: result.values.get(name, U64_MAX)
+                              for name, wire in _GUEST_STAT_NAMES.items()}}
+        case int() if not isinstance(result, bool):  # a qom-get of a number
+            return result
         case VersionInfo():
             return _version(result)
         case CommandInfo():

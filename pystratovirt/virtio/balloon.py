@@ -132,9 +132,6 @@ class BalloonStats:
     values: Mapping[str, int]
     timestamp: float
 
-    def as_dict(self) -> dict:
-        return {"stats": dict(self.values), "last-update": int(self.timestamp)}
-
 
 @dataclass(frozen=True)
 class _RamSpan:

@@ -11,7 +11,7 @@ from pystratovirt.boot import acpi
 from pystratovirt.boot.acpi import build_acpi_tables, write_acpi_tables
 from pystratovirt.boot.e820 import build_e820
 from pystratovirt.boot.bootparams import E820_RESERVED
-from pystratovirt.boot.mptable import build_mptable
+from pystratovirt.boot.mptable import build_mptable, ioapic_id
 from pystratovirt.devices import acpi_pm
 from pystratovirt.memory.layout import (ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, IOAPIC_ADDR,
                                         LAPIC_ADDR, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_BASE,
@@ -289,8 +289,8 @@ def test_ioapic_id_agrees_with_the_mp_table():
     for mx in (1, 2, 8, 200):
         mp = build_mptable(1, mx)
         ioapic_entry = mp.index(bytes([2, mx + 1, 0x11, 1]))  # type, id, version, enabled
-        assert ioapic_entry > 0 and acpi.ioapic_id(mx) == mx + 1
-    assert acpi.ioapic_id(254) == 254  # never the broadcast id 0xFF
+        assert ioapic_entry > 0 and ioapic_id(mx) == mx + 1
+    assert ioapic_id(254) == 254  # never the broadcast id 0xFF
 
 
 def test_dsdt_contents():

@@ -68,6 +68,20 @@ def test_parse_fragment_rejects_mistakes() -> None:
         "CONFIG_A": "y", "CONFIG_B": None}
 
 
+def test_acpi_overlay_replaces_lean_settings() -> None:
+    overlay = kernel.ACPI_OVERLAY.read_text()
+    composed = kernel.overlay_fragment(FRAGMENT_TEXT, overlay)
+    options = kernel.parse_fragment(composed)  # no option set twice
+    assert options["CONFIG_ACPI"] == "y"
+    assert options["CONFIG_X86_MPPARSE"] is None and options["CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"] is None
+    base = kernel.parse_fragment(FRAGMENT_TEXT)
+    assert {k: v for k, v in options.items() if k not in kernel.parse_fragment(overlay)} == \
+        {k: v for k, v in base.items() if k not in kernel.parse_fragment(overlay)}
+    assert kernel.build_key("6.1.192-2", composed) != kernel.build_key("6.1.192-2", FRAGMENT_TEXT)
+    with pytest.raises(kernel.KernelConfigError):
+        kernel.overlay_fragment(FRAGMENT_TEXT, "CONFIG_ACPI y\n")
+
+
 def test_verify_config_names_each_wrong_option() -> None:
     fragment = kernel.parse_fragment(
         "CONFIG_A=y\nCONFIG_N=8\n# CONFIG_OFF is not set\n# CONFIG_GONE is not set\nCONFIG_MISSING=y\n"

@@ -8,12 +8,19 @@ by the kernel (``ip=``). In that window the test hot-plugs disks (the kernel rep
 capacities), pings the kernel through the tap (it answers ICMP itself), replaces the NIC behind
 eth0 and inflates the balloon (its driver gives pages back from kernel threads). Then the
 kernel mounts the ext4 root disk from vda, runs init, and the guest's own reset ends the VMM.
+
+The NIC hot-plugged into slot 0x1 (eth1) gets an address with no user space this way:
+``netconsole=`` on the command line makes the kernel bring eth1 up at boot (its slot is empty,
+the link down), and once a tap is plugged in and the link comes up, the kernel's IPv6 gives
+eth1 a link-local address (SLAAC from its MAC) and answers ICMPv6 echo on it; netconsole also
+sends every kernel message out of eth1 as UDP, traffic the guest itself originates.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import struct
 import time
 
@@ -34,6 +41,11 @@ ROOT_DELAY = 900
 BALLOON_TIMEOUT = 420
 GUEST_IP = "10.0.2.15"     # inside the test's own network namespace only
 HOST_IP = "10.0.2.1"
+# eth1's netconsole: the kernel's log as UDP from GUEST_IP1:6665 to HOST_IP1:6666 (broadcast MAC).
+GUEST_IP1 = "10.0.3.15"
+HOST_IP1 = "10.0.3.1"
+NETCONSOLE_PORT = 6666
+BALLOON_PATH = "/machine/peripheral/balloon"
 HOTPLUG_SIZES = {1: 16 * MiB, 2: 32 * MiB, 3: 48 * MiB}
 
 
@@ -51,7 +63,20 @@ def ext4_mount_count(path) -> int:
         return struct.unpack("<H", f.read(2))[0]
 
 
+def guest_stats(qmp: Qmp) -> dict:
+    return qmp.execute("qom-get", {"path": BALLOON_PATH, "property": "guest-stats"})[1]["return"]
+
+
+def link_local_peers(ns: NetNs, dev: str) -> set[str]:
+    """The link-local addresses that answer an all-nodes ping on ``dev``, ours excluded."""
+    own = set(re.findall(r"inet6 (fe80::[0-9a-f:]+)/", ns.ip("-6", "addr", "show", "dev", dev).stdout))
+    out = ns.exec("ping", "-6", "-c", "3", "-W", "3", "-I", dev, "ff02::1", check=False).stdout
+    return set(re.findall(r"from (fe80::[0-9a-f:]+)", out)) - own
+
+
 def wait_balloon(qmp: Qmp, target: int, timeout: float) -> tuple[int, list[dict]]:
+    """Poll query-balloon until it shows ``target``, then wait for the settled BALLOON_CHANGED:
+    events are coalesced, so the one carrying the final value comes up to a second later."""
     deadline = time.monotonic() + timeout
     events = []
     while True:
@@ -59,8 +84,14 @@ def wait_balloon(qmp: Qmp, target: int, timeout: float) -> tuple[int, list[dict]
         events += ev
         actual = reply["return"]["actual"]
         if actual == target or time.monotonic() > deadline:
-            return actual, events
+            break
         time.sleep(2)
+    settle_deadline = time.monotonic() + 5
+    while not any(e["event"] == "BALLOON_CHANGED" and e["data"]["actual"] == actual for e in events) \
+            and time.monotonic() < settle_deadline:
+        time.sleep(0.25)
+        events += qmp.execute("query-balloon")[0]
+    return actual, events
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +113,21 @@ def devices_boot(lean_guest, tmp_path_factory):
     sock = tmp / "vm.sock"
     log = tmp / "vmm.log"
     vm = None
+    netconsole = None
     try:
         ns.add_tap("tap0")
         ns.ip("addr", "add", f"{HOST_IP}/24", "dev", "tap0")
         ns.add_tap("tap1")
+        ns.add_tap("tap2")
+        ns.ip("addr", "add", f"{HOST_IP1}/24", "dev", "tap2")
+        ns.exec("sysctl", "-q", "-w", "net.ipv6.conf.tap2.disable_ipv6=0")
+        with ns.entered():
+            netconsole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        netconsole.bind((HOST_IP1, NETCONSOLE_PORT))
+        netconsole.setblocking(False)
         cmdline = (f"{lean_guest.cmdline} root=/dev/vda rw rootdelay={ROOT_DELAY} "
-                   f"ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off")
+                   f"ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off "
+                   f"netconsole=6665@{GUEST_IP1}/eth1,{NETCONSOLE_PORT}@{HOST_IP1}/")
         vm = VmProcess(["-kernel", str(lean_guest.bzimage), "-append", cmdline, "-smp", "2",
                         "-m", f"{RAM // MiB}M", "-mem-prealloc",
                         "-drive", f"file={rootfs},id=rootfs,direct=off",
@@ -118,6 +158,32 @@ def devices_boot(lean_guest, tmp_path_factory):
         obs["blk_del"] = qmp.execute("device_del", {"id": "drive-2"})
         vm.wait_for(rf"vdc: detected capacity change from {HOTPLUG_SIZES[2] // 512} to 0", 120, start=0)
 
+        # NIC hot-plugged into slot 0x1: the kernel reports eth1's link, gives it a link-local
+        # address and answers ICMPv6 on it; netconsole sends the kernel's log out of it.
+        obs["nic1_add"] = [qmp.execute("netdev_add", {"id": "nic-1", "ifname": "tap2"}),
+                           qmp.execute("device_add", {"id": "nic-1", "driver": "virtio-net-mmio", "addr": "0x1"})]
+        vm.wait_for(r"eth1: link becomes ready", 60, start=0)
+        time.sleep(3)  # duplicate address detection, on both ends
+        peers = link_local_peers(ns, "tap2")
+        obs["nic1_peers"] = peers
+        obs["nic1_ping"] = [ns.exec("ping", "-6", "-c", "10", "-i", "0.2", "-s", "1200", "-p", "5aa5c33c",
+                                    "-W", "5", f"{peer}%tap2", check=False) for peer in sorted(peers)]
+        # A kernel message after the hot-plug: it must come out of eth1 as UDP.
+        obs["blk_del1"] = qmp.execute("device_del", {"id": "drive-1"})
+        vm.wait_for(rf"vdb: detected capacity change from {HOTPLUG_SIZES[1] // 512} to 0", 120, start=0)
+        received = b""
+        deadline = time.monotonic() + 20
+        while b"vdb: detected capacity change" not in received and time.monotonic() < deadline:
+            try:
+                received += netconsole.recv(65536)
+            except BlockingIOError:
+                time.sleep(0.1)
+        obs["netconsole"] = received.decode(errors="replace")
+        obs["nic1_del"] = qmp.execute("device_del", {"id": "nic-1"})
+        time.sleep(1)
+        obs["nic1_ping_after"] = [ns.exec("ping", "-6", "-c", "2", "-W", "2", f"{peer}%tap2", check=False)
+                                  for peer in sorted(peers)]
+
         # NIC: unplug the tap behind eth0, plug another one into the same slot, ping through it.
         obs["net_del"] = qmp.execute("device_del", {"id": "net0"})
         obs["ping_unplugged"] = ns.exec("ping", "-c", "2", "-W", "2", GUEST_IP, check=False)
@@ -130,12 +196,18 @@ def devices_boot(lean_guest, tmp_path_factory):
 
         # Balloon: the seed's example, 4 GiB down to 2 GiB and back.
         obs["balloon_start"] = qmp.execute("query-balloon")[1]
+        obs["stats_interval"] = qmp.execute("qom-set", {"path": BALLOON_PATH, "value": 2,
+                                                        "property": "guest-stats-polling-interval"})
+        time.sleep(5)
+        obs["stats_before"] = guest_stats(qmp)
         obs["rss_before"] = vmm_rss(vm.pid)
         obs["balloon_set"] = qmp.execute("balloon", {"value": 2 * GiB})
         t0 = time.monotonic()
         obs["balloon_inflated"], ev1 = wait_balloon(qmp, 2 * GiB, BALLOON_TIMEOUT)
         obs["inflate_seconds"] = time.monotonic() - t0
         obs["rss_inflated"] = vmm_rss(vm.pid)
+        time.sleep(6)  # at least two polling rounds: the driver answers from a kernel worker
+        obs["stats_inflated"] = guest_stats(qmp)
         obs["balloon_reset"] = qmp.execute("balloon", {"value": RAM})
         t0 = time.monotonic()
         obs["balloon_deflated"], ev2 = wait_balloon(qmp, RAM, BALLOON_TIMEOUT)
@@ -150,6 +222,8 @@ def devices_boot(lean_guest, tmp_path_factory):
         if vm is not None:
             vm.kill()
             obs["serial"] = vm.serial()
+        if netconsole is not None:
+            netconsole.close()
         ns.close()
     obs["log"] = log.read_text() if log.exists() else ""
     obs["mounts_after"] = ext4_mount_count(rootfs)
@@ -190,6 +264,20 @@ def test_kernel_answers_ping_over_the_tap(devices_boot):
     assert "wrong data" not in burst.stdout and "corrupted" not in burst.stdout.lower()
 
 
+def test_nic_hot_plugged_into_slot_1_carries_traffic(devices_boot):
+    assert all(reply == {"return": {}} for _, reply in devices_boot["nic1_add"])
+    assert "eth1: link becomes ready" in devices_boot["serial"]
+    assert len(devices_boot["nic1_peers"]) == 1, devices_boot["nic1_peers"]
+    for ping in devices_boot["nic1_ping"]:
+        assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout
+        assert "wrong data" not in ping.stdout
+    # The guest kernel's own log, sent out of eth1 after the hot-plug.
+    assert "vdb: detected capacity change from 32768 to 0" in devices_boot["netconsole"]
+    events, reply = devices_boot["nic1_del"]
+    assert reply == {"return": {}} and events[0]["data"] == {"device": "nic-1", "path": "nic-1"}
+    assert all(p.returncode != 0 for p in devices_boot["nic1_ping_after"])
+
+
 def test_nic_unplug_and_hot_plug(devices_boot):
     events, reply = devices_boot["net_del"]
     assert reply == {"return": {}} and events[0]["data"] == {"device": "net0", "path": "net0"}
@@ -207,6 +295,17 @@ def test_balloon_seed_example(devices_boot):
     assert released >= 0.9 * 2 * GiB, f"RSS dropped by {released // MiB} MiB"
     actuals = [e["data"]["actual"] for e in devices_boot["balloon_events"]]
     assert 2 * GiB in actuals and actuals[-1] == RAM
+
+
+def test_balloon_guest_statistics_follow_the_balloon(devices_boot):
+    """No `free` without user space: the guest's own figure comes from its balloon driver."""
+    assert devices_boot["stats_interval"][1] == {"return": {}}
+    before, inflated = devices_boot["stats_before"], devices_boot["stats_inflated"]
+    assert before["last-update"] > 0 and inflated["last-update"] > before["last-update"]
+    total = before["stats"]["stat-total-memory"]
+    assert 3 * GiB < total <= RAM
+    dropped = before["stats"]["stat-free-memory"] - inflated["stats"]["stat-free-memory"]
+    assert 0.95 * 2 * GiB <= dropped <= 2.05 * GiB, f"free memory dropped by {dropped // MiB} MiB"
 
 
 def test_guest_reset_ends_the_vmm(devices_boot):

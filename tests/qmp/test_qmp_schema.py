@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from pystratovirt.machine.requests import (Balloon, BalloonChangedEvent, BalloonInfo, BlockdevAdd,
+from pystratovirt.machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats,
+                                           BalloonInfo, BlockdevAdd,
                                            BlockdevDel, CommandInfo, Cont, CpuInfo, CpuProps,
                                            DeviceAdd, DeviceDel, DeviceDeletedEvent, ErrorClass,
-                                           HotpluggableCpu, NetdevAdd, NetdevDel, QmpCapabilities,
+                                           HotpluggableCpu, NetdevAdd, NetdevDel, QmpCapabilities, QomGet, QomSet,
                                            QueryBalloon, QueryCommands, QueryCpus,
                                            QueryHotpluggableCpus, QueryStatus, QueryVersion, Quit,
                                            ResumeEvent, RunState, ShutdownEvent, ShutdownReason,
@@ -315,6 +316,44 @@ def test_balloon_seed_transcript():
 ])
 def test_balloon_rejects(arguments, desc):
     assert bad_args("balloon", arguments) == desc
+
+
+# -- qom-get / qom-set (the balloon's statistics) ------------------------------------------------
+
+def test_qom_commands_parse():
+    path = "/machine/peripheral/balloon"
+    assert parse({"execute": "qom-get", "arguments": {"path": path, "property": "guest-stats"}}) == \
+        QomGet(path, "guest-stats")
+    assert parse({"execute": "qom-set", "arguments": {
+        "path": path, "property": "guest-stats-polling-interval", "value": 2}}) == \
+        QomSet(path, "guest-stats-polling-interval", 2)
+
+
+@pytest.mark.parametrize("execute, arguments, desc", [
+    ("qom-get", {"path": "/p"}, "Parameter 'property' is missing"),
+    ("qom-get", {"path": 1, "property": "x"}, "Parameter 'path' expects a string"),
+    ("qom-get", {"path": "/p", "property": "x", "value": 1}, "Invalid parameter 'value'"),
+    ("qom-set", {"path": "/p", "property": "x"}, "Parameter 'value' is missing"),
+    ("qom-set", {"path": "/p", "property": "x", "value": None},
+     "Parameter 'value' expects a number, a string or a boolean"),
+    ("qom-set", {"path": "/p", "property": "x", "value": [1]},
+     "Parameter 'value' expects a number, a string or a boolean"),
+])
+def test_qom_rejects(execute, arguments, desc):
+    assert bad_args(execute, arguments) == desc
+
+
+def test_guest_stats_bytes_in_qemu_names_and_order():
+    out = json.loads(encode_return(BalloonGuestStats(
+        last_update=1795642956, values={"free-memory": 1 << 30, "total-memory": 4 << 30})))
+    assert list(out["return"]) == ["last-update", "stats"]
+    stats = out["return"]["stats"]
+    assert list(stats) == ["stat-swap-in", "stat-swap-out", "stat-major-faults", "stat-minor-faults",
+                           "stat-free-memory", "stat-total-memory", "stat-available-memory",
+                           "stat-disk-caches", "stat-htlb-pgalloc", "stat-htlb-pgfail"]
+    assert stats["stat-free-memory"] == 1 << 30 and stats["stat-total-memory"] == 4 << 30
+    assert stats["stat-swap-in"] == 2**64 - 1  # unset, as QEMU shows it
+    assert encode_return(5) == b'{"return":5}\n'
 
 
 # -- results: exact bytes in the seed's key order -----------------------------------------------

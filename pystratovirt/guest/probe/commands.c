@@ -62,7 +62,7 @@ static const struct command commands[] = {
 	{"virtio", "[init <slot>|reset <slot>]", "list the virtio-mmio slots (status, features, interrupts used=N config=M); re-initialize or reset one", cmd_virtio},
 	{"blk", "<n> info|read <sector> <count>|write <sector> <count> <hexbyte|pattern> [force]|flush|discard <sector> <count>|zeroes <sector> <count> [unmap]|wait-config <timeout_ms>", "virtio-blk n (0-based among blk devices); pattern: byte i of sector s = (s*7 + i) & 0xff", cmd_blk},
 	{"net", "<n> info|send <dst-mac> <ethertype-hex> <len> <fill-hexbyte>|recv <timeout_ms>|drain", "virtio-net n (0-based among net devices); len is the whole frame without FCS", cmd_net},
-	{"balloon", "info|run <timeout_ms>", "virtio-balloon: show num_pages/actual; inflate or deflate toward num_pages until the timeout", cmd_balloon},
+	{"balloon", "info|run <timeout_ms>|stats <timeout_ms>", "virtio-balloon: show num_pages/actual; inflate or deflate toward num_pages until the timeout; answer a statistics request", cmd_balloon},
 };
 
 #define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))

@@ -6,7 +6,12 @@
  * tables (0x9000..0xEFFF), the command line and the probe's own image (16..17 MiB). The first
  * pages of that pool hold the bitmap of which pool pages are in the balloon; the rest are
  * given lowest first and taken back highest first. Each page is written before it is given,
- * so the host sees resident memory to release. */
+ * so the host sees resident memory to release.
+ *
+ * Statistics (STATS_VQ, §5.5.6.3): one buffer of (tag, value) entries is posted at start and
+ * reposted, refilled, each time the device hands it back to ask for fresh values. The probe
+ * reports what it knows: its e820 RAM as total memory, and the pool pages not in the balloon
+ * as free and available memory. It answers while `balloon run` works and on `balloon stats`. */
 #include "probe.h"
 #include "lib.h"
 #include "x86.h"
@@ -26,6 +31,7 @@
 
 #define BALLOON_INFLATEQ 0
 #define BALLOON_DEFLATEQ 1
+#define BALLOON_STATSQ 2
 #define BALLOON_BATCH 256 /* PFNs per buffer */
 #define BALLOON_LOW (32ull << 20)
 #define BALLOON_HIGH (1ull << 32)
@@ -54,6 +60,19 @@ static struct {
 } bal;
 
 static uint32_t pfn_batch[BALLOON_BATCH] __attribute__((aligned(64)));
+
+/* Statistic tags (§5.5.6.3). */
+#define BALLOON_S_MEMFREE 4
+#define BALLOON_S_MEMTOT 5
+#define BALLOON_S_AVAIL 6
+
+struct balloon_stat {
+	uint16_t tag;
+	uint64_t val;
+} __attribute__((packed));
+
+static struct balloon_stat stats_buf[3] __attribute__((aligned(64)));
+static uint64_t stats_answered; /* requests for fresh statistics answered */
 
 static const char *balloon_feature_name(unsigned bit)
 {
@@ -212,21 +231,58 @@ static const char *balloon_setup(struct virtio_dev *d)
 	const char *err = virtq_setup(d, BALLOON_INFLATEQ);
 	if (!err)
 		err = virtq_setup(d, BALLOON_DEFLATEQ);
+	if (!err && virtio_has(d, BALLOON_F_STATS_VQ))
+		err = virtq_setup(d, BALLOON_STATSQ);
 	return err;
 }
 
-/* After a (re)start the balloon is empty: say so. */
+static uint64_t e820_ram_bytes(void)
+{
+	uint64_t total = 0;
+	for (unsigned i = 0; i < boot.e820_count; i++)
+		if (boot.e820[i].type == E820_RAM)
+			total += boot.e820[i].size;
+	return total;
+}
+
+static void stats_post(struct virtio_dev *d)
+{
+	uint64_t free = (bal.pool_pages - bal.held) << PAGE_SHIFT;
+	stats_buf[0] = (struct balloon_stat){BALLOON_S_MEMTOT, e820_ram_bytes()};
+	stats_buf[1] = (struct balloon_stat){BALLOON_S_MEMFREE, free};
+	stats_buf[2] = (struct balloon_stat){BALLOON_S_AVAIL, free};
+	struct virtq_buf b = {(uint64_t)stats_buf, sizeof stats_buf, 0};
+	if (virtq_add(&d->vq[BALLOON_STATSQ], &b, 1, 0) >= 0)
+		virtq_kick(d, &d->vq[BALLOON_STATSQ]);
+}
+
+/* If the device has handed the statistics buffer back, refill and repost it; returns whether. */
+static int stats_service(struct virtio_dev *d)
+{
+	uint32_t len;
+	void *cookie;
+	if (!virtio_has(d, BALLOON_F_STATS_VQ) || virtq_get(&d->vq[BALLOON_STATSQ], &len, &cookie) < 0)
+		return 0;
+	stats_post(d);
+	stats_answered++;
+	return 1;
+}
+
+/* After a (re)start the balloon is empty: say so, and post the first statistics. */
 static void balloon_started(struct virtio_dev *d)
 {
 	virtio_cfg_write32(d, BALLOON_CFG_ACTUAL, 0);
+	if (virtio_has(d, BALLOON_F_STATS_VQ))
+		stats_post(d);
 }
 
 /* MUST_TELL_HOST is honoured (pages go back to use only after the deflate buffer is used, and
- * we never reuse them before); DEFLATE_ON_OOM is only reported. No stats queue. */
+ * we never reuse them before); DEFLATE_ON_OOM is only reported. */
 const struct virtio_driver virtio_balloon_driver = {
 	.device_id = VIRTIO_ID_BALLOON,
 	.name = "balloon",
-	.features = VIRTIO_BIT(BALLOON_F_MUST_TELL_HOST) | VIRTIO_BIT(BALLOON_F_DEFLATE_ON_OOM),
+	.features = VIRTIO_BIT(BALLOON_F_MUST_TELL_HOST) | VIRTIO_BIT(BALLOON_F_DEFLATE_ON_OOM) |
+		    VIRTIO_BIT(BALLOON_F_STATS_VQ),
 	.setup = balloon_setup,
 	.started = balloon_started,
 };
@@ -295,6 +351,7 @@ static const char *balloon_run(struct virtio_dev *d, uint64_t ms)
 	const char *err = 0;
 	int exhausted = 0;
 	while (!err && rdtsc() < end) {
+		stats_service(d);
 		uint64_t target = virtio_cfg32(d, BALLOON_CFG_NUM_PAGES);
 		if (target > bal.held && !exhausted) {
 			if (!inflate(d, target - bal.held, &err) && !err) {
@@ -317,11 +374,27 @@ static const char *balloon_run(struct virtio_dev *d, uint64_t ms)
 	return err;
 }
 
+/* Wait up to `ms` for the device to ask for statistics, answer it, print what was sent. */
+static const char *balloon_stats(struct virtio_dev *d, uint64_t ms)
+{
+	if (!virtio_has(d, BALLOON_F_STATS_VQ))
+		return "balloon: no statistics queue (STATS_VQ not negotiated)";
+	int answered = stats_service(d);
+	if (!answered && virtq_wait(&d->vq[BALLOON_STATSQ], ms * 1000))
+		answered = stats_service(d);
+	printf("balloon: stats %s total=0x%lx free=0x%lx answered=%lu\n",
+	       answered ? "answered" : "not requested", stats_buf[0].val, stats_buf[1].val,
+	       stats_answered);
+	return 0;
+}
+
+#define BALLOON_USAGE "usage: balloon info|run <timeout_ms>|stats <timeout_ms>"
+
 const char *cmd_balloon(int argc, char **argv, const char *args)
 {
 	(void)args;
 	if (argc < 2)
-		return "usage: balloon info|run <timeout_ms>";
+		return BALLOON_USAGE;
 	const char *err = 0;
 	struct virtio_dev *d = virtio_find(VIRTIO_ID_BALLOON, 0, &err);
 	if (!d)
@@ -343,7 +416,11 @@ const char *cmd_balloon(int argc, char **argv, const char *args)
 		return 0;
 	}
 	uint64_t ms;
-	if (!strcmp(argv[1], "run") && argc == 3 && !virtio_parse_num(argv[2], &ms) && ms <= 3600000)
-		return balloon_run(d, ms);
-	return "usage: balloon info|run <timeout_ms>";
+	if (argc == 3 && !virtio_parse_num(argv[2], &ms) && ms <= 3600000) {
+		if (!strcmp(argv[1], "run"))
+			return balloon_run(d, ms);
+		if (!strcmp(argv[1], "stats"))
+			return balloon_stats(d, ms);
+	}
+	return BALLOON_USAGE;
 }
