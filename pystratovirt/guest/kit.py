@@ -105,6 +105,8 @@ LEAN_CMDLINE = "console=ttyS0 reboot=k panic=1 tsc=reliable"
 # not to. Note it has neither X86_MPPARSE nor VIRTIO_MMIO_CMDLINE_DEVICES:
 # it finds extra CPUs, the IOAPIC and virtio-mmio devices only through ACPI.
 STOCK_CMDLINE = "console=ttyS0 reboot=k panic=1 tsc=reliable pci=off 8250.nr_uarts=1"
+# The lean kernel's ACPI variant has PCI built in (ACPICA needs it), but there is no PCI bus.
+LEAN_ACPI_CMDLINE = f"{LEAN_CMDLINE} pci=off"
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,8 @@ def ensure_lean_guest(cache_dir: Path | str | None = None, jobs: int | None = No
     return LeanGuest(
         bzimage=built.bzimage, vmlinux=built.vmlinux, config=built.config,
         system_map=built.system_map, initramfs=initrd.gz, initramfs_uncompressed=initrd.raw,
-        version=built.version, release=built.release, cmdline=LEAN_CMDLINE, kernel=built,
+        version=built.version, release=built.release,
+        cmdline=LEAN_ACPI_CMDLINE if acpi else LEAN_CMDLINE, kernel=built,
     )
 
 

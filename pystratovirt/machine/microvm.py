@@ -424,7 +424,6 @@ class MicroVm:
         self.emit(rq.BalloonChangedEvent(actual=actual))
         self._balloon_timer = self.loop.call_later(BALLOON_EVENT_INTERVAL, self._report_balloon)
 
-
     # -- qom-get / qom-set: the balloon's statistics, with QEMU's paths, names and error texts --
     def _qom_balloon(self, path: str) -> VirtioBalloon:
         if path != rq.BALLOON_QOM_PATH or self.balloon is None:

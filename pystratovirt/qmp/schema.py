@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Callable, NoReturn
 
 from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats, BalloonInfo,
-                                BlockdevAdd, BlockdevDel,
-                                CommandInfo, Cont, CpuInfo, CpuProps, DeviceAdd, DeviceDel,
-                                DeviceDeletedEvent, ErrorClass, HotpluggableCpu, NetdevAdd,
-                                NetdevDel, QmpCapabilities, QomGet, QomSet, QueryBalloon, QueryCommands, QueryCpus,
+                                BlockdevAdd, BlockdevDel, CommandInfo, Cont, CpuInfo, CpuProps,
+                                DeviceAdd, DeviceDel, DeviceDeletedEvent, ErrorClass,
+                                HotpluggableCpu, NetdevAdd, NetdevDel, QmpCapabilities, QomGet,
+                                QomSet, QueryBalloon, QueryCommands, QueryCpus,
                                 QueryHotpluggableCpus, QueryStatus, QueryVersion, Quit, Request,
                                 ResumeEvent, ShutdownEvent, ShutdownReason, StatusInfo, Stop,
                                 StopEvent, VersionInfo)

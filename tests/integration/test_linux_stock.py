@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from helpers.guestlog import assert_acpi_tables_accepted
 from helpers.vmproc import VmProcess
 
 pytestmark = [pytest.mark.stock, pytest.mark.slow, pytest.mark.kvm]
@@ -55,6 +56,10 @@ def test_stock_kernel_version(stock_boot):
 
 def test_stock_two_cpus(stock_boot):
     assert re.search(r"smp: Brought up 1 node, 2 CPUs", stock_boot["serial"])
+
+
+def test_stock_acpi_tables_accepted(stock_boot):
+    assert_acpi_tables_accepted(stock_boot["serial"], cpus=2)
 
 
 def test_stock_memory(stock_boot):
