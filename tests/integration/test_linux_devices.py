@@ -163,8 +163,10 @@ def devices_boot(lean_guest, tmp_path_factory):
         obs["nic1_add"] = [qmp.execute("netdev_add", {"id": "nic-1", "ifname": "tap2"}),
                            qmp.execute("device_add", {"id": "nic-1", "driver": "virtio-net-mmio", "addr": "0x1"})]
         vm.wait_for(r"eth1: link becomes ready", 60, start=0)
-        time.sleep(3)  # duplicate address detection, on both ends
-        peers = link_local_peers(ns, "tap2")
+        # Duplicate address detection runs on both ends before the addresses answer.
+        deadline = time.monotonic() + 30
+        while not (peers := link_local_peers(ns, "tap2")) and time.monotonic() < deadline:
+            time.sleep(1)
         obs["nic1_peers"] = peers
         obs["nic1_ping"] = [ns.exec("ping", "-6", "-c", "10", "-i", "0.2", "-s", "1200", "-p", "5aa5c33c",
                                     "-W", "5", f"{peer}%tap2", check=False) for peer in sorted(peers)]
