@@ -17,16 +17,15 @@ import time
 import pytest
 
 from helpers.guestlog import assert_acpi_tables_accepted
+from helpers.heldlinux import GUEST_IP, HOST_IP, held_linux_args, wait_held
 from helpers.netns import NetNs
-from helpers.vmproc import Qmp, VmProcess, wait_for_path
+from helpers.vmproc import VmProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
 MiB = 1 << 20
 RAM = 512 * MiB
 ROOT_DELAY = 600
-GUEST_IP = "10.0.2.15"     # inside the test's own network namespace only
-HOST_IP = "10.0.2.1"
 HOTPLUG_SIZE = 16 * MiB
 BALLOON_GIVE = 64 * MiB
 
@@ -47,16 +46,10 @@ def acpi_boot(lean_acpi_guest, tmp_path_factory):
     try:
         ns.add_tap("tap0")
         ns.ip("addr", "add", f"{HOST_IP}/24", "dev", "tap0")
-        cmdline = (f"{lean_acpi_guest.cmdline} root=/dev/vda rw rootdelay={ROOT_DELAY} "
-                   f"ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off")
-        vm = VmProcess(["-kernel", str(lean_acpi_guest.bzimage), "-append", cmdline, "-smp", "2",
-                        "-m", f"{RAM // MiB}M", "-drive", f"file={rootfs},id=rootfs,direct=off",
-                        "-netdev", "id=net0,netdev=tap0", "-balloon", "deflate-on-oom=true",
-                        "-serial", "stdio", "-api-channel", f"unix:{sock}", "-D", str(log)],
+        vm = VmProcess(held_linux_args(lean_acpi_guest, ram_mib=RAM // MiB, rootfs=rootfs,
+                                       root_delay=ROOT_DELAY, sock=sock, log=log),
                        prefix=["ip", "netns", "exec", ns.name])
-        wait_for_path(sock, 120)
-        qmp = Qmp(sock)
-        vm.wait_for(rf"Waiting {ROOT_DELAY} sec before mounting root", 900)
+        qmp = wait_held(vm, sock, ROOT_DELAY)
         obs["ready_seconds"] = time.monotonic() - vm.started
 
         obs["ping"] = ns.exec("ping", "-c", "3", "-W", "5", GUEST_IP, check=False)

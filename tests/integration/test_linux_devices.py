@@ -26,8 +26,9 @@ import time
 
 import pytest
 
+from helpers.heldlinux import GUEST_IP, HOST_IP, held_linux_args, wait_held
 from helpers.netns import NetNs
-from helpers.vmproc import Qmp, VmProcess, wait_for_path
+from helpers.vmproc import Qmp, VmProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
@@ -39,8 +40,6 @@ RAM = 4 * GiB
 # 5-10 minutes; the window leaves room for a busy machine.
 ROOT_DELAY = 900
 BALLOON_TIMEOUT = 420
-GUEST_IP = "10.0.2.15"     # inside the test's own network namespace only
-HOST_IP = "10.0.2.1"
 # eth1's netconsole: the kernel's log as UDP from GUEST_IP1:6665 to HOST_IP1:6666 (broadcast MAC).
 GUEST_IP1 = "10.0.3.15"
 HOST_IP1 = "10.0.3.1"
@@ -125,18 +124,12 @@ def devices_boot(lean_guest, tmp_path_factory):
             netconsole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         netconsole.bind((HOST_IP1, NETCONSOLE_PORT))
         netconsole.setblocking(False)
-        cmdline = (f"{lean_guest.cmdline} root=/dev/vda rw rootdelay={ROOT_DELAY} "
-                   f"ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off "
-                   f"netconsole=6665@{GUEST_IP1}/eth1,{NETCONSOLE_PORT}@{HOST_IP1}/")
-        vm = VmProcess(["-kernel", str(lean_guest.bzimage), "-append", cmdline, "-smp", "2",
-                        "-m", f"{RAM // MiB}M", "-mem-prealloc",
-                        "-drive", f"file={rootfs},id=rootfs,direct=off",
-                        "-netdev", "id=net0,netdev=tap0", "-balloon", "deflate-on-oom=true",
-                        "-serial", "stdio", "-api-channel", f"unix:{sock}", "-D", str(log)],
+        netconsole_arg = f"netconsole=6665@{GUEST_IP1}/eth1,{NETCONSOLE_PORT}@{HOST_IP1}/"
+        vm = VmProcess(held_linux_args(lean_guest, ram_mib=RAM // MiB, rootfs=rootfs,
+                                       root_delay=ROOT_DELAY, sock=sock, log=log,
+                                       extra_cmdline=netconsole_arg, extra_args=("-mem-prealloc",)),
                        prefix=["ip", "netns", "exec", ns.name])
-        wait_for_path(sock, 120)
-        qmp = Qmp(sock)
-        vm.wait_for(rf"Waiting {ROOT_DELAY} sec before mounting root", 900)
+        qmp = wait_held(vm, sock, ROOT_DELAY)
 
         # Network: the guest kernel answers ICMP on eth0, configured by ip=.
         obs["ping"] = ns.exec("ping", "-c", "3", "-W", "5", GUEST_IP, check=False)
