@@ -205,14 +205,23 @@ static const char *cmd_poke(int argc, char **argv, const char *args)
 	return 0;
 }
 
+/* `<cmd> <addr> <len>` (hex) naming a range inside the identity map: NULL, or the error. */
+static const char *parse_range(int argc, char **argv, uint64_t *addr, uint64_t *len)
+{
+	if (argc != 3 || parse_hex(argv[1], addr) || parse_hex(argv[2], len))
+		return usage_error(argv[0]);
+	if (*addr >= IDENTITY_MAPPED || *len > IDENTITY_MAPPED - *addr)
+		return errorf("range 0x%lx+0x%lx is not mapped (only the first 4 GiB are)", *addr, *len);
+	return 0;
+}
+
 static const char *cmd_crc32(int argc, char **argv, const char *args)
 {
 	(void)args;
 	uint64_t addr, len;
-	if (argc != 3 || parse_hex(argv[1], &addr) || parse_hex(argv[2], &len))
-		return usage_error(argv[0]);
-	if (addr >= IDENTITY_MAPPED || len > IDENTITY_MAPPED - addr)
-		return errorf("range 0x%lx+0x%lx is not mapped (only the first 4 GiB are)", addr, len);
+	const char *err = parse_range(argc, argv, &addr, &len);
+	if (err)
+		return err;
 	printf("crc32: 0x%08x\n", crc32(0, (const void *)addr, len));
 	return 0;
 }
@@ -223,10 +232,9 @@ static const char *cmd_touch(int argc, char **argv, const char *args)
 {
 	(void)args;
 	uint64_t addr, len;
-	if (argc != 3 || parse_hex(argv[1], &addr) || parse_hex(argv[2], &len))
-		return usage_error(argv[0]);
-	if (addr >= IDENTITY_MAPPED || len > IDENTITY_MAPPED - addr)
-		return errorf("range 0x%lx+0x%lx is not mapped (only the first 4 GiB are)", addr, len);
+	const char *err = parse_range(argc, argv, &addr, &len);
+	if (err)
+		return err;
 	uint64_t pages = 0;
 	for (uint64_t a = addr & ~0xfffUL; a < addr + len; a += 0x1000, pages++) {
 		volatile uint8_t *p = (volatile uint8_t *)a;

@@ -72,42 +72,25 @@ uint32_t virtio_generation(struct virtio_dev *d)
 }
 
 /* Each read repeats until ConfigGeneration is the same before and after it (§4.2.2.2): a
- * 64-bit field read as two halves is then one value, never half old, half new. */
-uint8_t virtio_cfg8(struct virtio_dev *d, unsigned off)
+ * 64-bit field read as two halves is then one value, never half old, half new.
+ *
+ * cfg_read: a field of `width` bytes (1, 2 or 4), read with an access of that width. */
+static uint32_t cfg_read(struct virtio_dev *d, unsigned off, unsigned width)
 {
-	uint8_t v = 0;
-	for (int i = 0; i < CFG_RETRIES; i++) {
-		uint32_t g = virtio_generation(d);
-		v = mmio_read8(d->base + VIRTIO_MMIO_CONFIG + off);
-		if (virtio_generation(d) == g)
-			break;
-	}
-	return v;
-}
-
-uint16_t virtio_cfg16(struct virtio_dev *d, unsigned off)
-{
-	uint16_t v = 0;
-	for (int i = 0; i < CFG_RETRIES; i++) {
-		uint32_t g = virtio_generation(d);
-		v = mmio_read16(d->base + VIRTIO_MMIO_CONFIG + off);
-		if (virtio_generation(d) == g)
-			break;
-	}
-	return v;
-}
-
-uint32_t virtio_cfg32(struct virtio_dev *d, unsigned off)
-{
+	uint64_t addr = d->base + VIRTIO_MMIO_CONFIG + off;
 	uint32_t v = 0;
 	for (int i = 0; i < CFG_RETRIES; i++) {
 		uint32_t g = virtio_generation(d);
-		v = mmio_read32(d->base + VIRTIO_MMIO_CONFIG + off);
+		v = width == 1 ? mmio_read8(addr) : width == 2 ? mmio_read16(addr) : mmio_read32(addr);
 		if (virtio_generation(d) == g)
 			break;
 	}
 	return v;
 }
+
+uint8_t virtio_cfg8(struct virtio_dev *d, unsigned off) { return (uint8_t)cfg_read(d, off, 1); }
+uint16_t virtio_cfg16(struct virtio_dev *d, unsigned off) { return (uint16_t)cfg_read(d, off, 2); }
+uint32_t virtio_cfg32(struct virtio_dev *d, unsigned off) { return cfg_read(d, off, 4); }
 
 uint64_t virtio_cfg64(struct virtio_dev *d, unsigned off)
 {
