@@ -66,3 +66,14 @@ def lean_acpi_guest(kvm_ok):
     """The lean kernel's ACPI-only variant (linux/lean-acpi.config), built once, then cached."""
     from pystratovirt.guest.kit import ensure_lean_guest
     return ensure_lean_guest(acpi=True)
+
+
+@pytest.fixture
+def ns():
+    """A network namespace of the test's own (deleted afterwards), or a skip without a tun device."""
+    from helpers.netns import NetNs
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("no /dev/net/tun on this host")
+    n = NetNs()
+    yield n
+    n.close()

@@ -144,6 +144,15 @@ class VmProcess:
         self.kill()
 
 
+def vmm_rss(pid: int) -> int:
+    """The resident memory of a process, in bytes (``/proc/PID/smaps_rollup``)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Rss in smaps_rollup")
+
+
 def run_stratovirt(args: list[str], timeout: float = 60.0, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(STRATOVIRT + args, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, **kw)

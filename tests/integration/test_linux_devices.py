@@ -28,7 +28,7 @@ import pytest
 
 from helpers.heldlinux import GUEST_IP, HOST_IP, held_linux_args, wait_held
 from helpers.netns import NetNs
-from helpers.vmproc import Qmp, VmProcess
+from helpers.vmproc import Qmp, VmProcess, vmm_rss
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
@@ -46,14 +46,6 @@ HOST_IP1 = "10.0.3.1"
 NETCONSOLE_PORT = 6666
 BALLOON_PATH = "/machine/peripheral/balloon"
 HOTPLUG_SIZES = {1: 16 * MiB, 2: 32 * MiB, 3: 48 * MiB}
-
-
-def vmm_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Rss:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no Rss")
 
 
 def ext4_mount_count(path) -> int:

@@ -7,21 +7,13 @@ import time
 
 import pytest
 
-from helpers.vmproc import Qmp, VmProcess, wait_for_path
+from helpers.vmproc import Qmp, VmProcess, vmm_rss, wait_for_path
 
 pytestmark = pytest.mark.kvm
 
 MiB = 1 << 20
 RAM = 1024 * MiB
 POOL = 0x2000000  # the probe's balloon pages start at 32 MiB, lowest first
-
-
-def vmm_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Rss:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no Rss in smaps_rollup")
 
 
 def boot(probe_elf, sock, *extra) -> VmProcess:

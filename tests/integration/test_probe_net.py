@@ -25,15 +25,6 @@ GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = bytes.fromhex("020000aabbcc")
 
 
-@pytest.fixture
-def ns():
-    if not os.path.exists("/dev/net/tun"):
-        pytest.skip("no /dev/net/tun on this host")
-    n = NetNs()
-    yield n
-    n.close()
-
-
 def packet_socket(ns: NetNs, ifname: str) -> socket.socket:
     with ns.entered():
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))

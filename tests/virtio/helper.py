@@ -4,6 +4,7 @@ inside RAM, a hand-built split ring writer, and a small echo device for transpor
 from __future__ import annotations
 
 import struct
+from typing import Iterator
 
 from pystratovirt.memory.guest import GuestMemory
 from pystratovirt.virtio.device import VirtioDevice, bit
@@ -52,6 +53,15 @@ class SpyMemory(GuestMemory):
     def write_u8(self, gpa, value):
         self._check("write_u8", gpa, 1)
         return super().write_u8(gpa, value)
+
+
+def spied_memory(size: int) -> Iterator[SpyMemory]:
+    """A fixture body: guest RAM for one test; afterwards no access may have been attempted
+    outside it, and closing it fails if a device still holds views of it."""
+    m = SpyMemory(size)
+    yield m
+    assert not m.violations, f"accesses outside guest RAM: {m.violations}"
+    m.close()
 
 
 class Ring:

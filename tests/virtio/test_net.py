@@ -173,15 +173,6 @@ class Nic:
 
 
 @pytest.fixture
-def ns():
-    if not os.path.exists("/dev/net/tun"):
-        pytest.skip("no /dev/net/tun on this host")
-    n = NetNs()
-    yield n
-    n.close()
-
-
-@pytest.fixture
 def nic(ns):
     n = Nic(ns)
     yield n

@@ -20,18 +20,9 @@ from pystratovirt.virtio import tap as tapmod
 from pystratovirt.virtio import vhost_net
 from pystratovirt.virtio.tap import Tap, TapError
 
-from helpers.netns import NetNs, _setns  # noqa: F401 (re-exported for test_net)
+from helpers.netns import NetNs
 
 TUNGETVNETHDRSZ = 0x800454D7
-
-
-@pytest.fixture
-def ns():
-    if not os.path.exists("/dev/net/tun"):
-        pytest.skip("no /dev/net/tun on this host")
-    n = NetNs()
-    yield n
-    n.close()
 
 
 def vnet_hdr_size(fd: int) -> int:

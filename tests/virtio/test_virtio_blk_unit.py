@@ -27,7 +27,7 @@ from pystratovirt.virtio.device import (INT_CONFIG, STATUS_DEVICE_NEEDS_RESET, V
                                         VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit)
 from pystratovirt.virtio.driver import BLK_HEADER, BlkDriver
 from pystratovirt.virtio.mmio import VirtioMmio
-from virtio.helper import SpyMemory
+from virtio.helper import spied_memory
 
 MEM = 32 << 20
 MiB = 1 << 20
@@ -42,10 +42,7 @@ def pattern(n, seed=0):
 
 @pytest.fixture
 def mem():
-    m = SpyMemory(MEM)
-    yield m
-    assert not m.violations
-    m.close()
+    yield from spied_memory(MEM)
 
 
 @pytest.fixture

@@ -16,17 +16,14 @@ from pystratovirt.virtio.device import (INT_CONFIG, INT_VRING, STATUS_ACKNOWLEDG
                                         VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, bit)
 from pystratovirt.virtio.driver import VirtioDriver
 from pystratovirt.virtio.mmio import VirtioMmio, cmdline_entry, slot_resources
-from virtio.helper import EchoDevice, SpyMemory
+from virtio.helper import EchoDevice, spied_memory
 
 MEM = 16 << 20
 
 
 @pytest.fixture
 def mem():
-    m = SpyMemory(MEM)
-    yield m
-    assert not m.violations
-    m.close()
+    yield from spied_memory(MEM)
 
 
 @pytest.fixture

@@ -5,17 +5,14 @@ import pytest
 
 from pystratovirt.virtio.queue import (DescChain, QueueError, SplitQueue, read_buffers, split_buffers,
                                        vring_need_event, write_buffers)
-from virtio.helper import INDIRECT, NEXT, WRITE, Ring, SpyMemory
+from virtio.helper import INDIRECT, NEXT, WRITE, Ring, spied_memory
 
 RAM = 1 << 20
 
 
 @pytest.fixture
 def mem():
-    m = SpyMemory(RAM)
-    yield m
-    assert not m.violations, f"accesses outside guest RAM: {m.violations}"
-    m.close()
+    yield from spied_memory(RAM)
 
 
 def make(mem, size=8, *, event_idx=False, indirect=True):
