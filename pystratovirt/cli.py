@@ -17,23 +17,19 @@ import os
 import signal
 import sys
 
-from .config import ConfigError, parse_command_line
-from .kvm import KvmUnavailableError
+from .config import parse_command_line
+from .errors import PyStratoVirtError
 from .machine.console import StdioConsole
-from .machine.microvm import MachineBuildError, MicroVm
+from .machine.microvm import MicroVm
 from .machine.requests import ShutdownReason
 from .machine.vmconfig import VmConfig
-from .qmp.server import QmpServer, QmpSocketError
+from .qmp.server import QmpServer
 from .util.eventloop import EventLoop
 
 log = logging.getLogger("pystratovirt")
 
 _LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
            "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
-
-
-class StartupError(Exception):
-    """Starting the VM failed; the message is one sentence for the user."""
 
 
 def _setup_logging(log_file: str | None) -> None:
@@ -90,9 +86,9 @@ def _write_pidfile(path: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise StartupError("Pidfile path is existed yet.") from None
+        raise PyStratoVirtError("Pidfile path is existed yet.") from None
     except OSError as exc:
-        raise StartupError(f"Cannot write pidfile {path}: {exc.strerror}.") from None
+        raise PyStratoVirtError(f"Cannot write pidfile {path}: {exc.strerror}.") from exc
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
 
@@ -124,10 +120,8 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
                 qmp = QmpServer(loop, config.qmp_socket, machine)
                 qmp.start()
                 machine.events = qmp
-        except (KvmUnavailableError, MachineBuildError, QmpSocketError) as exc:
-            raise StartupError(str(exc)) from None
         except OSError as exc:
-            raise StartupError(f"Failed to create the VM: {exc.strerror or exc}.") from None
+            raise PyStratoVirtError(f"Failed to create the VM: {exc.strerror or exc}.") from exc
         if console is not None:
             console.attach(machine.serial)
             machine.add_shutdown_hook(console.close)
@@ -155,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         invocation = parse_command_line(argv)
-    except ConfigError as exc:
-        print(f"stratovirt: {exc}", file=sys.stderr)
+    except PyStratoVirtError as exc:
+        print(f"stratovirt: {exc.desc}", file=sys.stderr)
         return 1
     if invocation.action != "run":
         print(invocation.text)
@@ -173,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run_vm(config, report_ready)
-    except StartupError as exc:
-        message = f"stratovirt: {exc}"
+    except PyStratoVirtError as exc:
+        message = f"stratovirt: {exc.desc}"
         if config.log_file:  # stderr gets the sentence below; a log file should have it too
-            log.error("%s", exc)
+            log.error("%s", exc.desc)
         print(message, file=sys.stderr)
         if ready_fd is not None:
             try:

@@ -133,13 +133,13 @@ def apply_args(draft: Draft, parsed: A.Parsed) -> None:
         draft.cmdline = " ".join(value for occ in appends for value in occ.values)
     for occ in parsed.all("drive"):
         for value in occ.values:
-            draft.add_drive(parse_drive(value))
+            draft.add_drive(*parse_drive(value))
     for occ in parsed.all("device"):
         for value in occ.values:
             draft.set_vsock(_parse_device(value))
     for occ in parsed.all("netdev"):
         for value in occ.values:
-            draft.add_net(parse_netdev(value))
+            draft.add_net(*parse_netdev(value))
     for occ in parsed.all("chardev"):
         for value in occ.values:
             draft.add_console(_parse_chardev(value))

@@ -15,13 +15,15 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from pystratovirt.machine.vmconfig import (
+from ..machine.vmconfig import (
     DEFAULT_MEM_SIZE, MAX_DRIVES, MAX_GUEST_CID, MAX_ID_LEN, MAX_IOPS, MAX_IOTHREADS, MAX_MEM_SIZE, MAX_NETS,
     MAX_PATH_LEN, MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MAX_VCPUS, MIN_GUEST_CID, MIN_MEM_SIZE, MIN_RNG_BYTES_PER_SEC,
-    BalloonConfig, BootSource, ConsoleConfig, DriveConfig, IothreadConfig, MachineConfig, NetConfig, RngConfig,
-    SerialConfig, VmConfig, VsockConfig,
+    BalloonConfig, BlockDeviceConfig, BootSource, ConsoleConfig, IothreadConfig, MachineConfig, NetDeviceConfig,
+    RngConfig, SerialConfig, VmConfig, VsockConfig,
 )
-from pystratovirt.memory.layout import CMDLINE_MAX
+from ..memory.layout import CMDLINE_MAX
+from ..virtio.block_backend import DriveConfig
+from ..virtio.tap import NetdevConfig
 
 from .errors import ConfigError
 from .values import MEM_RANGE_ERROR, byte_len, check_len, check_mac, range_error
@@ -76,7 +78,8 @@ def check_kernel_cmdline(cmdline: str) -> None:
 
 
 def new_drive(id: str, path: str, read_only: bool, direct: bool, serial: str | None, iothread: str | None,
-              iops: int | None) -> DriveConfig:
+              iops: int | None) -> tuple[DriveConfig, BlockDeviceConfig]:
+    """An early-dialect drive: the disk image and the disk that puts it in the next block slot."""
     check_id(id, "drive device id")
     check_path(path, "drive device path")
     if serial is not None:
@@ -85,18 +88,22 @@ def new_drive(id: str, path: str, read_only: bool, direct: bool, serial: str | N
         check_id(iothread, "iothread name")
     if iops is not None and not 0 <= iops <= MAX_IOPS:
         raise range_error("iops of block device", 0, MAX_IOPS)
-    return DriveConfig(id, path, read_only, direct, serial, iothread, iops)
+    return (DriveConfig(id, path, read_only=read_only, direct=direct, iops=iops),
+            BlockDeviceConfig(id, id, serial=serial, iothread=iothread))
 
 
 def new_net(id: str, tap: str, mac: str | None, vhost: bool, tap_fds: list[int], vhost_fds: list[int],
-            iothread: str | None) -> NetConfig:
+            iothread: str | None) -> tuple[NetdevConfig, NetDeviceConfig]:
+    """An early-dialect NIC: the tap and the NIC that puts it in the next net slot."""
     check_id(id, "iface id")
     check_id(tap, "host tap name")
     if mac is not None:
         check_mac(mac)
     if iothread is not None:
         check_id(iothread, "iothread name")
-    return NetConfig(id, tap, mac, vhost, list(tap_fds), list(vhost_fds), iothread)
+    return (NetdevConfig(id, ifname=tap, fds=tuple(str(fd) for fd in tap_fds), vhost=vhost,
+                         vhostfds=tuple(str(fd) for fd in vhost_fds)),
+            NetDeviceConfig(id, id, mac=mac, iothread=iothread))
 
 
 def new_console(id: str, socket_path: str) -> ConsoleConfig:
@@ -164,7 +171,9 @@ class Draft:
     dump_guest_core: bool | None = None
     extract_payload: bool | None = None
     drives: list[DriveConfig] = field(default_factory=list)
-    nets: list[NetConfig] = field(default_factory=list)
+    netdevs: list[NetdevConfig] = field(default_factory=list)
+    block_devices: list[BlockDeviceConfig] = field(default_factory=list)
+    net_devices: list[NetDeviceConfig] = field(default_factory=list)
     consoles: list[ConsoleConfig] = field(default_factory=list)
     iothreads: list[IothreadConfig] = field(default_factory=list)
     vsock: VsockConfig | None = None
@@ -180,16 +189,22 @@ class Draft:
 
     # -- adding devices (ids are checked as they come, from either source) ---------------------
 
-    def add_drive(self, drive: DriveConfig) -> None:
+    def _check_new_id(self, new_id: str) -> None:
         # Boot drives and nets fill replaceable slots whose ids share one namespace (QMP device_del).
-        if any(d.id == drive.id for d in self.drives) or any(n.id == drive.id for n in self.nets):
-            raise ConfigError(f"The id '{drive.id}' is given to more than one drive or net.")
-        self.drives.append(drive)
+        if any(d.id == new_id for d in self.drives) or any(n.id == new_id for n in self.netdevs):
+            raise ConfigError(f"The id '{new_id}' is given to more than one drive or net.")
 
-    def add_net(self, net: NetConfig) -> None:
-        if any(d.id == net.id for d in self.drives) or any(n.id == net.id for n in self.nets):
-            raise ConfigError(f"The id '{net.id}' is given to more than one drive or net.")
-        self.nets.append(net)
+    def add_drive(self, drive: DriveConfig, disk: BlockDeviceConfig | None = None) -> None:
+        self._check_new_id(drive.id)
+        self.drives.append(drive)
+        if disk is not None:
+            self.block_devices.append(disk)
+
+    def add_net(self, netdev: NetdevConfig, nic: NetDeviceConfig | None = None) -> None:
+        self._check_new_id(netdev.id)
+        self.netdevs.append(netdev)
+        if nic is not None:
+            self.net_devices.append(nic)
 
     def add_console(self, console: ConsoleConfig) -> None:
         if any(c.id == console.id for c in self.consoles):
@@ -219,20 +234,22 @@ class Draft:
         check_len(name, "name", MAX_ID_LEN)
         machine = self._finish_machine()
 
-        if len(self.drives) > MAX_DRIVES:
+        if len(self.block_devices) > MAX_DRIVES:
             raise ConfigError(f"A maximum of {MAX_DRIVES} block devices are supported, "
-                              f"but {len(self.drives)} are given.")
-        if len(self.nets) > MAX_NETS:
-            raise ConfigError(f"A maximum of {MAX_NETS} net devices are supported, but {len(self.nets)} are given.")
+                              f"but {len(self.block_devices)} are given.")
+        if len(self.net_devices) > MAX_NETS:
+            raise ConfigError(f"A maximum of {MAX_NETS} net devices are supported, "
+                              f"but {len(self.net_devices)} are given.")
         known_iothreads = {t.id for t in self.iothreads}
+        for disk in self.block_devices:
+            self._check_iothread(disk.iothread, f"drive '{disk.id}'", known_iothreads)
         for drive in self.drives:
-            self._check_iothread(drive.iothread, f"drive '{drive.id}'", known_iothreads)
             mode = _stat(drive.path, f"file of drive '{drive.id}'").st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
                 raise ConfigError(f"The file of drive '{drive.id}' ('{drive.path}') is not a regular file "
                                   "or block device.")
-        for net in self.nets:
-            self._check_iothread(net.iothread, f"net '{net.id}'", known_iothreads)
+        for nic in self.net_devices:
+            self._check_iothread(nic.iothread, f"net '{nic.id}'", known_iothreads)
         for console in self.consoles:
             _check_absent(console.socket_path,
                           f"The console socket path '{console.socket_path}' already exists; remove it first.")
@@ -251,7 +268,8 @@ class Draft:
                                            "StratoVirt does not remove it, so remove it first.")
 
         return VmConfig(
-            boot=boot, name=name, machine=machine, drives=list(self.drives), nets=list(self.nets),
+            boot=boot, name=name, machine=machine, drives=list(self.drives), netdevs=list(self.netdevs),
+            block_devices=list(self.block_devices), net_devices=list(self.net_devices),
             consoles=list(self.consoles), vsock=self.vsock, serial=self.serial, iothreads=list(self.iothreads),
             balloon=self.balloon, rng=self.rng, qmp_socket=self.qmp_socket, freeze=self.freeze,
             daemonize=self.daemonize, pidfile=self.pidfile, log_file=self.log_file,

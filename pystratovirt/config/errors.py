@@ -7,13 +7,15 @@ exits with status 1. Parsing never lets any other exception escape.
 
 from __future__ import annotations
 
+from ..errors import PyStratoVirtError
+
 
 def printable(text: str) -> str:
     """Escape control characters and lone surrogates so that a message stays one printable line."""
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
-class ConfigError(Exception):
+class ConfigError(PyStratoVirtError):
     """The command line or the JSON configuration is not valid.
 
     User values quoted in the message may hold newlines, NULs or undecodable bytes; they are

@@ -211,7 +211,7 @@ def _drives(draft: Draft, value: Any) -> None:
         where = f"drive[{i}]"
         obj = _object(item, where, ("drive_id", "path_on_host", "read_only", "direct", "serial_num", "iothread",
                                     "iops"))
-        draft.add_drive(new_drive(
+        draft.add_drive(*new_drive(
             id=_str(obj, "drive_id", where, True), path=_str(obj, "path_on_host", where, True),
             read_only=_bool(obj, "read_only", where, True), direct=_bool(obj, "direct", where, True),
             serial=_str(obj, "serial_num", where), iothread=_str(obj, "iothread", where),
@@ -231,7 +231,7 @@ def _nets(draft: Draft, value: Any) -> None:
         vhost_fd = _uint(obj, "vhost_fd", where, limit=_FD_LIMIT)
         if vhost_fd is not None and vhost_type is None:
             raise ConfigError(f"Json field '{where}.vhost_fd' needs \"vhost_type\": \"vhost-kernel\".")
-        draft.add_net(new_net(
+        draft.add_net(*new_net(
             id=_str(obj, "iface_id", where, True), tap=_str(obj, "host_dev_name", where, True),
             mac=_str(obj, "mac", where), vhost=vhost_type is not None,
             tap_fds=[] if tap_fd is None else [tap_fd], vhost_fds=[] if vhost_fd is None else [vhost_fd],

@@ -38,6 +38,7 @@ import os
 import typing
 from dataclasses import dataclass
 
+from pystratovirt.errors import PyStratoVirtError
 from pystratovirt.kvm.exits import InternalError, InternalSuberror
 from pystratovirt.memory import GuestMemoryError
 
@@ -81,7 +82,7 @@ def guest_cmdline_options() -> str:
     return " ".join(GUEST_CMDLINE_OPTIONS)
 
 
-class UnhandledEmulationFailure(RuntimeError):
+class UnhandledEmulationFailure(PyStratoVirtError):
     """An emulation failure this module cannot finish; str() says where and what."""
 
     def __init__(self, message: str, rip: int, insn_bytes: bytes | None):

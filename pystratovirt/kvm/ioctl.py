@@ -16,6 +16,7 @@ import enum
 import errno as _errno
 import os
 
+from ..util.libc import LIBC
 from . import structs as s
 
 # -- <asm-generic/ioctl.h> -------------------------------------------------------------------------
@@ -152,7 +153,7 @@ class Cap(enum.IntEnum):
 # the kernel ABI, and the third argument is either a pointer or a small integer, both of which
 # travel as a pointer-sized value on x86_64. use_errno makes ctypes capture errno per call (and
 # per thread), so concurrent vCPU threads never see each other's errors.
-_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC = LIBC
 _ioctl = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p,
                           use_errno=True)(("ioctl", _LIBC))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 
+from ..errors import PyStratoVirtError
 from . import ioctl as k
 from . import structs as s
 from .structs import CpuidEntry
@@ -23,7 +24,7 @@ _CPUID_ENTRIES_START = 100
 _CPUID_ENTRIES_MAX = 4096
 
 
-class KvmUnavailableError(RuntimeError):
+class KvmUnavailableError(PyStratoVirtError):
     """This host cannot run KVM guests; str() is one sentence saying why."""
 
 

@@ -1,10 +1,12 @@
 """The micro-VM: assembles memory, KVM, devices, the kernel and the vCPU threads from a VmConfig,
 runs the control loop, and executes typed management requests (QMP's back end).
 
-Threads: the caller's thread runs the control loop (:meth:`MicroVm.run`); one thread per vCPU.
-Requests arrive on the loop thread through :meth:`MicroVm.execute`; guest-driven happenings
-(reset, power-off, a fatal error) come from vCPU threads and are handed to the loop with
-``call_soon_threadsafe``, so every state change of the machine happens on the loop thread.
+Threads: the caller's thread runs the control loop (:meth:`MicroVm.run`); one thread per vCPU;
+one I/O thread per virtio device (or per named ``iothread``). Requests arrive on the loop thread
+through :meth:`MicroVm.execute`; guest-driven happenings (reset, power-off, a fatal error) come
+from vCPU threads and are handed to the loop with ``call_soon_threadsafe``, so every state change
+of the machine happens on the loop thread. A device changes its own state (a backend swap) on its
+I/O thread, so a disk in use never holds up the control loop.
 
 Lifecycle: created -> (built) -> running <-> paused -> shut down. The process ends after a
 SHUTDOWN: StratoVirt never reboots a guest, and neither do we.
@@ -14,15 +16,13 @@ from __future__ import annotations
 
 import logging
 import mmap
-import os
-import stat as statmod
 import sys
+from concurrent.futures import Future
 from typing import Callable
 
 from .. import boot
-from ..cpu import pvm
-from ..cpu import CpuModel, Topology, configure_vcpu
 from ..boot.acpi import write_acpi_tables
+from ..cpu import CpuModel, Topology, configure_vcpu, pvm
 from ..devices.acpi_pm import AcpiPm
 from ..devices.bus import Bus
 from ..devices.i8042 import I8042
@@ -31,20 +31,21 @@ from ..devices.serial import SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, Seri
 from ..kvm import Kvm
 from ..kvm.vcpu import install_kick_signal
 from ..memory import GuestMemory, layout
-from . import requests as rq
 from ..virtio.balloon import VirtioBalloon
-from ..virtio.blk import BackendError, FileBackend, VirtioBlk
+from ..virtio.blk import VirtioBlk
+from ..virtio.block_backend import FileBackend
 from ..virtio.net import VirtioNet
-from ..virtio.tap import Tap, TapError
-from ..virtio.vhost_net import VhostNetError, open_vhost_net
-from .mmio_devices import BALLOON_WINDOW, BLOCK_WINDOW_FIRST, NET_WINDOW_FIRST, MmioDevices
-from .slots import BLOCK_SLOTS, NET_SLOTS, BackendOpenError, ReplaceableSlots, SlotKind
+from ..virtio.tap import Tap
+from . import requests as rq
+from .mmio_devices import BALLOON_WINDOW, MmioDevices, window_index
+from .slots import BLOCK_SLOTS, NET_SLOTS, ReplaceableSlots, SlotKind
 from .vcpu_thread import PauseGate, VcpuThread
 from .vmconfig import VmConfig
 
 log = logging.getLogger(__name__)
 
 PAUSE_TIMEOUT = 10.0   # seconds to wait for every vCPU to leave KVM_RUN
+SWAP_TIMEOUT = 60.0    # seconds a device may take to switch backends (after a batch of disk I/O)
 # qom-get/qom-set on the balloon: QEMU's type and property names.
 BALLOON_TYPE = "virtio-balloon-device"
 STATS_PROPERTY = "guest-stats"
@@ -54,8 +55,22 @@ JOIN_TIMEOUT = 5.0
 QOM_PATH = "/machine/unattached/device[{}]"
 
 
-class MachineBuildError(Exception):
-    """The VM could not be built; the message is one sentence for the user."""
+def _refuse_unsupported(cfg: VmConfig) -> None:
+    """Options the configuration can express but this machine cannot build yet: refused with a
+    sentence, never accepted and ignored."""
+    if cfg.machine.mem_path:
+        raise rq.MachineError("-mem-path (file-backed guest memory) is not supported yet.")
+    if cfg.machine.mem_share:
+        raise rq.MachineError("mem-share=on (guest RAM shared with other processes) is not supported yet.")
+    if cfg.consoles:
+        raise rq.MachineError("-chardev (a virtio console) is not supported yet.")
+    if cfg.vsock is not None:
+        raise rq.MachineError("-device vsock (vhost-vsock) is not supported yet.")
+    if cfg.rng is not None:
+        raise rq.MachineError("-rng (virtio-rng) is not supported yet.")
+    for drive in cfg.drives:
+        if drive.iops is not None:
+            raise rq.MachineError(f"iops= on drive '{drive.id}' (I/O throttling) is not supported yet.")
 
 
 class MicroVm:
@@ -84,17 +99,12 @@ class MicroVm:
         self.mmio_devices: MmioDevices | None = None
         self.slots: ReplaceableSlots | None = None
         self.balloon: VirtioBalloon | None = None
-        self._balloon_timer = None
-        self._balloon_reported: int | None = None
-        self._stats_interval = 0  # seconds; 0: the guest's statistics are not polled
-        self._stats_timer = None
 
     # -- building -------------------------------------------------------------------------------
     def build(self) -> None:
         cfg = self.config
         mcfg = cfg.machine
-        if mcfg.mem_path:
-            raise MachineBuildError("-mem-path (file-backed guest memory) is not supported yet.")
+        _refuse_unsupported(cfg)
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(layout.TSS_ADDR)
@@ -120,18 +130,12 @@ class MicroVm:
             extra = pvm.guest_cmdline_options()
             cmdline = f"{cmdline} {extra}".strip()
             log.info("host KVM emulates guest ring 0 (kvm_pvm): added guest kernel options: %s", extra)
-        try:
-            self.boot_info = boot.load_kernel(self.memory, cfg.boot.kernel, cmdline, cfg.boot.initrd,
-                                              nr_cpus=mcfg.vcpus, max_cpus=mcfg.max_vcpus,
-                                              extract_payload=cfg.extract_payload)
-        except boot.BootError as exc:
-            raise MachineBuildError(str(exc)) from None
-        try:
-            write_acpi_tables(self.memory, nr_cpus=mcfg.vcpus, max_cpus=mcfg.max_vcpus,
-                              virtio_devices=self.mmio_devices.acpi_resources(),
-                              serial_ports=[(SERIAL_PORT_BASE, SERIAL_IRQ)])
-        except boot.BootError as exc:
-            raise MachineBuildError(str(exc)) from None
+        self.boot_info = boot.load_kernel(self.memory, cfg.boot.kernel, cmdline, cfg.boot.initrd,
+                                          nr_cpus=mcfg.vcpus, max_cpus=mcfg.max_vcpus,
+                                          extract_payload=cfg.extract_payload)
+        write_acpi_tables(self.memory, nr_cpus=mcfg.vcpus, max_cpus=mcfg.max_vcpus,
+                          virtio_devices=self.mmio_devices.acpi_resources(),
+                          serial_ports=[(SERIAL_PORT_BASE, SERIAL_IRQ)])
         log.info("kernel %s loaded as %s, entry %#x", cfg.boot.kernel, self.boot_info.kind,
                  self.boot_info.entry)
         for note in self.boot_info.notes:
@@ -160,63 +164,46 @@ class MicroVm:
         self.pio_bus.insert(AcpiPm.BASE, AcpiPm.LENGTH, AcpiPm(lambda: self.guest_shutdown(reset=False)))
 
     def _build_virtio_devices(self) -> None:
+        """Every replaceable slot empty, and the balloon; then the boot disks and NICs, put in
+        exactly as QMP's blockdev-add/netdev_add followed by device_add would."""
         cfg = self.config
-        self.mmio_devices = MmioDevices(self.vm, self.memory, self.mmio_bus)
+        self.mmio_devices = MmioDevices(self.vm, self.memory, self.mmio_bus,
+                                        iothreads=[t.id for t in cfg.iothreads])
+        self.add_shutdown_hook(self._close_devices)
+        drives = {d.id: d for d in cfg.drives}
         block_devices = []
         for slot in range(BLOCK_SLOTS):
-            backend = None
-            if slot < len(cfg.drives):
-                drive = cfg.drives[slot]
-                try:
-                    backend = FileBackend.open(drive.path, drive.read_only, drive.direct, serial=drive.serial)
-                except BackendError as exc:
-                    raise MachineBuildError(str(exc)) from None
-            device = VirtioBlk(backend, name=f"blk{slot}")
-            self.mmio_devices.add(BLOCK_WINDOW_FIRST + slot, device)
+            disk = cfg.block_devices[slot] if slot < len(cfg.block_devices) else None
+            # Feature bits are negotiated once: a slot filled at boot offers what its disk is.
+            read_only = disk is not None and disk.drive in drives and drives[disk.drive].read_only
+            device = VirtioBlk(name=f"blk{slot}", read_only=read_only)
+            self.mmio_devices.add(window_index(SlotKind.BLOCK, slot), device, disk.iothread if disk else None)
             block_devices.append(device)
         net_devices = []
         for slot in range(NET_SLOTS):
-            nic = cfg.nets[slot] if slot < len(cfg.nets) else None
-            tap = None
-            if nic is not None:
-                try:
-                    tap = self._open_backend(SlotKind.NET, nic)
-                except BackendOpenError as exc:
-                    raise MachineBuildError(str(exc)) from None
-            device = VirtioNet(tap, mac=nic.mac if nic else None, vm_name=cfg.name, slot=slot, name=f"net{slot}")
-            self.mmio_devices.add(NET_WINDOW_FIRST + slot, device)
+            nic = cfg.net_devices[slot] if slot < len(cfg.net_devices) else None
+            device = VirtioNet(mac=nic.mac if nic else None, vm_name=cfg.name, slot=slot, name=f"net{slot}")
+            self.mmio_devices.add(window_index(SlotKind.NET, slot), device, nic.iothread if nic else None)
             net_devices.append(device)
         if cfg.balloon is not None:
             self.balloon = VirtioBalloon(cfg.machine.mem_size, deflate_on_oom=cfg.balloon.deflate_on_oom,
-                                         on_actual_changed=self._balloon_moved_threadsafe)
+                                         report_interval=BALLOON_EVENT_INTERVAL,
+                                         on_actual_changed=self._balloon_changed)
             self.mmio_devices.add(BALLOON_WINDOW, self.balloon)
-        self.slots = ReplaceableSlots(block_devices, net_devices, self._open_backend)
-        for slot, drive in enumerate(cfg.drives):
-            self.slots.adopt(drive.id, SlotKind.BLOCK, drive, drive.path, slot)
-        for slot, nic in enumerate(cfg.nets):
-            self.slots.adopt(nic.id, SlotKind.NET, nic, None, slot)
-        self.add_shutdown_hook(self.mmio_devices.close)
+        self.slots = ReplaceableSlots(block_devices, net_devices)
+        for drive in cfg.drives:
+            self._q_blockdev_add(rq.BlockdevAdd(drive))
+        for netdev in cfg.netdevs:
+            self._q_netdev_add(rq.NetdevAdd(netdev))
+        for slot, disk in enumerate(cfg.block_devices):
+            self._q_device_add(rq.DeviceAdd(disk.id, "virtio-blk-mmio", addr=slot, drive=disk.drive,
+                                            serial=disk.serial))
+        for slot, nic in enumerate(cfg.net_devices):
+            self._q_device_add(rq.DeviceAdd(nic.id, "virtio-net-mmio", addr=slot, netdev=nic.netdev))
 
-    @staticmethod
-    def _open_backend(kind: SlotKind, spec) -> object:
-        """Open the backend a registration describes (QMP request or boot-time config)."""
-        try:
-            if kind is SlotKind.BLOCK:
-                return FileBackend.open(spec.filename, spec.read_only, spec.direct)
-            # A boot NIC (NetConfig) or a netdev_add request (NetdevAdd).
-            if isinstance(spec, rq.NetdevAdd):
-                vhost, vhost_fds = spec.vhost or spec.vhostfds is not None, spec.vhostfds
-                fds = [_parse_fd(spec.fds)] if spec.fds is not None else []
-                ifname = spec.ifname
-            else:
-                vhost, vhost_fds = spec.vhost or bool(spec.vhost_fds), spec.vhost_fds
-                fds, ifname = list(spec.tap_fds), spec.tap
-            if vhost:
-                open_vhost_net(_parse_fd(vhost_fds[0] if isinstance(vhost_fds, list) else vhost_fds)
-                               if vhost_fds else None)
-            return Tap.from_fd(fds[0]) if fds else Tap.open(ifname)
-        except (BackendError, TapError, VhostNetError) as exc:
-            raise BackendOpenError(str(exc)) from None
+    def _close_devices(self) -> None:
+        self.mmio_devices.close()
+        self.slots.close()
 
     # -- running --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -367,62 +354,55 @@ class MicroVm:
         self.shutdown(rq.ShutdownReason.HOST_QMP_QUIT, guest=False)
 
     def _q_blockdev_add(self, req: rq.BlockdevAdd) -> None:
-        try:
-            st = os.stat(req.filename)
-        except OSError as exc:
-            raise rq.MachineError(f"Cannot use {req.filename}: {exc.strerror}.") from None
-        if not (statmod.S_ISREG(st.st_mode) or statmod.S_ISBLK(st.st_mode)):
-            raise rq.MachineError("File is not a regular file or block device")
-        self.slots.register(req.node_name, SlotKind.BLOCK, req, req.filename)
+        self.slots.check_register(req.drive.id)
+        self._register(req.drive.id, SlotKind.BLOCK, FileBackend.open(req.drive))
 
     def _q_netdev_add(self, req: rq.NetdevAdd) -> None:
-        # Open the tap once now, as StratoVirt does, so a missing or busy tap is reported here.
+        # The tap is opened (and held) now, as StratoVirt checks it here: a missing or busy tap
+        # is reported by netdev_add, not by the device_add after it.
+        self.slots.check_register(req.netdev.id)
+        self._register(req.netdev.id, SlotKind.NET, Tap.from_config(req.netdev, self._take_fd))
+
+    def _register(self, reg_id: str, kind: SlotKind, backend) -> None:
         try:
-            self._open_backend(SlotKind.NET, req).close()
-        except BackendOpenError as exc:
-            raise rq.MachineError(str(exc)) from None
-        self.slots.register(req.id, SlotKind.NET, req)
+            self.slots.register(reg_id, kind, backend)
+        except BaseException:
+            backend.close()
+            raise
+
+    def _take_fd(self, ref: str) -> int:
+        """A descriptor the VMM was given, by reference (``fds=``)."""
+        try:
+            return int(ref.rsplit(":", 1)[-1])
+        except ValueError:
+            raise rq.MachineError(f"Add netdev error: failed to convert {ref} to RawFd.") from None
 
     def _q_backend_del(self, req) -> None:
         self.slots.unregister(req.node_name if isinstance(req, rq.BlockdevDel) else req.id)
 
     def _q_device_add(self, req: rq.DeviceAdd) -> None:
-        self.slots.attach(req.id, req.driver, req.slot)
+        props = {"serial": req.serial} if "blk" in req.driver else {}
+        _wait(self.slots.attach(req.id, req.driver, req.slot, req.backend_id, **props))
 
     def _q_device_del(self, req: rq.DeviceDel) -> None:
-        self.slots.detach(req.id)
+        _wait(self.slots.detach(req.id))
         self.emit(rq.DeviceDeletedEvent(device=req.id, path=req.id))
 
-    def _active_balloon(self) -> VirtioBalloon:
+    def _q_balloon(self, req: rq.Balloon) -> None:
+        # Only the guest's driver can act on a target: refuse until it is up (StratoVirt).
         if self.balloon is None or not self.balloon.active:
             raise rq.MachineError("No balloon device has been activated", rq.ErrorClass.DEVICE_NOT_ACTIVE)
-        return self.balloon
-
-    def _q_balloon(self, req: rq.Balloon) -> None:
-        self._active_balloon().set_target(req.value)
+        self.balloon.set_target(req.value)
 
     def _q_query_balloon(self, _req) -> rq.BalloonInfo:
-        return rq.BalloonInfo(actual=self._active_balloon().actual_bytes())
-
-    # BALLOON_CHANGED: the first change is reported at once, later ones at most once per
-    # interval while the size keeps moving, and the settled value always gets an event.
-    def _balloon_moved_threadsafe(self, _actual: int) -> None:
-        self.loop.call_soon_threadsafe(self._balloon_moved)
-
-    def _balloon_moved(self) -> None:
-        if self._balloon_timer is None:
-            self._report_balloon()
-
-    def _report_balloon(self) -> None:
-        self._balloon_timer = None
+        # The device exists from the start; before its driver is up the guest has all its RAM.
         if self.balloon is None:
-            return
-        actual = self.balloon.actual_bytes()
-        if actual == self._balloon_reported:
-            return
-        self._balloon_reported = actual
-        self.emit(rq.BalloonChangedEvent(actual=actual))
-        self._balloon_timer = self.loop.call_later(BALLOON_EVENT_INTERVAL, self._report_balloon)
+            raise rq.MachineError("No balloon device has been activated", rq.ErrorClass.DEVICE_NOT_ACTIVE)
+        return rq.BalloonInfo(actual=self.balloon.actual_bytes())
+
+    def _balloon_changed(self, actual: int) -> None:
+        """BALLOON_CHANGED, as the balloon coalesces it (on its I/O thread)."""
+        self.loop.call_soon_threadsafe(lambda: self.emit(rq.BalloonChangedEvent(actual=actual)))
 
     # -- qom-get / qom-set: the balloon's statistics, with QEMU's paths, names and error texts --
     def _qom_balloon(self, path: str) -> VirtioBalloon:
@@ -438,11 +418,11 @@ class MicroVm:
                 return rq.BalloonGuestStats(last_update=0, values={})
             return rq.BalloonGuestStats(last_update=int(stats.timestamp), values=dict(stats.values))
         if req.property == STATS_INTERVAL_PROPERTY:
-            return self._stats_interval
+            return balloon.stats_interval
         raise rq.MachineError(f"Property '{BALLOON_TYPE}.{req.property}' not found")
 
     def _q_qom_set(self, req: rq.QomSet) -> None:
-        self._qom_balloon(req.path)
+        balloon = self._qom_balloon(req.path)
         if req.property == STATS_PROPERTY:
             raise rq.MachineError(f"Property '{BALLOON_TYPE}.{req.property}' is not writable")
         if req.property != STATS_INTERVAL_PROPERTY:
@@ -454,28 +434,12 @@ class MicroVm:
             raise rq.MachineError("timer value must be greater than zero")
         if value > 0xFFFFFFFF:
             raise rq.MachineError("timer value is too big")
-        self._stats_interval = value
-        if self._stats_timer is not None:
-            self._stats_timer.cancel()
-            self._stats_timer = None
-        if value:
-            self._stats_timer = self.loop.call_later(value, self._poll_stats)
-
-    def _poll_stats(self) -> None:
-        """Hand the driver its statistics buffer back, which asks it for fresh values (a guest
-        that has not posted one yet, or is paused, is simply asked again next time)."""
-        self._stats_timer = None
-        if self.balloon is not None and self._stats_interval:
-            self.balloon.request_stats()
-            self._stats_timer = self.loop.call_later(self._stats_interval, self._poll_stats)
+        balloon.set_stats_interval(value)
 
 
-def _parse_fd(text) -> int:
-    """StratoVirt's ``fds`` reference: a number, or ``name:number`` (the last field counts)."""
-    try:
-        return int(str(text).rsplit(":", 1)[-1])
-    except ValueError:
-        raise BackendOpenError(f"Add netdev error: failed to convert {text} to RawFd.") from None
+def _wait(future: "Future[None]") -> None:
+    """Wait for a device to finish a backend swap on its I/O thread."""
+    future.result(SWAP_TIMEOUT)
 
 
 _HANDLERS = {

@@ -1,28 +1,39 @@
-"""The micro-VM's virtio-mmio devices: fixed windows and IRQs, KVM wiring, discovery, lifetime.
+"""The micro-VM's virtio-mmio devices: fixed windows and IRQs, KVM wiring, discovery, I/O threads,
+lifetime.
 
-Layout (StratoVirt's): window ``i`` is at 0xF0100000 + i * 0x200 with IRQ 5 + i. Windows 0..5
-are the block slots, 6..7 the net slots, 8 the balloon, whether or not a slot is filled, so a
-guest always finds a device at the same address. The guest learns about them two ways: one
-``virtio_mmio.device=512@0x...:IRQ`` kernel parameter per window (StratoVirt's way, for kernels
-built with VIRTIO_MMIO_CMDLINE_DEVICES) and one ACPI device (``LNRO0005``) per window in the DSDT.
+Layout (StratoVirt's): window ``i`` is at 0xF0100000 + i * 0x200 with IRQ 5 + i. The block slots
+come first, then the net slots, then the balloon (:func:`window_index`; the slot counts are
+:mod:`.slots`'), whether or not a slot is filled, so a guest always finds a device at the same
+address. The guest learns about them two ways: one ``virtio_mmio.device=512@0x...:IRQ`` kernel
+parameter per window (StratoVirt's way, for kernels built with VIRTIO_MMIO_CMDLINE_DEVICES) and
+one ACPI device (``LNRO0005``) per window in the DSDT.
+
+Each device runs on an I/O thread: its own, or a named ``iothread`` (``-iothread id=N`` and a
+device's ``iothread=N``) that several devices share.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 from ..devices.bus import Bus
 from ..memory import GuestMemory
 from ..memory.layout import VIRTIO_MMIO_SIZE
+from ..util.eventloop import EventLoop
 from ..virtio.device import VirtioDevice
 from ..virtio.mmio import VirtioMmio, cmdline_entry, slot_resources
+from .slots import BLOCK_SLOTS, NET_SLOTS, SlotKind
 
 log = logging.getLogger(__name__)
 
-BLOCK_WINDOW_FIRST = 0
-NET_WINDOW_FIRST = 6
-BALLOON_WINDOW = 8
+BALLOON_WINDOW = BLOCK_SLOTS + NET_SLOTS
+
+
+def window_index(kind: SlotKind, slot: int) -> int:
+    """The virtio-mmio window of replaceable slot ``slot`` of ``kind``."""
+    return slot if kind is SlotKind.BLOCK else BLOCK_SLOTS + slot
 
 
 @dataclass
@@ -38,15 +49,22 @@ class MmioWindow:
 
 
 class MmioDevices:
-    def __init__(self, vm, memory: GuestMemory, bus: Bus):
+    """The windows, and the I/O threads their devices run on (``on_thread_start`` runs first on
+    each I/O thread: the machine installs the thread's seccomp filter there)."""
+
+    def __init__(self, vm, memory: GuestMemory, bus: Bus, iothreads: list[str] = (),
+                 on_thread_start: Callable[[], None] | None = None):
         self._vm = vm
         self._memory = memory
         self._bus = bus
+        self._on_thread_start = on_thread_start
+        self.iothreads = {name: EventLoop(name) for name in iothreads}
         self.windows: list[MmioWindow] = []
 
-    def add(self, index: int, device: VirtioDevice) -> MmioWindow:
+    def add(self, index: int, device: VirtioDevice, iothread: str | None = None) -> MmioWindow:
         base, irq = slot_resources(index)
-        transport = VirtioMmio(device, self._memory, name=device.name)
+        io = self.iothreads[iothread] if iothread is not None else None
+        transport = VirtioMmio(device, self._memory, name=device.name, io=io)
         self._bus.insert(base, VIRTIO_MMIO_SIZE, transport)
         transport.kvm_attach(self._vm, base, irq)
         window = MmioWindow(index, base, irq, transport)
@@ -62,13 +80,19 @@ class MmioDevices:
         return [(w.base, VIRTIO_MMIO_SIZE, w.irq) for w in self.windows]
 
     def start(self) -> None:
+        for loop in self.iothreads.values():
+            loop.start(self._on_thread_start)
         for w in self.windows:
-            w.transport.start()
+            w.transport.start(self._on_thread_start)
 
     def close(self) -> None:
-        """Stop the I/O threads and close the devices (block devices flush to disk)."""
+        """Stop the I/O threads, then close the devices (block devices flush to disk)."""
+        for loop in self.iothreads.values():
+            loop.stop(5.0)
         for w in self.windows:
             try:
                 w.transport.close(timeout=5.0)
             except Exception:  # one stuck device must not keep the others from flushing
                 log.exception("closing %s failed", w.transport.name)
+        for loop in self.iothreads.values():
+            loop.close()

@@ -4,9 +4,11 @@ This module owns the values that cross the boundary between ``pystratovirt.qmp``
 knows JSON) and the machine. The QMP schema turns a validated JSON command into one of the
 request dataclasses below; the machine's :class:`Executor` answers with a result dataclass (or
 ``None`` for an empty result) or raises :class:`MachineError`; the machine reports asynchronous
-happenings by handing an event dataclass to the server's ``emit``. Nothing here imports anything
-above ``pystratovirt.memory``, and nothing here knows how a value is spelled on the wire: the
-field names are Python's, the JSON key names and key order are the schema's business.
+happenings by handing an event dataclass to the server's ``emit``. Backends travel as the same
+specs the command line produces (:class:`~pystratovirt.virtio.block_backend.DriveConfig`,
+:class:`~pystratovirt.virtio.tap.NetdevConfig`). Nothing here imports the machine itself, and
+nothing here knows how a value is spelled on the wire: the field names are Python's, the JSON
+key names and key order are the schema's business.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Union
+
+from ..errors import ErrorClass, PyStratoVirtError
+from ..virtio.block_backend import DriveConfig
+from ..virtio.tap import NetdevConfig
 
 # --------------------------------------------------------------------------------------------------
 # Requests. All are immutable: the schema validates every argument before building one, so the
@@ -70,14 +76,10 @@ class Quit:
 
 @dataclass(frozen=True)
 class BlockdevAdd:
-    """``blockdev-add``: register a block backend under ``node_name`` for a later ``device_add``."""
+    """``blockdev-add``: open the disk image ``drive`` names and register it under its id (the
+    node-name) for a later ``device_add``."""
 
-    node_name: str
-    filename: str
-    driver: str = "file"  # the protocol driver of the "file" member: "file" or "host_device"
-    direct: bool = True  # cache.direct: open with O_DIRECT
-    no_flush: bool = False  # cache.no-flush: ignore guest flush requests
-    read_only: bool = False
+    drive: DriveConfig
 
 
 @dataclass(frozen=True)
@@ -89,18 +91,11 @@ class BlockdevDel:
 
 @dataclass(frozen=True)
 class NetdevAdd:
-    """``netdev_add``: register a tap backend under ``id`` for a later ``device_add``.
+    """``netdev_add``: open the tap ``netdev`` names (by interface name, or a descriptor the VMM
+    was given) and register it under its id for a later ``device_add``. The schema guarantees
+    ``ifname`` or ``fds``."""
 
-    ``ifname`` names a tap device; ``fds`` is StratoVirt's file-descriptor reference (a number
-    inherited by the process, kept as the text the client sent). The schema guarantees at least
-    one of the two is given.
-    """
-
-    id: str
-    ifname: str | None = None
-    fds: str | None = None
-    vhost: bool = False
-    vhostfds: str | None = None
+    netdev: NetdevConfig
 
 
 @dataclass(frozen=True)
@@ -112,16 +107,26 @@ class NetdevDel:
 
 @dataclass(frozen=True)
 class DeviceAdd:
-    """``device_add``: put the backend registered under ``id`` into a replaceable slot.
+    """``device_add``: put a registered backend into a replaceable slot as device ``id``.
 
-    ``addr`` is the client's ``"0xN"`` already parsed to an int; ``lun`` is the alternative
-    spelling kept for QMP compatibility. See :attr:`slot` for how StratoVirt combines them.
+    The backend is the one named by ``drive`` (a disk) or ``netdev`` (a NIC) when the client
+    gives it, as QEMU's clients do, else the one registered under ``id`` (StratoVirt's rule).
+    ``addr`` is the client's slot number already parsed; ``lun`` is the alternative spelling
+    kept for QMP compatibility (see :attr:`slot`). ``serial`` is a disk's serial number.
     """
 
     id: str
     driver: str
     addr: int | None = None
     lun: int | None = None
+    drive: str | None = None
+    netdev: str | None = None
+    serial: str | None = None
+
+    @property
+    def backend_id(self) -> str:
+        """The id of the registered backend this device takes."""
+        return self.drive or self.netdev or self.id
 
     @property
     def slot(self) -> int:
@@ -289,24 +294,12 @@ class CommandInfo:
 # --------------------------------------------------------------------------------------------------
 
 
-class ErrorClass(enum.Enum):
-    """QMP error classes (StratoVirt's set; QEMU's names)."""
+class MachineError(PyStratoVirtError):
+    """A request the machine refused; becomes ``{"error":{"class":...,"desc":...}}``.
 
-    GENERIC_ERROR = "GenericError"
-    COMMAND_NOT_FOUND = "CommandNotFound"
-    DEVICE_NOT_FOUND = "DeviceNotFound"
-    DEVICE_NOT_ACTIVE = "DeviceNotActive"
-    KVM_MISSING_CAP = "KVMMissingCap"
-    OPERATION_THROTTLED = "OperationThrottled"
-
-
-class MachineError(Exception):
-    """A request the machine refused; becomes ``{"error":{"class":...,"desc":...}}``."""
-
-    def __init__(self, desc: str, error_class: ErrorClass = ErrorClass.GENERIC_ERROR):
-        super().__init__(desc)
-        self.desc = desc
-        self.error_class = error_class
+    Any :class:`~pystratovirt.errors.PyStratoVirtError` a handler lets through (a backend that
+    cannot be opened, a tap that is busy) is answered the same way; this class is for refusals
+    the machine itself decides."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,31 +1,38 @@
 """Replaceable device slots: StratoVirt's hot-plug model for the virtio-mmio micro-VM.
 
-The VM always has a fixed set of virtio-mmio devices: 6 block slots (vda..vdf) and 2 net slots
-(eth0, eth1). An empty block slot is a disk of capacity 0; an empty net slot is a NIC with no tap
-behind it. "Hot-plug" puts a backend into a slot and tells the guest (a configuration-change
-interrupt for a disk); "unplug" takes it out again.
+The VM always has a fixed set of virtio-mmio devices: :data:`BLOCK_SLOTS` block slots (vda..vdf)
+and :data:`NET_SLOTS` net slots (eth0, eth1); this module is the one place that says how many.
+An empty block slot is a disk of capacity 0; an empty net slot is a NIC with no tap behind it.
+"Hot-plug" puts a backend into a slot and tells the guest (a configuration-change interrupt);
+"unplug" takes it out again.
 
-Backends are first registered by id (``blockdev-add``'s node-name, ``netdev_add``'s id; boot-time
-drives and NICs too) in one list shared by both kinds, as in StratoVirt; ``device_add`` with the
-same id then moves a registered backend into a slot, and ``device_del`` empties the slot and
-forgets the registration. Every refusal is a :class:`MachineError` raised before anything
-changed, with StratoVirt v0.2's error texts where it has one.
+Backends are first *registered* by id (``blockdev-add``'s node-name, ``netdev_add``'s id), already
+opened, in one list shared by both kinds, as in StratoVirt; ``device_add`` then moves a
+registered backend into a slot under a device id (the backend's own id unless the request names
+the backend with ``drive``/``netdev``, as QEMU's clients do), and ``device_del`` empties the slot
+and forgets the registration. Boot disks and NICs go through exactly the same two steps. Every
+refusal is a :class:`MachineError` raised before anything changed, with StratoVirt v0.2's error
+texts where it has one. Runs on the control loop; the devices do the swap on their I/O threads.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import os
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol, Union
 
+from ..virtio.block_backend import FileBackend
+from ..virtio.tap import Tap
 from . import requests as rq
 
 log = logging.getLogger(__name__)
 
-BLOCK_SLOTS = 6
+BLOCK_SLOTS = 6   # StratoVirt v0.1/v0.2 and the seed (v0.3 cut it to 4)
 NET_SLOTS = 2
+
+Backend = Union[FileBackend, Tap]
 
 
 class SlotKind(enum.Enum):
@@ -34,129 +41,148 @@ class SlotKind(enum.Enum):
 
 
 class SlotDevice(Protocol):
-    """A device living in a slot: it takes a backend, or None to become empty."""
+    """A device living in a slot: it takes an (opened) backend, or None to become empty."""
 
-    def set_backend(self, backend) -> None: ...
-
-
-class BackendOpenError(Exception):
-    """Opening a backend failed; the message is one sentence for the user."""
+    def set_backend(self, backend, **props) -> "Future[None]": ...
 
 
 @dataclass
 class Registration:
+    """A backend registered by id; owned here until a device takes it, then the device's."""
+
     id: str
     kind: SlotKind
-    spec: object            # rq.BlockdevAdd, rq.NetdevAdd, or the boot-time config
-    path_key: tuple[int, int] | None = None  # (st_dev, st_ino) of a block backend's file
-    slot: int | None = None  # where it is attached, if it is
+    backend: Backend
+
+
+@dataclass(frozen=True)
+class Occupant:
+    """Which device (by id) holds which registration in a slot."""
+
+    device_id: str
+    registration: Registration
 
 
 class ReplaceableSlots:
     """Registrations, slot occupancy, and the add/del rules; runs on the control loop."""
 
-    def __init__(self, block_devices: list[SlotDevice], net_devices: list[SlotDevice],
-                 open_backend: Callable[[SlotKind, object], object]):
+    def __init__(self, block_devices: list[SlotDevice], net_devices: list[SlotDevice]):
         self._devices = {SlotKind.BLOCK: block_devices, SlotKind.NET: net_devices}
-        self._open = open_backend
         self._regs: dict[str, Registration] = {}
-        self._occupant: dict[tuple[SlotKind, int], str] = {}
+        self._slots: dict[tuple[SlotKind, int], Occupant] = {}
 
     @property
     def max_registrations(self) -> int:
         return len(self._devices[SlotKind.BLOCK]) + len(self._devices[SlotKind.NET])
 
     # -- registrations ----------------------------------------------------------------------------
-    def register(self, reg_id: str, kind: SlotKind, spec: object, path: str | None = None) -> Registration:
+    def check_register(self, reg_id: str) -> None:
+        """Refuse an id before its backend is opened (the cheap checks of :meth:`register`)."""
         if reg_id in self._regs:
             raise rq.MachineError(f"Add the id {reg_id} repeatedly")
         if len(self._regs) >= self.max_registrations:
             raise rq.MachineError(f"The size {len(self._regs)} of replaceable configs extend the max "
                                   f"size {self.max_registrations}, id {reg_id}.")
-        key = None
-        if path is not None:
-            key = _file_key(path)
+
+    def register(self, reg_id: str, kind: SlotKind, backend: Backend) -> Registration:
+        """Register an opened backend; on refusal the caller still owns (and closes) it."""
+        self.check_register(reg_id)
+        if isinstance(backend, FileBackend):
             for other in self._regs.values():
-                if other.path_key == key:
-                    raise rq.MachineError(f"The file {path} is already used by {other.id}; a disk image "
-                                          "(the root disk included) can be attached only once.")
-        reg = Registration(reg_id, kind, spec, key)
+                if isinstance(other.backend, FileBackend) and other.backend.identity == backend.identity:
+                    raise rq.MachineError(f"The file {backend.path} is already used by {other.id}; a "
+                                          "disk image (the root disk included) can be attached only once.")
+        reg = Registration(reg_id, kind, backend)
         self._regs[reg_id] = reg
         return reg
 
-    def adopt(self, reg_id: str, kind: SlotKind, spec: object, path: str | None, slot: int) -> None:
-        """Record a backend that was put into ``slot`` when the VM was built (boot drives, NICs)."""
-        reg = self.register(reg_id, kind, spec, path)
-        reg.slot = slot
-        self._occupant[(kind, slot)] = reg_id
-
     def unregister(self, reg_id: str) -> None:
+        """Forget an unattached backend and close it."""
         reg = self._regs.get(reg_id)
         if reg is None:
             raise rq.MachineError(f"Device {reg_id} not found", rq.ErrorClass.DEVICE_NOT_FOUND)
-        if reg.slot is not None:
-            raise rq.MachineError(f"{reg_id} is attached to slot {reg.slot}; remove it with "
+        where = self._slot_of(reg)
+        if where is not None:
+            raise rq.MachineError(f"{reg_id} is attached to slot {where[1]}; remove it with "
                                   "device_del first.")
         del self._regs[reg_id]
+        reg.backend.close()
 
     # -- attach / detach -------------------------------------------------------------------------
-    def attach(self, reg_id: str, driver: str, slot: int) -> None:
+    def attach(self, device_id: str, driver: str, slot: int, backend_id: str | None = None,
+               **props) -> "Future[None]":
+        """Put the backend registered as ``backend_id`` (default: ``device_id``) into ``slot``;
+        ``props`` go to the device (a disk's ``serial``). The future completes once the device
+        has switched (on its I/O thread)."""
         kind = _kind_of_driver(driver)
         if kind is None:
             raise rq.MachineError("Unsupported replaceable device type to add replaceable device, "
-                                  f"id: {reg_id} driver: {driver}")
+                                  f"id: {device_id} driver: {driver}")
         devices = self._devices[kind]
         if not 0 <= slot < len(devices):
-            name = "block" if kind is SlotKind.BLOCK else "net"
-            raise rq.MachineError(f"Index {slot} is out of bounds {len(devices)} for {name} to add "
+            raise rq.MachineError(f"Index {slot} is out of bounds {len(devices)} for {kind.value} to add "
                                   "replaceable device")
-        reg = self._regs.get(reg_id)
+        reg = self._regs.get(backend_id or device_id)
         if reg is None or reg.kind is not kind:
             raise rq.MachineError("Failed to find the configuration to add replaceable device, "
-                                  f"id: {reg_id} driver: {driver}")
-        if reg.slot is not None:
-            raise rq.MachineError(f"{reg_id} is already attached to slot {reg.slot}.")
-        if (kind, slot) in self._occupant:
+                                  f"id: {device_id} driver: {driver}")
+        where = self._slot_of(reg)
+        if where is not None:
+            raise rq.MachineError(f"{reg.id} is already attached to slot {where[1]}.")
+        if (kind, slot) in self._slots:
             raise rq.MachineError(f"The slot {slot} is already used for adding replaceable device, "
-                                  f"{self._occupant[(kind, slot)]}")
-        try:
-            backend = self._open(kind, reg.spec)
-        except BackendOpenError as exc:
-            raise rq.MachineError(str(exc)) from None
-        devices[slot].set_backend(backend)
-        reg.slot = slot
-        self._occupant[(kind, slot)] = reg_id
-        log.info("%s slot %d: attached %s", kind.value, slot, reg_id)
+                                  f"{self._slots[(kind, slot)].device_id}")
+        if self.find(device_id) is not None:
+            raise rq.MachineError(f"Duplicate device ID '{device_id}'")
+        self._slots[(kind, slot)] = Occupant(device_id, reg)
+        log.info("%s slot %d: attaching %s (%s)", kind.value, slot, device_id, reg.id)
+        return devices[slot].set_backend(reg.backend, **props)
 
-    def detach(self, reg_id: str) -> None:
-        """Empty the slot holding ``reg_id`` and forget its registration."""
-        reg = self._regs.get(reg_id)
-        if reg is None or reg.slot is None:
-            raise rq.MachineError(f"Device {reg_id} not found", rq.ErrorClass.DEVICE_NOT_FOUND)
-        self._devices[reg.kind][reg.slot].set_backend(None)
-        del self._occupant[(reg.kind, reg.slot)]
-        log.info("%s slot %d: detached %s", reg.kind.value, reg.slot, reg_id)
-        del self._regs[reg_id]
+    def detach(self, device_id: str) -> "Future[None]":
+        """Empty the slot holding device ``device_id`` and forget its backend's registration
+        (the device closes the backend)."""
+        where = self.find(device_id)
+        if where is None:
+            raise rq.MachineError(f"Device {device_id} not found", rq.ErrorClass.DEVICE_NOT_FOUND)
+        occupant = self._slots.pop(where)
+        del self._regs[occupant.registration.id]
+        log.info("%s slot %d: detaching %s", where[0].value, where[1], device_id)
+        return self._devices[where[0]][where[1]].set_backend(None)
+
+    # -- queries -----------------------------------------------------------------------------------
+    def find(self, device_id: str) -> tuple[SlotKind, int] | None:
+        """The (kind, slot) holding device ``device_id``."""
+        for where, occupant in self._slots.items():
+            if occupant.device_id == device_id:
+                return where
+        return None
 
     def occupant(self, kind: SlotKind, slot: int) -> str | None:
-        return self._occupant.get((kind, slot))
+        """The id of the device in ``slot``, if any."""
+        occupant = self._slots.get((kind, slot))
+        return occupant.device_id if occupant is not None else None
 
     def registrations(self) -> list[Registration]:
         return list(self._regs.values())
 
+    def _slot_of(self, reg: Registration) -> tuple[SlotKind, int] | None:
+        for where, occupant in self._slots.items():
+            if occupant.registration is reg:
+                return where
+        return None
+
+    def close(self) -> None:
+        """Close the backends that no device took (the devices close their own)."""
+        for reg in list(self._regs.values()):
+            if self._slot_of(reg) is None:
+                reg.backend.close()
+        self._regs.clear()
+
 
 def _kind_of_driver(driver: str) -> SlotKind | None:
-    # StratoVirt matches substrings: "virtio-blk-mmio", "virtio-blk-device", "virtio-net-mmio", ...
+    # StratoVirt matches substrings: "virtio-blk-mmio", "virtio-blk-device", "virtio-net-pci", ...
     if "blk" in driver:
         return SlotKind.BLOCK
     if "net" in driver:
         return SlotKind.NET
     return None
-
-
-def _file_key(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)

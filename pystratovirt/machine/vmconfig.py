@@ -6,8 +6,16 @@ over has been checked (ranges, string lengths, files that must exist). The machi
 reads them. Dataclasses are frozen (no attribute is reassigned after parsing); the lists inside
 are plain lists by convention never mutated — "frozen-ish".
 
-Nothing here imports from above :mod:`pystratovirt.memory`, so the machine, the devices and the
-tests can build a ``VmConfig`` by hand without pulling in the parsers.
+Disks and NICs come in two parts, as in StratoVirt 2.x and QEMU: a *backend* (the host side:
+:class:`~pystratovirt.virtio.block_backend.DriveConfig`,
+:class:`~pystratovirt.virtio.tap.NetdevConfig`, the same specs QMP's ``blockdev-add`` and
+``netdev_add`` carry) and a *device* that puts a backend into the next replaceable slot
+(:class:`BlockDeviceConfig`, :class:`NetDeviceConfig`, what QMP's ``device_add`` does). The early
+command line's ``-drive``/``-netdev`` give both at once; the machine builds every boot disk and NIC
+exactly as a ``blockdev-add``/``netdev_add`` followed by a ``device_add``.
+
+Nothing here imports from above :mod:`pystratovirt.virtio` (whose backend specs these are), so
+the machine, the devices and the tests can build a ``VmConfig`` by hand without the parsers.
 
 Paths are kept exactly as the user wrote them (relative paths stay relative), because StratoVirt
 does not change directory when it daemonizes and neither do we.
@@ -17,15 +25,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pystratovirt.memory.layout import MEM_SIZE_MAX, MEM_SIZE_MIN, MiB
+from ..memory.layout import MEM_SIZE_MAX, MEM_SIZE_MIN, MiB
+from ..virtio.block_backend import DriveConfig
+from ..virtio.tap import NetdevConfig
+from .slots import BLOCK_SLOTS, NET_SLOTS
 
 # Limits shared by the parser (which enforces them) and the machine (which sizes things by them).
 MAX_VCPUS = 254             # MAX_NR_CPUS: the MP table and APIC ids stop here
 DEFAULT_MEM_SIZE = 256 * MiB
 MIN_MEM_SIZE = MEM_SIZE_MIN
 MAX_MEM_SIZE = MEM_SIZE_MAX
-MAX_DRIVES = 6              # replaceable virtio-blk slots (v0.1.0/v0.2.0 count; v0.3.0 cut it to 4)
-MAX_NETS = 2                # replaceable virtio-net slots
+MAX_DRIVES = BLOCK_SLOTS    # boot disks, one per replaceable virtio-blk slot
+MAX_NETS = NET_SLOTS        # boot NICs, one per replaceable virtio-net slot
 MAX_IOTHREADS = 8
 MAX_ID_LEN = 255            # ids, names and single kernel parameters, in UTF-8 bytes
 MAX_PATH_LEN = 4096
@@ -65,28 +76,24 @@ class MachineConfig:
 
 
 @dataclass(frozen=True)
-class DriveConfig:
-    """A block device filling the next replaceable virtio-blk slot (the first one is vda)."""
+class BlockDeviceConfig:
+    """A disk in the next replaceable virtio-blk slot (the first one is vda): the backend named
+    ``drive``, seen by the guest with ``serial``; ``id`` is what ``device_del`` takes."""
 
     id: str
-    path: str
-    read_only: bool = False
-    direct: bool = True            # O_DIRECT; the command line's default is on
+    drive: str
     serial: str | None = None
-    iothread: str | None = None
-    iops: int | None = None        # throttle; None = unlimited
+    iothread: str | None = None    # run the disk's I/O on this named I/O thread
 
 
 @dataclass(frozen=True)
-class NetConfig:
-    """A virtio-net device backed by a host tap. ``tap`` is the host interface name (``netdev=``)."""
+class NetDeviceConfig:
+    """A NIC in the next replaceable virtio-net slot (the first one is eth0) on the backend
+    named ``netdev``; ``mac`` None means a stable generated one."""
 
     id: str
-    tap: str
+    netdev: str
     mac: str | None = None
-    vhost: bool = False            # vhost-kernel instead of the user-space data path
-    tap_fds: list[int] = field(default_factory=list)    # already-open tap fds passed by the caller
-    vhost_fds: list[int] = field(default_factory=list)  # already-open /dev/vhost-net fds
     iothread: str | None = None
 
 
@@ -151,7 +158,9 @@ class VmConfig:
     name: str = "StratoVirt"
     machine: MachineConfig = field(default_factory=MachineConfig)
     drives: list[DriveConfig] = field(default_factory=list)
-    nets: list[NetConfig] = field(default_factory=list)
+    netdevs: list[NetdevConfig] = field(default_factory=list)
+    block_devices: list[BlockDeviceConfig] = field(default_factory=list)
+    net_devices: list[NetDeviceConfig] = field(default_factory=list)
     consoles: list[ConsoleConfig] = field(default_factory=list)
     vsock: VsockConfig | None = None
     serial: SerialConfig | None = None

@@ -13,6 +13,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 
+from ..errors import PyStratoVirtError
 from .layout import PAGE_SIZE, ram_ranges
 
 # Python 3.11's mmap module does not export MAP_NORESERVE; this is its value on Linux.
@@ -20,7 +21,7 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryError(PyStratoVirtError):
     """A guest physical access fell (partly) outside guest RAM."""
 
 

@@ -16,6 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable, NoReturn
 
+from ..errors import PyStratoVirtError
+from ..virtio.block_backend import DriveConfig
+from ..virtio.tap import NetdevConfig
 from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats, BalloonInfo,
                                 BlockdevAdd, BlockdevDel, CommandInfo, Cont, CpuInfo, CpuProps,
                                 DeviceAdd, DeviceDel, DeviceDeletedEvent, ErrorClass,
@@ -31,18 +34,19 @@ VERSION = VersionInfo(major=4, minor=0, micro=1, package="")
 #: The largest single message the server buffers (StratoVirt used 8 KiB; QEMU has no small limit).
 MAX_MESSAGE = 65536
 
+#: A disk's serial number: at most VIRTIO_BLK_ID_BYTES.
+SERIAL_MAX = 20
+
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
 
 
-class QmpError(Exception):
+class QmpError(PyStratoVirtError):
     """A command rejected by the protocol layer; ``id`` is echoed when the command carried one."""
 
     def __init__(self, desc: str, error_class: ErrorClass = ErrorClass.GENERIC_ERROR,
                  id: object = None):
-        super().__init__(desc)
-        self.desc = desc
-        self.error_class = error_class
+        super().__init__(desc, error_class)
         self.id = id
 
 
@@ -297,14 +301,16 @@ def _blockdev_add(arguments: dict) -> BlockdevAdd:
     a.choice("driver", ("raw",), default="raw")
     file = a.obj("file", known=("driver", "filename"), ignored=("aio", "locking"))
     cache = a.obj("cache", known=("direct", "no-flush"), default=None)
-    return BlockdevAdd(
-        node_name=node_name,
-        filename=file.string("filename", nonempty=True),
-        driver=file.choice("driver", ("file", "host_device"), default="file"),
+    # file.driver ("file" or "host_device") only says what kind of node it is; both open the
+    # same way here.
+    file.choice("driver", ("file", "host_device"), default="file")
+    return BlockdevAdd(DriveConfig(
+        id=node_name,
+        path=file.string("filename", nonempty=True),
+        read_only=a.boolean("read-only", False),
         direct=cache.boolean("direct", True) if cache else True,
         no_flush=cache.boolean("no-flush", False) if cache else False,
-        read_only=a.boolean("read-only", False),
-    )
+    ))
 
 
 def _blockdev_del(arguments: dict) -> BlockdevDel:
@@ -321,8 +327,10 @@ def _netdev_add(arguments: dict) -> NetdevAdd:
     fds = _fd_ref(a, "fds")
     if ifname is None and fds is None:
         raise _ArgumentError("Parameter 'ifname' or 'fds' is missing")
-    return NetdevAdd(id=netdev_id, ifname=ifname, fds=fds, vhost=_on_off(a, "vhost"),
-                     vhostfds=_fd_ref(a, "vhostfds"))
+    vhostfds = _fd_ref(a, "vhostfds")
+    return NetdevAdd(NetdevConfig(id=netdev_id, ifname=ifname, fds=(fds,) if fds is not None else (),
+                                  vhost=_on_off(a, "vhost"),
+                                  vhostfds=(vhostfds,) if vhostfds is not None else ()))
 
 
 def _netdev_del(arguments: dict) -> NetdevDel:
@@ -333,11 +341,16 @@ def _netdev_del(arguments: dict) -> NetdevDel:
 def _device_add(arguments: dict) -> DeviceAdd:
     # The ignored keys are the ones StratoVirt v0.2 accepts and ignores: the backend is found
     # by id, and a replaceable slot's bus and features are fixed at boot.
-    a = _Args(arguments, known=("id", "driver", "addr", "lun"),
-              ignored=("drive", "romfile", "share-rw", "bus", "mac", "netdev", "disable-modern",
-                       "mq", "vectors", "iothread"))
+    a = _Args(arguments, known=("id", "driver", "addr", "lun", "drive", "netdev", "serial"),
+              ignored=("romfile", "share-rw", "bus", "mac", "disable-modern", "mq", "vectors",
+                       "iothread"))
+    serial = a.string("serial", None)
+    if serial is not None and len(serial.encode("utf-8", "surrogatepass")) > SERIAL_MAX:
+        a.wrong("serial", f"at most {SERIAL_MAX} bytes")
     return DeviceAdd(id=a.string("id", nonempty=True), driver=a.string("driver", nonempty=True),
-                     addr=_addr(a), lun=a.integer("lun", 0, U32_MAX, None))
+                     addr=_addr(a), lun=a.integer("lun", 0, U32_MAX, None),
+                     drive=a.string("drive", None, nonempty=True),
+                     netdev=a.string("netdev", None, nonempty=True), serial=serial)
 
 
 def _device_del(arguments: dict) -> DeviceDel:

@@ -33,6 +33,7 @@ import socket
 import time
 from typing import Callable
 
+from ..errors import PyStratoVirtError
 from ..machine.requests import (CommandInfo, ErrorClass, Event, Executor, MachineError,
                                 QmpCapabilities, QueryCommands, QueryVersion, Request)
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, EventLoop
@@ -49,7 +50,7 @@ BACKLOG = 8
 SOCKET_MODE = 0o600
 
 
-class QmpSocketError(Exception):
+class QmpSocketError(PyStratoVirtError):
     """The QMP socket could not be created (for example, its path already exists)."""
 
 
@@ -197,7 +198,7 @@ class QmpServer:
             return encode_error(err.error_class, err.desc, err.id)
         try:
             return encode_return(self._execute(command.request), command.id)
-        except MachineError as err:
+        except PyStratoVirtError as err:
             return encode_error(err.error_class, err.desc, command.id)
         except Exception:  # a machine bug must cost one reply, not the VMM
             log.exception("QMP command %r failed", command.request)

@@ -1,9 +1,22 @@
-"""The control plane's single epoll event loop.
+"""The one epoll event loop of the program: the control plane's, and every device I/O thread's.
 
-File descriptors (QMP sockets, ioeventfds, tap fds, timerfds) are registered with a callback that
-runs on the loop's thread. Other threads (vCPU threads, signal handlers) hand work to the loop with
-:meth:`EventLoop.call_soon_threadsafe`; timers run with :meth:`EventLoop.call_later`. A callback
-that raises is logged and unregistered from nothing else: the loop keeps running.
+A loop watches descriptors (registered with a callback), runs timers (:meth:`EventLoop.call_later`)
+and work handed to it by other threads (:meth:`EventLoop.call_soon_threadsafe`). Callbacks run on
+the loop's thread, one at a time, so state that only the loop's callbacks touch needs no lock.
+What to do with a ready descriptor (accept, drain an eventfd, read a tap) is the callback's
+business: the loop never reads a descriptor itself. A callback that raises is logged and the loop
+keeps running; the descriptor stays registered.
+
+Two ways to run one (see ``docs/design.md``, "Threads"):
+
+* the **control loop** runs on the main thread: ``loop.run()`` until ``loop.stop()``; it owns the
+  QMP socket, the console's stdin, the machine's timers and every machine state change;
+* a **device I/O thread** (Cloud Hypervisor's ``EpollHelper``): ``loop.start(name)`` runs it on
+  a new thread; virtio transports register their queue-notify eventfds, devices their own
+  descriptors (a NIC's tap) and timers (the balloon's statistics poll); ``loop.stop()`` ends and
+  joins it. Devices that name the same ``iothread`` share one.
+
+Every method may be called from any thread.
 """
 
 from __future__ import annotations
@@ -26,11 +39,13 @@ EPOLLHUP = select.EPOLLHUP
 EPOLLERR = select.EPOLLERR
 EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
 
+EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+
 Callback = Callable[[int], None]
 
 
 class Timer:
-    """A pending call_later; cancel() stops it from running."""
+    """A pending :meth:`EventLoop.call_later`; :meth:`cancel` stops it from running."""
 
     __slots__ = ("when", "seq", "fn", "cancelled")
 
@@ -45,28 +60,36 @@ class Timer:
 
 
 class EventLoop:
-    def __init__(self) -> None:
+    def __init__(self, name: str = "control") -> None:
+        self.name = name
         self._epoll = select.epoll()
         self._handlers: dict[int, Callback] = {}
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._epoll.register(self._wake_r, EPOLLIN)
+        self._wake = os.eventfd(0, EFD_FLAGS)
+        self._epoll.register(self._wake, EPOLLIN)
+        self._lock = threading.Lock()   # the pending queue and the timer heap
         self._pending: deque[Callable[[], None]] = deque()
-        self._lock = threading.Lock()
         self._timers: list[Timer] = []
         self._seq = itertools.count()
         self._running = False
+        self._thread: threading.Thread | None = None  # set by start()
+        self._closed = False
         self.thread_id: int | None = None
 
     # -- registration ---------------------------------------------------------------------------
     def register(self, fd: int, events: int, callback: Callback) -> None:
         """Call ``callback(event_mask)`` on the loop thread whenever ``fd`` is ready."""
-        self._epoll.register(fd, events)
         self._handlers[fd] = callback
+        try:
+            self._epoll.register(fd, events)
+        except BaseException:
+            del self._handlers[fd]
+            raise
 
     def modify(self, fd: int, events: int) -> None:
         self._epoll.modify(fd, events)
 
     def unregister(self, fd: int) -> None:
+        """Stop watching ``fd`` (before its owner closes it); an unknown fd is ignored."""
         if self._handlers.pop(fd, None) is not None:
             try:
                 self._epoll.unregister(fd)
@@ -78,41 +101,82 @@ class EventLoop:
 
     # -- deferred work --------------------------------------------------------------------------
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread as soon as it is free."""
         with self._lock:
             self._pending.append(fn)
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the loop is already due to wake
+        self._kick()
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
-        """Run ``fn`` on the loop after ``delay`` seconds. Call only from the loop thread."""
+        """Run ``fn`` on the loop thread after ``delay`` seconds (unless cancelled)."""
         timer = Timer(time.monotonic() + max(0.0, delay), next(self._seq), fn)
-        heapq.heappush(self._timers, timer)
+        with self._lock:
+            heapq.heappush(self._timers, timer)
+            first = self._timers[0] is timer
+        if first and not self.in_loop_thread():
+            self._kick()  # the loop may be sleeping past this timer's deadline
         return timer
 
     def in_loop_thread(self) -> bool:
         return threading.get_ident() == self.thread_id
 
-    # -- running --------------------------------------------------------------------------------
-    def stop(self) -> None:
-        """Make run() return; safe from any thread."""
-        def _stop() -> None:
-            self._running = False
-        self.call_soon_threadsafe(_stop)
+    def _kick(self) -> None:
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:  # closed: the loop is gone and nobody will run the work
+            pass
 
+    # -- running --------------------------------------------------------------------------------
     def run(self) -> None:
+        """Run the loop on the calling thread until :meth:`stop`."""
         self.thread_id = threading.get_ident()
         self._running = True
         while self._running:
             self.run_once(self._next_timeout())
 
+    def start(self, on_start: Callable[[], None] | None = None) -> None:
+        """Run the loop on a new thread named after the loop; ``on_start`` runs first on it
+        (the machine installs the thread's seccomp filter there)."""
+        if self._thread is not None:
+            raise RuntimeError(f"event loop {self.name} was already started")
+
+        def main() -> None:
+            if on_start is not None:
+                on_start()
+            self.run()
+        self._running = True  # stop() before the thread gets going must still end it
+        self._thread = threading.Thread(target=main, name=self.name, daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        thread = self._thread
+        return thread.is_alive() if thread is not None else self._running
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Make :meth:`run` return (safe from any thread). For a loop started with :meth:`start`,
+        also join its thread (a callback in progress finishes first); False if it did not end
+        within ``timeout``."""
+        def _stop() -> None:
+            self._running = False
+        self.call_soon_threadsafe(_stop)
+        thread = self._thread
+        if thread is None or thread is threading.current_thread() or not thread.is_alive():
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("I/O thread %s did not stop within %s s", self.name, timeout)
+            return False
+        return True
+
     def _next_timeout(self) -> float:
-        while self._timers and self._timers[0].cancelled:
-            heapq.heappop(self._timers)
-        if not self._timers:
-            return -1
-        return max(0.0, self._timers[0].when - time.monotonic())
+        with self._lock:
+            if self._pending:
+                return 0
+            while self._timers and self._timers[0].cancelled:
+                heapq.heappop(self._timers)
+            if not self._timers:
+                return -1
+            return max(0.0, self._timers[0].when - time.monotonic())
 
     def run_once(self, timeout: float = -1) -> None:
         try:
@@ -120,39 +184,41 @@ class EventLoop:
         except InterruptedError:
             ready = []
         for fd, mask in ready:
-            if fd == self._wake_r:
+            if fd == self._wake:
                 try:
-                    while os.read(self._wake_r, 4096):
-                        pass
+                    os.eventfd_read(self._wake)
                 except BlockingIOError:
                     pass
                 continue
             handler = self._handlers.get(fd)
             if handler is not None:
                 self._guard(handler, mask)
-        self._run_pending()
-        now = time.monotonic()
-        while self._timers and (self._timers[0].cancelled or self._timers[0].when <= now):
-            timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
-                self._guard(lambda _mask, fn=timer.fn: fn(), 0)
+        self._run_due()
 
-    def _run_pending(self) -> None:
+    def _run_due(self) -> None:
+        now = time.monotonic()
         while True:
             with self._lock:
-                if not self._pending:
+                if self._pending:
+                    fn = self._pending.popleft()
+                elif self._timers and (self._timers[0].cancelled or self._timers[0].when <= now):
+                    timer = heapq.heappop(self._timers)
+                    if timer.cancelled:
+                        continue
+                    fn = timer.fn
+                else:
                     return
-                fn = self._pending.popleft()
             self._guard(lambda _mask, fn=fn: fn(), 0)
 
-    @staticmethod
-    def _guard(handler: Callback, mask: int) -> None:
+    def _guard(self, handler: Callback, mask: int) -> None:
         try:
             handler(mask)
-        except Exception:  # a faulty handler must not take the control plane down
-            log.exception("event loop callback failed")
+        except Exception:  # a faulty handler must not take the loop (or the VMM) down
+            log.exception("%s: event loop callback failed", self.name)
 
     def close(self) -> None:
-        self._epoll.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        """Release the loop's own descriptors (after it has stopped). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._epoll.close()
+            os.close(self._wake)

@@ -52,14 +52,21 @@ layer (the transport then sets DEVICE_NEEDS_RESET); a chain with a bad payload (
 buffer, a length that is not a whole number of PFNs or stat entries, too large) is logged and
 completed without touching memory.
 
-Threading (see device.py): queues are served on the transport's I/O thread with ``self.lock``
-held. ``set_target`` and ``request_stats`` run on the control (QMP) thread; config reads and the
-driver's write of ``actual`` arrive on vCPU threads and only take the short config lock.
-``on_actual_changed`` runs on the vCPU thread whose config write changed ``actual`` (no device
-lock held), or on the vCPU thread resetting the device (``actual`` drops to 0; the transport's
-register lock and ``self.lock`` are held then). It must therefore be quick and must not call
-back into this device or its transport -- record the value and let the control loop coalesce it
-into BALLOON_CHANGED.
+Reporting and polling, owned by the device on its I/O thread (``self.io``): with
+``report_interval`` set, changes of ``actual`` are coalesced into calls of ``on_actual_changed``
+(QMP's BALLOON_CHANGED): the first change at once, later ones at most once per interval while
+the size keeps moving, and the settled value always; :meth:`set_stats_interval` asks the driver
+for fresh statistics every so many seconds (QEMU's ``guest-stats-polling-interval``).
+
+Threading (see device.py): queues, the report timer and the statistics timer run on the I/O
+thread, queue work with ``self.lock`` held. ``set_target``, ``request_stats`` and
+``set_stats_interval`` may be called from any thread (the control loop does); config reads and
+the driver's write of ``actual`` arrive on vCPU threads and only take the short config lock.
+Without ``report_interval`` (unit tests driving the device directly) ``on_actual_changed`` runs at
+once on the vCPU thread whose config write changed ``actual`` (no device lock held), or on the
+vCPU thread resetting the device (``actual`` drops to 0; the transport's register lock and
+``self.lock`` are held then); either way it must be quick and must not call back into this
+device or its transport.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from ..memory.guest import GuestMemory, GuestMemoryError
+from ..util.eventloop import Timer
 from .device import Interrupt, VirtioDevice, bit
 from .queue import DescChain, SplitQueue, read_buffers
 
@@ -209,7 +217,8 @@ class VirtioBalloon(VirtioDevice):
     ``deflate_on_oom`` offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM (only a feature bit: the guest
     deflates from its OOM notifier and the device just sees deflate requests). ``stats`` offers
     VIRTIO_BALLOON_F_STATS_VQ and a third queue. ``on_actual_changed(actual_bytes)`` is called
-    when the driver changes ``actual`` (see the module docstring for its thread).
+    when the driver changes ``actual``, coalesced per ``report_interval`` seconds when one is
+    given (see the module docstring for its thread).
     ``host_page_size`` defaults to ``mmap.PAGESIZE``; tests pass a larger power of two to
     exercise the sub-page rule on a 4 KiB host.
     """
@@ -218,7 +227,7 @@ class VirtioBalloon(VirtioDevice):
 
     def __init__(self, ram_size: int, *, deflate_on_oom: bool = False, stats: bool = True,
                  on_actual_changed: Callable[[int], None] | None = None, name: str = "balloon",
-                 host_page_size: int | None = None):
+                 host_page_size: int | None = None, report_interval: float | None = None):
         super().__init__(name)
         if ram_size <= 0:
             raise ValueError(f"balloon RAM size {ram_size} must be positive")
@@ -230,6 +239,11 @@ class VirtioBalloon(VirtioDevice):
         self.deflate_on_oom = deflate_on_oom
         self.stats_offered = stats
         self.on_actual_changed = on_actual_changed
+        self.report_interval = report_interval
+        self._report_timer: Timer | None = None
+        self._reported: int | None = None     # the last value on_actual_changed was given
+        self._stats_interval = 0               # seconds; 0: the guest's statistics are not polled
+        self._stats_timer: Timer | None = None
         self.host_page_size = page
         self._subpages = page // BALLOON_PAGE_SIZE
         # An instance attribute: the transport reads it once, and the stats queue only exists
@@ -306,13 +320,38 @@ class VirtioBalloon(VirtioDevice):
             self._actual_changed()
 
     def _actual_changed(self) -> None:
+        if self.on_actual_changed is None:
+            return
+        io = self.io
+        if self.report_interval is None or io is None:
+            self._report(self.actual_bytes())
+        else:
+            io.call_soon_threadsafe(self._moved)
+
+    def _moved(self) -> None:
+        """I/O thread: a change reports at once unless a report is being held back."""
+        if self._report_timer is None:
+            self._report_moved()
+
+    def _report(self, actual: int) -> None:
         callback = self.on_actual_changed
         if callback is None:
             return
         try:
-            callback(self.actual_bytes())
-        except Exception:  # the machine's bug must not kill a vCPU thread
+            callback(actual)
+        except Exception:  # the machine's bug must not kill a vCPU or I/O thread
             log.exception("%s: on_actual_changed callback failed", self.name)
+
+    def _report_moved(self) -> None:
+        """I/O thread: report the size if it moved, then hold further reports for an interval."""
+        self._report_timer = None
+        actual = self.actual_bytes()
+        if actual == self._reported:
+            return
+        self._reported = actual
+        self._report(actual)
+        assert self.io is not None and self.report_interval is not None
+        self._report_timer = self.io.call_later(self.report_interval, self._report_moved)
 
     # -- lifecycle (lock held) -------------------------------------------------------------------
     def activate(self, mem: GuestMemory, queues, interrupt: Interrupt, features: int) -> None:
@@ -354,7 +393,7 @@ class VirtioBalloon(VirtioDevice):
 
     # -- queues (I/O thread, lock held) ----------------------------------------------------------
     def process_queue(self, index: int) -> bool:
-        queue = self.queues[index] if index < len(self.queues) else None
+        queue = self.queue(index)
         if queue is None:
             return False
         if index == STATS_QUEUE:
@@ -507,13 +546,41 @@ class VirtioBalloon(VirtioDevice):
         in flight). The new values arrive asynchronously; poll :meth:`latest_stats`."""
         with self.lock:
             head = self._stats_head
-            queue = self.queues[STATS_QUEUE] if len(self.queues) > STATS_QUEUE else None
-            if not self.active or head is None or queue is None:
+            queue = self.queue(STATS_QUEUE)
+            if head is None or queue is None:
                 return False
             self._stats_head = None
             queue.add_used(head, 0)
             self.notify_used(queue)
             return True
+
+    @property
+    def stats_interval(self) -> int:
+        """Seconds between requests for fresh statistics; 0 when the guest is not polled."""
+        return self._stats_interval
+
+    def set_stats_interval(self, seconds: int) -> None:
+        """Poll the driver for statistics every ``seconds`` (0 stops). Any thread; the timer runs
+        on the I/O thread, and a guest that has not posted a buffer yet (or is paused) is simply
+        asked again next time."""
+        if seconds < 0:
+            raise ValueError(f"statistics interval {seconds} is negative")
+        self._stats_interval = seconds
+        io = self.io
+        if io is not None:
+            io.call_soon_threadsafe(self._rearm_stats)
+
+    def _rearm_stats(self) -> None:
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
+        if self._stats_interval and self.io is not None:
+            self._stats_timer = self.io.call_later(self._stats_interval, self._poll_stats)
+
+    def _poll_stats(self) -> None:
+        self._stats_timer = None
+        self.request_stats()
+        self._rearm_stats()
 
     # -- logging ---------------------------------------------------------------------------------
     def _log_once(self, key: str, message: str) -> None:

@@ -1,16 +1,20 @@
-"""The transport-independent side of a virtio device: the VirtioDevice base class, the interrupt
-object a device signals the driver through, and the I/O thread that runs a device's queues.
+"""The transport-independent side of a virtio device: the VirtioDevice base class, the value
+that says whether (and how) a driver activated it, and the interrupt object a device signals the
+driver through.
 
 Threading model (one rule per actor, so that disk I/O never blocks a vCPU or the control loop):
 
-* Each transport owns one :class:`IoThread`. It sleeps in epoll on the queues' notify eventfds
-  (KVM signals them on a guest write to QueueNotify; the transport signals them itself when that
-  write arrives as an MMIO exit) and calls ``device.process_queue(index)`` with ``device.lock``
-  held. All queue processing, and so all backend I/O, happens on that thread.
+* Each device has an I/O thread, an :class:`~pystratovirt.util.eventloop.EventLoop` given to it
+  by its transport as ``device.io`` (its own, or a named ``iothread`` several devices share).
+  The transport registers the queues' notify eventfds there (KVM signals them on a guest write to
+  QueueNotify; the transport signals them itself when that write arrives as an MMIO exit) and
+  calls ``device.process_queue(index)`` with ``device.lock`` held. The device registers its own
+  descriptors (a NIC's tap) and timers (the balloon's statistics poll) on the same loop. All
+  queue processing, and so all backend I/O, happens on that thread.
 * vCPU threads only touch registers. Activating or resetting the device (Status writes) takes
   ``device.lock``, so it waits for the request in flight and never races with it.
-* The control loop (QMP: hot-replace) takes ``device.lock`` to swap backends, so requests in
-  flight finish on the old backend first.
+* The control loop (QMP: hot-replace) hands backend swaps to the device's I/O thread, so
+  requests in flight finish on the old backend first and the control loop never waits for a disk.
 * Device configuration bytes and the ConfigGeneration counter change together under a separate
   short lock (``_config_lock``), never held across I/O, so config reads from vCPUs never wait
   for the disk.
@@ -23,14 +27,18 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import threading
-from typing import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
 
 from ..memory.guest import GuestMemory
-from .queue import SplitQueue
+from ..util.eventloop import EFD_FLAGS, EventLoop
+from .queue import DescChain, SplitQueue
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Feature bits (spec §6, "Reserved Feature Bits").
 VIRTIO_RING_F_INDIRECT_DESC = 28
@@ -48,8 +56,6 @@ STATUS_FAILED = 0x80
 # InterruptStatus bits (virtio-mmio; the same two events exist on every transport).
 INT_VRING = 0x1
 INT_CONFIG = 0x2
-
-EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 
 
 def bit(n: int) -> int:
@@ -105,12 +111,28 @@ class Interrupt:
             os.close(fd)
 
 
+@dataclass(frozen=True)
+class ActiveState:
+    """What a device runs with while a driver has it activated (DRIVER_OK): guest memory, the
+    queues (None where the driver left one not ready), the interrupt and the negotiated features.
+    A device either has one of these or is inactive; the two cannot disagree."""
+
+    mem: GuestMemory
+    queues: tuple[SplitQueue | None, ...]
+    interrupt: Interrupt
+    features: int
+
+
 class VirtioDevice:
     """Base class of device models; a transport drives it.
 
     Subclasses set ``device_id`` and ``queue_max_sizes`` and implement ``process_queue``; they
     keep their config space in ``self._config`` (little-endian bytes) and change it only through
     :meth:`_update_config`, which bumps the generation and tells an active driver.
+
+    State: inactive (``state is None``) or activated (``state`` is an :class:`ActiveState`), plus
+    ``needs_reset`` once the driver's queues turned out malformed (spec §2.1.2
+    DEVICE_NEEDS_RESET): the device then stops using them until the driver resets it.
 
     Methods marked "lock held" are called by the transport or the I/O thread with
     ``self.lock`` held.
@@ -125,11 +147,30 @@ class VirtioDevice:
         self._config_lock = threading.Lock()
         self._config = bytearray()
         self._config_generation = 0
-        self.mem: GuestMemory | None = None
-        self.queues: list[SplitQueue | None] = []
-        self.interrupt: Interrupt | None = None
-        self.driver_features = 0
-        self.active = False
+        self.state: ActiveState | None = None
+        self.needs_reset = False
+        self._failure_logged = False
+        # The device's I/O thread, set by its transport (None in unit tests that drive a device
+        # directly: timers and descriptors then are the test's business).
+        self.io: EventLoop | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.state is not None
+
+    @property
+    def mem(self) -> GuestMemory:
+        """Guest memory; only while active (lock held)."""
+        assert self.state is not None, f"{self.name} is not active"
+        return self.state.mem
+
+    def queue(self, index: int) -> SplitQueue | None:
+        """Queue ``index`` while active, else None (lock held)."""
+        state = self.state
+        if state is None or index >= len(state.queues):
+            return None
+        return state.queues[index]
 
     # -- features --------------------------------------------------------------------------------
     def device_features(self) -> int:
@@ -137,7 +178,8 @@ class VirtioDevice:
         return bit(VIRTIO_F_VERSION_1)
 
     def negotiated(self, feature_bit: int) -> bool:
-        return bool(self.driver_features & bit(feature_bit))
+        state = self.state
+        return state is not None and bool(state.features & bit(feature_bit))
 
     # -- configuration space ---------------------------------------------------------------------
     @property
@@ -161,32 +203,40 @@ class VirtioDevice:
                 self._config.extend(bytes(end - len(self._config)))
             self._config[offset:end] = data
             self._config_generation = (self._config_generation + 1) & 0xFFFF_FFFF
-        interrupt = self.interrupt
-        if self.active and interrupt is not None:
-            interrupt.signal_config()
+        state = self.state
+        if state is not None:
+            state.interrupt.signal_config()
 
     # -- lifecycle (lock held) -------------------------------------------------------------------
     def activate(self, mem: GuestMemory, queues: Sequence[SplitQueue | None], interrupt: Interrupt,
                  features: int) -> None:
-        """The driver set DRIVER_OK: start serving ``queues`` (None where a queue is not ready)."""
-        self.mem = mem
-        self.queues = list(queues)
-        self.interrupt = interrupt
-        self.driver_features = features
-        self.active = True
+        """The driver set DRIVER_OK: start serving ``queues`` (None where a queue is not ready).
+        Subclasses extend it; raising QueueError refuses the activation (DEVICE_NEEDS_RESET)."""
+        self.state = ActiveState(mem, tuple(queues), interrupt, features)
 
     def reset(self) -> None:
-        """The driver reset the device: forget the queues and negotiated features."""
-        self.active = False
-        self.release_queues()
-        self.driver_features = 0
+        """The driver reset the device: forget the queues, the negotiated features and the
+        failure. Subclasses extend it with their own device state."""
+        self.release()
+        self.needs_reset = False
+        self._failure_logged = False
 
-    def release_queues(self) -> None:
-        """Drop the queues and their views of guest RAM (lock held)."""
-        queues, self.queues = self.queues, []
-        for queue in queues:
-            if queue is not None:
-                queue.close()
+    def release(self) -> None:
+        """Drop the active state and with it every view of guest RAM (lock held): the transport
+        calls this when it closes, after which guest memory may be unmapped."""
+        state, self.state = self.state, None
+        if state is not None:
+            for queue in state.queues:
+                if queue is not None:
+                    queue.close()
+
+    def fail(self, reason: str) -> None:
+        """Mark DEVICE_NEEDS_RESET (lock held); the transport tells the driver."""
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.error("virtio device %s needs a reset: %s; it stops processing until the driver "
+                      "resets it", self.name, reason)
+        self.needs_reset = True
 
     def process_queue(self, index: int) -> bool:
         """Serve the available chains of queue ``index``; True if it stopped early with more to do.
@@ -195,7 +245,7 @@ class VirtioDevice:
         """
         raise NotImplementedError
 
-    def serve_batch(self, queue: SplitQueue, handle, batch: int = 32) -> bool:
+    def serve_batch(self, queue: SplitQueue, handle: Callable[[DescChain], int], batch: int = 32) -> bool:
         """Pop up to ``batch`` chains, complete each with ``handle(chain)`` (the bytes written
         into its device-writable buffers) and notify the driver once; True if more may wait.
         Bounding the batch keeps one busy queue from starving the device's other queues."""
@@ -212,76 +262,29 @@ class VirtioDevice:
 
     def notify_used(self, queue: SplitQueue) -> None:
         """Raise a used-buffer interrupt if the driver's suppression settings want one."""
-        if self.interrupt is not None and queue.needs_notification():
-            self.interrupt.signal_used()
+        state = self.state
+        if state is not None and queue.needs_notification():
+            state.interrupt.signal_used()
+
+    def on_io_thread(self, fn: Callable[[], T]) -> "Future[T]":
+        """Run ``fn`` on the device's I/O thread, after the work in progress there (so a backend
+        swap never races a request), and return its future; inline when the I/O thread is not
+        running or this is it. Control-plane changes to a device go through here."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+        io = self.io
+        if io is None or not io.running or io.in_loop_thread():
+            run()
+        else:
+            io.call_soon_threadsafe(run)
+        return future
 
     def close(self) -> None:
-        """Release host resources (the transport's I/O thread is already stopped)."""
-
-
-class IoThread:
-    """A thread that waits on ``(eventfd, queue_index)`` pairs and calls ``handler(index)``.
-
-    The eventfd is drained before the handler runs, so a notification that arrives while the
-    handler works re-arms the fd and is not lost. ``stop()`` wakes the thread through its own
-    eventfd and joins it.
-    """
-
-    def __init__(self, name: str, fds: Sequence[tuple[int, int]], handler: Callable[[int], None]):
-        self.name = name
-        self._fds = list(fds)
-        self._handler = handler
-        self._stop_fd = os.eventfd(0, EFD_FLAGS)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError(f"I/O thread {self.name} was already started")
-        epoll = select.epoll()
-        epoll.register(self._stop_fd, select.EPOLLIN)
-        for fd, _ in self._fds:
-            epoll.register(fd, select.EPOLLIN)
-        self._thread = threading.Thread(target=self._run, args=(epoll,), name=self.name, daemon=True)
-        self._thread.start()
-
-    def _run(self, epoll: select.epoll) -> None:
-        index_of = dict(self._fds)
-        try:
-            while True:
-                try:
-                    events = epoll.poll()
-                except InterruptedError:
-                    continue
-                for fd, _mask in events:
-                    if fd == self._stop_fd:
-                        return
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        pass
-                    try:
-                        self._handler(index_of[fd])
-                    except Exception:  # the handler contains device errors; this is a last resort
-                        log.exception("%s: queue handler failed", self.name)
-        finally:
-            epoll.close()
-
-    def stop(self, timeout: float | None = None) -> bool:
-        """Stop and join the thread; False if it did not end within ``timeout``."""
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            os.eventfd_write(self._stop_fd, 1)
-            thread.join(timeout)
-            if thread.is_alive():
-                log.warning("I/O thread %s did not stop within %s s", self.name, timeout)
-                return False
-        return True
-
-    def close(self) -> None:
-        if self._stop_fd >= 0:
-            os.close(self._stop_fd)
-            self._stop_fd = -1
+        """Release host resources (the I/O thread is already stopped)."""

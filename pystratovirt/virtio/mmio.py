@@ -2,8 +2,10 @@
 
 Owns: the control registers (feature negotiation with the FEATURES_OK check, queue setup, status
 and reset, interrupt status/ack, ConfigGeneration), delegating config space (offset 0x100) to the
-device; the per-queue notify eventfds and the device's I/O thread; DEVICE_NEEDS_RESET when the
-driver's queues turn out malformed.
+device; the per-queue notify eventfds and their place on the device's I/O thread (its own
+:class:`~pystratovirt.util.eventloop.EventLoop`, or a shared ``iothread`` the machine passes in).
+DEVICE_NEEDS_RESET, when the driver's queues turn out malformed, is the device's state
+(:meth:`~.device.VirtioDevice.fail`); the transport reports it in the Status register.
 
 Version 2 only: Linux's virtio_mmio accepts version 1 and 2 and takes the modern path for 2
 (Linux 6.1 included), so the legacy page-based layout is not implemented.
@@ -28,9 +30,10 @@ from dataclasses import dataclass
 
 from ..memory.guest import GuestMemory
 from ..memory.layout import VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
-from .device import (EFD_FLAGS, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+from ..util.eventloop import EFD_FLAGS, EPOLLIN, EventLoop
+from .device import (STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
                      VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-                     Interrupt, IoThread, VirtioDevice, bit)
+                     Interrupt, VirtioDevice, bit)
 from .queue import QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -113,9 +116,15 @@ class _QueueRegs:
 
 
 class VirtioMmio:
-    """One virtio-mmio window in front of one device (a BusDevice: ``read``/``write``)."""
+    """One virtio-mmio window in front of one device (a BusDevice: ``read``/``write``).
 
-    def __init__(self, device: VirtioDevice, mem: GuestMemory, *, name: str | None = None):
+    ``io``: the I/O thread to serve the device on. Without one the transport makes its own and
+    starts, stops and closes it; a shared one (an ``iothread``) belongs to the caller, who
+    starts it and stops it before :meth:`close`.
+    """
+
+    def __init__(self, device: VirtioDevice, mem: GuestMemory, *, name: str | None = None,
+                 io: EventLoop | None = None):
         self.device = device
         self.mem = mem
         self.name = name or device.name
@@ -123,19 +132,18 @@ class VirtioMmio:
         self._queues = [_QueueRegs(size) for size in device.queue_max_sizes]
         for q in self._queues:
             q.reset()
+        self._own_io = io is None
+        self.io = EventLoop(f"virtio-{self.name}") if io is None else io
+        device.io = self.io
         self._notify_fds = [os.eventfd(0, EFD_FLAGS) for _ in self._queues]
-        self._io = IoThread(f"virtio-{self.name}", [(fd, i) for i, fd in enumerate(self._notify_fds)],
-                            self._serve_queue)
+        for index, fd in enumerate(self._notify_fds):
+            self.io.register(fd, EPOLLIN, lambda _mask, fd=fd, index=index: self._on_notify(fd, index))
         self._lock = threading.Lock()   # the registers below; vCPU threads only
         self._status = 0
         self._device_features_sel = 0
         self._driver_features_sel = 0
         self._driver_features = 0
         self._queue_sel = 0
-        # Set by the I/O thread (with device.lock held) or activation; read lock-free as a flag.
-        self._needs_reset = False
-        self._activated = False
-        self._failure_logged = False
         self._bad_access_logged = False
         self._closed = False
 
@@ -163,13 +171,14 @@ class VirtioMmio:
             vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index, deassign=True)
         vm.irqfd(self.irq_eventfd, irq, deassign=True)
 
-    def start(self) -> None:
-        """Start the device's I/O thread."""
-        self._io.start()
+    def start(self, on_start=None) -> None:
+        """Start the device's own I/O thread (a shared one is the caller's to start)."""
+        if self._own_io:
+            self.io.start(on_start)
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Stop and join the I/O thread (requests in flight complete first)."""
-        return self._io.stop(timeout)
+        """Stop and join the device's own I/O thread (requests in flight complete first)."""
+        return self.io.stop(timeout) if self._own_io else True
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the I/O thread, close the device (a block device flushes), release the eventfds.
@@ -181,11 +190,12 @@ class VirtioMmio:
             return
         self._closed = True
         self.stop(timeout)
-        self._io.close()
+        for fd in self._notify_fds:
+            self.io.unregister(fd)
+        if self._own_io:
+            self.io.close()
         with self.device.lock:
-            self.device.active = False
-            self.device.release_queues()  # guest memory may be unmapped after this
-            self._activated = False
+            self.device.release()  # guest memory may be unmapped after this
         self.device.close()
         for fd in self._notify_fds:
             os.close(fd)
@@ -194,14 +204,22 @@ class VirtioMmio:
 
     @property
     def needs_reset(self) -> bool:
-        return self._needs_reset
+        return self.device.needs_reset
 
     # -- the I/O thread --------------------------------------------------------------------------
+    def _on_notify(self, fd: int, index: int) -> None:
+        # Drain first: a notification arriving while the queue is served re-arms the eventfd.
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        self._serve_queue(index)
+
     def _serve_queue(self, index: int) -> None:
         device = self.device
         while True:
             with device.lock:
-                if not self._activated or self._needs_reset or index >= len(self._queues):
+                if not device.active or device.needs_reset or index >= len(self._queues):
                     return
                 if not self._queues[index].ready:
                     return  # the spec forbids touching a queue whose QueueReady is 0
@@ -218,12 +236,8 @@ class VirtioMmio:
                 return
 
     def _fail(self, reason: str) -> None:
-        """Mark DEVICE_NEEDS_RESET and tell the driver (device.lock held)."""
-        if not self._failure_logged:
-            self._failure_logged = True
-            log.error("virtio device %s needs a reset: %s; it stops processing until the driver "
-                      "resets it", self.name, reason)
-        self._needs_reset = True
+        """DEVICE_NEEDS_RESET, and a config interrupt so the driver looks (device.lock held)."""
+        self.device.fail(reason)
         self.interrupt.signal_config()
 
     # -- MMIO access -----------------------------------------------------------------------------
@@ -262,7 +276,7 @@ class VirtioMmio:
                     return 0
                 return (self.device.device_features() >> (32 * self._device_features_sel)) & 0xFFFF_FFFF
             if reg == STATUS:
-                return self._status | (STATUS_DEVICE_NEEDS_RESET if self._needs_reset else 0)
+                return self._status | (STATUS_DEVICE_NEEDS_RESET if self.device.needs_reset else 0)
             q = self._selected_queue()
             if reg == QUEUE_NUM_MAX:
                 return q.max_size if q is not None else 0
@@ -385,9 +399,9 @@ class VirtioMmio:
             try:
                 device.activate(self.mem, queues, self.interrupt, features)
             except QueueError as exc:
+                device.release()
                 self._fail(str(exc))
                 return
-            self._activated = True
         # Buffers the driver made available before DRIVER_OK (allowed for some devices) get
         # picked up now; for a driver that waited this finds nothing.
         for q, fd in zip(self._queues, self._notify_fds):
@@ -397,9 +411,6 @@ class VirtioMmio:
     def _reset(self) -> None:  # self._lock held
         with self.device.lock:
             self.device.reset()
-            self._activated = False
-            self._needs_reset = False
-            self._failure_logged = False
             for q in self._queues:
                 q.reset()
         self.interrupt.reset()

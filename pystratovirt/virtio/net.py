@@ -18,18 +18,16 @@ MAC. ``mac=`` from the configuration, else :func:`generated_mac`: stable for a V
 (the same VM gets the same MAC on every boot, two slots never share one), locally administered
 and unicast.
 
-Threads. The transport's I/O thread calls :meth:`process_queue` on guest notifications. The
-transport's IoThread only takes eventfds (it drains each with an 8-byte read, which on a tap
-would swallow a frame), so the tap is watched by the device's own poller thread: one epoll on
-the tap fd plus a stop eventfd, started at the first activation, stopped by :meth:`close`. Both
-threads work under ``device.lock``. They split the work so that guest-ring errors stay where
-the transport can report them: only the transport's thread pops chains from the rings (a
-malformed ring raises QueueError there and the transport sets DEVICE_NEEDS_RESET); the poller
-only consumes chains already popped and validated -- it fills cached receive chains from the
-tap and retries transmit chains the tap refused with EAGAIN. Every notification pops *all*
-receive chains the driver made available, and while transmission is blocked also all transmit
-chains, so no chain the driver announced is left in a ring waiting for a notification that
-already came. A device whose ring turned out malformed stops using its cached chains until reset.
+Threads. Everything runs on the device's I/O thread (``self.io``, see device.py): the
+transport calls :meth:`process_queue` there on guest notifications, and the NIC registers its
+tap on the same loop, so one thread serves both directions under ``device.lock``. Only
+:meth:`process_queue` pops chains from the rings, so a malformed ring raises QueueError where the
+transport turns it into DEVICE_NEEDS_RESET; tap events only consume chains already popped and
+validated -- they fill cached receive chains from the tap and retry transmit chains the tap
+refused with EAGAIN. Every notification pops *all* receive chains the driver made available, and
+while transmission is blocked also all transmit chains, so no chain the driver announced is left
+in a ring waiting for a notification that already came. A device that needs a reset stops using
+its cached chains until the driver resets it.
 
 Back-pressure. The tap fd is polled for reading only while cached receive chains exist. When the
 guest has posted no buffers the device stops reading, so frames wait in the tap's own queue
@@ -69,16 +67,16 @@ import errno
 import hashlib
 import logging
 import os
-import select
 import string
 import struct
-import threading
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ..memory.guest import GuestMemory
-from .device import EFD_FLAGS, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, bit
+from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
+from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, bit
 from .queue import DescChain, QueueError, SplitQueue, read_buffers, write_buffers
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN, Tap
 
@@ -200,75 +198,6 @@ class _RxChain:
         self.iov = None
 
 
-class _TapPoller:
-    """The thread that waits for the tap (readable, writable, error) and calls ``handler(mask)``.
-
-    ``watch`` is called with the device lock held; the handler takes that lock, so ``stop`` must
-    not be called with it held.
-    """
-
-    def __init__(self, name: str, handler: Callable[[int], None]):
-        self.name = name
-        self._handler = handler
-        self._epoll = select.epoll()
-        self._stop_fd = os.eventfd(0, EFD_FLAGS)
-        self._epoll.register(self._stop_fd, select.EPOLLIN)
-        self._fd = -1
-        self._mask = 0
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
-
-    def watch(self, fd: int, mask: int) -> None:
-        """Poll ``fd`` for ``mask`` (0: errors only), or nothing when ``fd`` is -1."""
-        if fd != self._fd:
-            if self._fd >= 0:
-                try:
-                    self._epoll.unregister(self._fd)
-                except OSError:
-                    pass
-                self._fd = -1
-            if fd >= 0:
-                self._epoll.register(fd, mask)
-                self._fd, self._mask = fd, mask
-        elif fd >= 0 and mask != self._mask:
-            self._epoll.modify(fd, mask)
-            self._mask = mask
-
-    def _run(self) -> None:
-        while True:
-            try:
-                events = self._epoll.poll()
-            except InterruptedError:
-                continue
-            except (OSError, ValueError):  # the epoll was closed under us: shutting down
-                return
-            for fd, mask in events:
-                if fd == self._stop_fd:
-                    return
-                try:
-                    self._handler(mask)
-                except Exception:  # the handler contains tap errors; this is a last resort
-                    log.exception("%s: tap handler failed", self.name)
-
-    def stop(self, timeout: float | None = None) -> None:
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            os.eventfd_write(self._stop_fd, 1)
-            thread.join(timeout)
-            if thread.is_alive():
-                log.warning("tap poller %s did not stop within %s s", self.name, timeout)
-
-    def close(self) -> None:
-        if self._stop_fd >= 0:
-            self._epoll.close()
-            os.close(self._stop_fd)
-            self._stop_fd = -1
-
-
 # -- the device ------------------------------------------------------------------------------------
 class VirtioNet(VirtioDevice):
     """A virtio-net NIC in one slot, over an optional :class:`Tap` (owned once attached).
@@ -296,13 +225,12 @@ class VirtioNet(VirtioDevice):
         self._link_up = tap is not None
         self._rx_chains: deque[_RxChain] = deque()
         self._tx_pending: deque[DescChain] = deque()
-        self._broken = False       # a ring turned out malformed: hands off until reset
         self._closed = False
         self._warned: set[str] = set()   # one-time warnings, per backend
         self._stats = NetStats()
         self._overflow = memoryview(bytearray(OVERFLOW_SIZE))
         self._bounce: bytearray | None = None
-        self._poller = _TapPoller(f"virtio-{self.name}-tap", self._on_tap_event)
+        self._watched: tuple[int, int] = (-1, 0)   # (tap fd, epoll mask) registered on self.io
         self._config = bytearray(CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP if self._link_up else 0, 1))
 
     # -- features, config, state -----------------------------------------------------------------
@@ -361,9 +289,13 @@ class VirtioNet(VirtioDevice):
             log.warning(msg + " (further occurrences are counted, not logged)", *args)
 
     # -- hot-plug --------------------------------------------------------------------------------
-    def set_backend(self, tap: Tap | None) -> None:
+    def set_backend(self, tap: Tap | None) -> "Future[None]":
         """Attach ``tap`` (the device owns it from now on) or, with None, empty the slot; the old
-        tap is closed. Any thread; waits for a batch in flight."""
+        tap is closed. Any thread: the swap runs on the I/O thread after the batch in flight;
+        the future says when it is done."""
+        return self.on_io_thread(lambda: self._swap(tap))
+
+    def _swap(self, tap: Tap | None) -> None:
         with self.lock:
             if self._closed:
                 raise RuntimeError(f"{self.name} is closed")
@@ -385,7 +317,7 @@ class VirtioNet(VirtioDevice):
         log.warning("%s: tap %s failed (%s); the NIC behaves as an empty slot with the link down "
                     "until a tap is attached again", self.name, tap.ifname, exc.strerror or exc)
         self._backend = None
-        self._poller.watch(-1, 0)
+        self._watch(-1, 0)
         tap.close()
         self._set_link(False)
 
@@ -393,29 +325,24 @@ class VirtioNet(VirtioDevice):
     def activate(self, mem: GuestMemory, queues: Sequence[SplitQueue | None], interrupt: Interrupt,
                  features: int) -> None:
         super().activate(mem, queues, interrupt, features)
-        self._broken = False
         if self._backend is not None:
             self._apply_offload(self._backend)
-        self._poller.start()
         self._update_watch()
 
     def reset(self) -> None:
         self._release_rx()
         self._tx_pending.clear()  # the rings are gone with the reset; nothing to complete
         super().reset()
-        self._broken = False
         self._update_watch()
 
     def close(self) -> None:
-        """Stop the tap poller and close the tap (the transport's I/O thread is already stopped)."""
-        self._poller.stop(timeout=5)
+        """Close the tap (the I/O thread is already stopped)."""
         with self.lock:
             self._closed = True
             self._release_rx()
             self._tx_pending.clear()
             tap, self._backend = self._backend, None
-            self._poller.watch(-1, 0)
-        self._poller.close()
+            self._watch(-1, 0)
         if tap is not None:
             tap.close()
 
@@ -423,20 +350,32 @@ class VirtioNet(VirtioDevice):
         while self._rx_chains:
             self._rx_chains.popleft().release()
 
-    def _queue(self, index: int) -> SplitQueue | None:
-        return self.queues[index] if index < len(self.queues) else None
-
     def _update_watch(self) -> None:  # lock held
         """Poll the tap for what is waiting on it: reading while receive chains are cached (the
         back-pressure rule), writing while transmission is blocked, errors always."""
         if self._closed:
             return
         tap = self._backend
-        if tap is None or not self.active or self._broken:
-            self._poller.watch(-1, 0)
+        if tap is None or not self.active or self.needs_reset:
+            self._watch(-1, 0)
             return
-        mask = (select.EPOLLIN if self._rx_chains else 0) | (select.EPOLLOUT if self._tx_pending else 0)
-        self._poller.watch(tap.fd, mask)
+        mask = (EPOLLIN if self._rx_chains else 0) | (EPOLLOUT if self._tx_pending else 0)
+        self._watch(tap.fd, mask)
+
+    def _watch(self, fd: int, mask: int) -> None:  # lock held
+        """Poll ``fd`` on the I/O thread for ``mask`` (0: errors only), or nothing when ``fd`` is -1."""
+        io = self.io
+        old_fd, old_mask = self._watched
+        if io is None or (fd, mask) == (old_fd, old_mask):
+            return
+        if fd != old_fd:
+            if old_fd >= 0:
+                io.unregister(old_fd)
+            if fd >= 0:
+                io.register(fd, mask, self._on_tap_event)
+        elif fd >= 0:
+            io.modify(fd, mask)
+        self._watched = (fd, mask)
 
     # -- guest notifications (transport I/O thread, lock held) ------------------------------------
     def process_queue(self, index: int) -> bool:
@@ -449,7 +388,7 @@ class VirtioNet(VirtioDevice):
             else:
                 more = False
         except BaseException:
-            self._broken = True  # the transport marks DEVICE_NEEDS_RESET; stop using cached chains
+            self.needs_reset = True  # the transport logs it and tells the driver; hands off the tap
             try:
                 self._update_watch()
             except OSError:
@@ -459,7 +398,7 @@ class VirtioNet(VirtioDevice):
         return more
 
     def _collect_rx(self) -> None:
-        queue = self._queue(RX_QUEUE)
+        queue = self.queue(RX_QUEUE)
         if queue is None:
             return
         while (chain := queue.pop()) is not None:
@@ -469,7 +408,7 @@ class VirtioNet(VirtioDevice):
             self._rx_chains.append(_RxChain(chain, self.mem, self._overflow))
 
     def _process_tx(self) -> bool:
-        queue = self._queue(TX_QUEUE)
+        queue = self.queue(TX_QUEUE)
         if queue is None:
             return False
         blocked = bool(self._tx_pending)
@@ -504,7 +443,7 @@ class VirtioNet(VirtioDevice):
 
     def _settle_tx(self) -> None:  # lock held
         """Complete blocked chains as dropped once there is no tap to retry them on."""
-        queue = self._queue(TX_QUEUE)
+        queue = self.queue(TX_QUEUE)
         if self._tx_pending and self._backend is None and self.active and queue is not None:
             self._flush_tx(queue)
 
@@ -551,27 +490,27 @@ class VirtioNet(VirtioDevice):
         stats.tx_bytes += length - HDR_LEN
         return True
 
-    # -- the tap poller (its own thread) ---------------------------------------------------------
+    # -- tap events (I/O thread) -----------------------------------------------------------------
     def _on_tap_event(self, mask: int) -> None:
         with self.lock:
             if self._closed:
                 return
             tap = self._backend
-            if tap is not None and self.active and not self._broken:
-                if mask & (select.EPOLLERR | select.EPOLLHUP) and not tap.attached():
+            if tap is not None and self.active and not self.needs_reset:
+                if mask & (EPOLLERR | EPOLLHUP) and not tap.attached():
                     self._lose_backend(OSError(errno.EBADFD, "the tap interface was removed"))
                 else:
-                    queue = self._queue(TX_QUEUE)
-                    if mask & select.EPOLLOUT and self._tx_pending and queue is not None:
+                    queue = self.queue(TX_QUEUE)
+                    if mask & EPOLLOUT and self._tx_pending and queue is not None:
                         self._flush_tx(queue)
-                    if mask & select.EPOLLIN and self._rx_chains:
+                    if mask & EPOLLIN and self._rx_chains:
                         self._receive()
                 self._settle_tx()
             self._update_watch()
 
     def _receive(self) -> None:  # lock held
         """Read up to RX_BUDGET frames from the tap into cached receive chains."""
-        queue = self._queue(RX_QUEUE)
+        queue = self.queue(RX_QUEUE)
         if queue is None:
             return
         stats = self._stats

@@ -19,6 +19,7 @@ import struct
 import threading
 from typing import NamedTuple
 
+from ..errors import PyStratoVirtError
 from ..memory.guest import GuestMemory, GuestMemoryError
 
 VIRTQ_DESC_F_NEXT = 1
@@ -44,7 +45,7 @@ _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 
 
-class QueueError(Exception):
+class QueueError(PyStratoVirtError):
     """The driver's virtqueue is malformed; the device must stop using it until reset."""
 
 

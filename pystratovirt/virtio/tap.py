@@ -31,6 +31,11 @@ import os
 import socket
 import struct
 import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import PyStratoVirtError
+from .vhost_net import open_vhost_net
 
 TUN_PATH = "/dev/net/tun"
 VNET_HDR_LEN = 12       # sizeof(struct virtio_net_hdr_v1): what virtio 1.x guests use
@@ -67,8 +72,26 @@ _IFREQ = struct.Struct("16sH22x")          # ifr_name, ifr_flags (struct ifreq i
 _IFREQ_DATA = struct.Struct("16sP16x")     # ifr_name, ifr_data pointer
 
 
-class TapError(Exception):
+class TapError(PyStratoVirtError):
     """A tap cannot be used; the message is one sentence for the user."""
+
+
+@dataclass(frozen=True)
+class NetdevConfig:
+    """A NIC's host side as the user named it: the backend of one net slot.
+
+    One spec for every way a tap comes to be: ``-netdev``, the ``-config`` file's ``net``
+    entries and QMP's ``netdev_add``. ``ifname`` names an existing tap; ``fds`` are references
+    to descriptors the VMM was given (a number inherited at start, or a QMP ``getfd`` name),
+    one per queue; ``vhost``/``vhostfds`` ask for the in-kernel data path. The parsers check
+    the syntax; :meth:`Tap.from_config` opens it.
+    """
+
+    id: str
+    ifname: str | None = None
+    fds: tuple[str, ...] = ()
+    vhost: bool = False
+    vhostfds: tuple[str, ...] = ()
 
 
 def _valid_ifname(name: str) -> bool:
@@ -150,6 +173,28 @@ class Tap:
             tap = cls(fd, ifname)
             tap._configure()
             return tap
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def from_config(cls, config: NetdevConfig, take_fd: Callable[[str], int]) -> "Tap":
+        """Open the tap ``config`` names: by name, or by adopting the descriptor ``take_fd``
+        hands over for its one ``fds`` reference (ownership passes to the tap only once it is
+        accepted; a refused descriptor is closed, since the caller gave it up). Raises TapError,
+        or VhostNetError when the in-kernel data path is asked for."""
+        if config.vhost or config.vhostfds:
+            open_vhost_net(config.vhostfds[0] if config.vhostfds else None)
+        if not config.fds:
+            if config.ifname is None:
+                raise TapError(f"Netdev '{config.id}' names neither a tap (ifname) nor a descriptor (fds).")
+            return cls.open(config.ifname)
+        if len(config.fds) > 1:
+            raise TapError(f"Netdev '{config.id}' passes {len(config.fds)} tap descriptors: multi-queue "
+                           "taps are not supported, pass one.")
+        fd = take_fd(config.fds[0])
+        try:
+            return cls.from_fd(fd)
         except BaseException:
             os.close(fd)
             raise

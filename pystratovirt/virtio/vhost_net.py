@@ -19,10 +19,12 @@ from __future__ import annotations
 import os
 from typing import NoReturn
 
+from ..errors import PyStratoVirtError
+
 VHOST_NET_PATH = "/dev/vhost-net"
 
 
-class VhostNetError(Exception):
+class VhostNetError(PyStratoVirtError):
     """vhost-net cannot be used; the message is one sentence for the user."""
 
 
@@ -35,7 +37,7 @@ def unavailable_reason(path: str = VHOST_NET_PATH) -> str:
             "(it could not be tested on the development host); use vhost=off.")
 
 
-def open_vhost_net(vhostfd: int | None = None, path: str = VHOST_NET_PATH) -> NoReturn:
+def open_vhost_net(vhostfd: int | str | None = None, path: str = VHOST_NET_PATH) -> NoReturn:
     """Set up vhost-net for a NIC (``vhostfd``: a descriptor passed with ``vhostfds=``).
 
     Always raises :class:`VhostNetError` with the reason; the machine reports it and does not

@@ -8,8 +8,9 @@ import socket
 import pytest
 
 from pystratovirt.config import ConfigError, parse_command_line
+from config.early import disks, drive, drives_of, net, nics, nics_of
 from pystratovirt.machine.vmconfig import (
-    BalloonConfig, BootSource, ConsoleConfig, DriveConfig, IothreadConfig, MachineConfig, NetConfig, RngConfig,
+    BalloonConfig, BootSource, ConsoleConfig, IothreadConfig, MachineConfig, RngConfig,
     SerialConfig, VmConfig, VsockConfig,
 )
 from pystratovirt.memory.layout import GiB, MiB
@@ -32,7 +33,7 @@ def test_reference_quickstart_example(env):
     assert inv.action == "run" and inv.text == ""
     assert inv.config == VmConfig(
         boot=BootSource("./vmlinux.bin", "console=ttyS0 pci=off reboot=k panic=1 root=/dev/vda"),
-        drives=[DriveConfig("rootfs", "./rootfs", read_only=False, direct=True)],
+        **disks(drive("rootfs", "./rootfs", read_only=False, direct=True)),
         serial=SerialConfig(stdio=True), qmp_socket=sock)
 
 
@@ -68,8 +69,8 @@ def test_hydropper_style_argv(env):
         boot=BootSource(env.kernel, "rw console=hvc0 lastbus=0 reboot=k panic=1 tsc=reliable ipv6.disable=1 "
                                     "root=/dev/vda", env.initrd),
         machine=MachineConfig(vcpus=4, max_vcpus=4, mem_size=2408 * MiB, mem_share=True, dump_guest_core=False),
-        drives=[DriveConfig("rootfs", env.rootfs)],
-        nets=[NetConfig("tap0", "tap0", mac="52:54:00:12:34:56", vhost=True), NetConfig("tap1", "tap1")],
+        **disks(drive("rootfs", env.rootfs)),
+        **nics(net("tap0", "tap0", mac="52:54:00:12:34:56", vhost=True), net("tap1", "tap1")),
         consoles=[ConsoleConfig("console_0", f"{root}/microvm_{uuid}-console.sock")],
         vsock=VsockConfig("vsock-1234", 1234), balloon=BalloonConfig(deflate_on_oom=True),
         rng=RngConfig("/dev/random", 1_000_000), qmp_socket=f"{root}/microvm_{uuid}.sock",
@@ -303,13 +304,13 @@ def test_socket_path_exists(env, kind):
 def test_drive_all_keys(env):
     cfg = env.config("-iothread id=io1 -drive file=rootfs,id=rootfs,readonly=on,direct=off,serial=12345678901234567890,"
                      "iothread=io1,iops=1000000")
-    assert cfg.drives == [DriveConfig("rootfs", "rootfs", read_only=True, direct=False, serial="12345678901234567890",
-                                      iothread="io1", iops=1_000_000)]
+    assert drives_of(cfg) == disks(drive("rootfs", "rootfs", read_only=True, direct=False,
+                                         serial="12345678901234567890", iothread="io1", iops=1_000_000))
 
 
 def test_drive_defaults_and_order(env):
     cfg = env.config("-drive id=a,file=disk1 -drive file=disk2,id=b file=disk3,id=c")
-    assert cfg.drives == [DriveConfig("a", "disk1"), DriveConfig("b", "disk2"), DriveConfig("c", "disk3")]
+    assert drives_of(cfg) == disks(drive("a", "disk1"), drive("b", "disk2"), drive("c", "disk3"))
     assert all(d.direct and not d.read_only for d in cfg.drives)
 
 
@@ -369,13 +370,13 @@ def test_drive_count(env):
 def test_netdev_all_keys(env):
     cfg = env.config("-iothread id=io1 -netdev tap,id=net0,netdev=tap0,mac=12:34:56:78:9A:BC,fds=7,vhost=on,"
                      "vhostfds=8,iothread=io1")
-    assert cfg.nets == [NetConfig("net0", "tap0", mac="12:34:56:78:9A:BC", vhost=True, tap_fds=[7], vhost_fds=[8],
-                                  iothread="io1")]
+    assert nics_of(cfg) == nics(net("net0", "tap0", mac="12:34:56:78:9A:BC", vhost=True, tap_fds=[7],
+                                    vhost_fds=[8], iothread="io1"))
 
 
 def test_netdev_minimal(env):
-    assert env.config("-netdev id=net0,netdev=tap0").nets == [NetConfig("net0", "tap0")]
-    assert env.config("-netdev id=n,netdev=t,vhost=off").nets[0].vhost is False
+    assert nics_of(env.config("-netdev id=net0,netdev=tap0")) == nics(net("net0", "tap0"))
+    assert env.config("-netdev id=n,netdev=t,vhost=off").netdevs[0].vhost is False
 
 
 @pytest.mark.parametrize("value, message", [

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from pystratovirt.config import ConfigError, parse_command_line
+from config.early import disks, drive, net, nics
 from pystratovirt.machine.vmconfig import (
-    BalloonConfig, BootSource, ConsoleConfig, DriveConfig, IothreadConfig, MachineConfig, NetConfig, RngConfig,
+    BalloonConfig, BootSource, ConsoleConfig, IothreadConfig, MachineConfig, RngConfig,
     SerialConfig, VmConfig, VsockConfig,
 )
 from pystratovirt.memory.layout import GiB, MiB
@@ -43,7 +44,7 @@ def test_default_json(env):
     cfg = run(env, default_json(env), "-api-channel", "unix:api.sock")
     assert cfg == VmConfig(
         boot=BootSource(env.kernel, BOOT_ARGS),
-        drives=[DriveConfig("rootfs", env.rootfs, read_only=False, direct=False)],
+        **disks(drive("rootfs", env.rootfs, read_only=False, direct=False)),
         serial=SerialConfig(stdio=True), balloon=BalloonConfig(deflate_on_oom=True), qmp_socket="api.sock")
 
 
@@ -79,9 +80,9 @@ def test_every_section(env):
         name="vm7", boot=BootSource(env.kernel, "a b", env.initrd),
         machine=MachineConfig(vcpus=2, max_vcpus=4, mem_size=GiB, mem_path="/dev/hugepages", mem_share=True,
                               dump_guest_core=False),
-        drives=[DriveConfig("rootfs", env.rootfs, True, True, "11111111", "io1", 200),
-                DriveConfig("d1", "disk1", False, False)],
-        nets=[NetConfig("net0", "tap0", "12:34:56:78:9A:BC", True, [10], [11], "io1")],
+        **disks(drive("rootfs", env.rootfs, True, True, "11111111", "io1", 200),
+                drive("d1", "disk1", False, False)),
+        **nics(net("net0", "tap0", "12:34:56:78:9A:BC", True, [10], [11], "io1")),
         consoles=[ConsoleConfig("charconsole0", "console.sock")], vsock=VsockConfig("vsock-3", 3),
         serial=SerialConfig(stdio=False), iothreads=[IothreadConfig("io1")], balloon=BalloonConfig(False),
         rng=RngConfig("/dev/urandom", 1_000_000), extract_payload=False)
@@ -328,7 +329,7 @@ def test_drives_and_nets_add_to_json(env):
     cfg = run(env, doc, "-drive", "file=disk1,id=d1,iothread=io2", "-netdev", "id=net1,netdev=tap1",
               "-iothread", "id=io2", "-chardev", "id=c1,path=c1.sock")
     assert [d.id for d in cfg.drives] == ["rootfs", "d1"]
-    assert [n.id for n in cfg.nets] == ["net0", "net1"]
+    assert [n.id for n in cfg.netdevs] == ["net0", "net1"]
     assert [t.id for t in cfg.iothreads] == ["io1", "io2"]
     assert [c.id for c in cfg.consoles] == ["c0", "c1"]
 

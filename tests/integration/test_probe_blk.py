@@ -218,14 +218,17 @@ def test_permission_denied_is_a_clear_error(probe_elf, tmp_path):
             pytest.skip("cannot make an immutable file here (chattr or the file system refuses)")
         sock = tmp_path / "s"
         with boot(probe_elf, sock), Qmp(sock) as qmp:
-            qmp.execute("blockdev-add", {"node-name": "locked", "file": {"driver": "file", "filename": img},
-                                         "cache": {"direct": False}})
-            _, reply = qmp.execute("device_add", {"id": "locked", "driver": "virtio-blk-mmio", "addr": "0x1"})
+            # blockdev-add opens the image (the one place it is looked at), so it is the one to refuse.
+            _, reply = qmp.execute("blockdev-add", {"node-name": "locked", "file": {"driver": "file",
+                                                                                   "filename": img},
+                                                    "cache": {"direct": False}})
             assert reply["error"]["class"] == "GenericError"
             assert "ermission" in reply["error"]["desc"] or "not permitted" in reply["error"]["desc"]
-            # The refused backend stays registered and unattached; the slot is still empty.
+            # Nothing was registered, so there is nothing to plug or to delete; the slot stays empty.
+            _, reply = qmp.execute("device_add", {"id": "locked", "driver": "virtio-blk-mmio", "addr": "0x1"})
+            assert reply["error"]["desc"].startswith("Failed to find the configuration")
             _, reply = qmp.execute("blockdev-del", {"node-name": "locked"})
-            assert reply == {"return": {}}
+            assert reply["error"]["class"] == "DeviceNotFound"
     finally:
         if chattr is not None:
             subprocess.run([chattr, "-i", img], capture_output=True)

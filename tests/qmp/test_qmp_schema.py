@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from pystratovirt.virtio.block_backend import DriveConfig
+from pystratovirt.virtio.tap import NetdevConfig
 from pystratovirt.machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats,
                                            BalloonInfo, BlockdevAdd,
                                            BlockdevDel, CommandInfo, Cont, CpuInfo, CpuProps,
@@ -153,20 +155,18 @@ def test_blockdev_add_seed_transcript():
     command = parse_text('{"execute": "blockdev-add", "arguments": {"node-name": "drive-0", '
                          '"file": {"driver": "file", "filename": "/path/to/block"}, "cache": '
                          '{"direct": true}, "read-only": false}}')
-    assert command.request == BlockdevAdd(node_name="drive-0", filename="/path/to/block",
-                                          driver="file", direct=True, no_flush=False,
-                                          read_only=False)
+    assert command.request == BlockdevAdd(DriveConfig(id="drive-0", path="/path/to/block",
+                                                      direct=True, no_flush=False, read_only=False))
 
 
 def test_blockdev_add_defaults_and_options():
     assert parse({"execute": "blockdev-add", "arguments": {
-        "node-name": "d", "file": {"filename": "/f"}}}) == BlockdevAdd("d", "/f")
+        "node-name": "d", "file": {"filename": "/f"}}}) == BlockdevAdd(DriveConfig("d", "/f"))
     assert parse({"execute": "blockdev-add", "arguments": {
         "node-name": "d", "driver": "raw", "discard": "unmap", "id": "x",
         "file": {"driver": "host_device", "filename": "/dev/sdb"},
         "cache": {"direct": False, "no-flush": True}, "read-only": True}}) == \
-        BlockdevAdd("d", "/dev/sdb", driver="host_device", direct=False, no_flush=True,
-                    read_only=True)
+        BlockdevAdd(DriveConfig("d", "/dev/sdb", direct=False, no_flush=True, read_only=True))
 
 
 @pytest.mark.parametrize("arguments, desc", [
@@ -204,18 +204,18 @@ def test_blockdev_del():
 
 def test_netdev_add_seed_transcript():
     command = parse_text('{"execute":"netdev_add", "arguments":{"id":"net-0", "ifname":"tap0"}}')
-    assert command.request == NetdevAdd(id="net-0", ifname="tap0")
+    assert command.request == NetdevAdd(NetdevConfig(id="net-0", ifname="tap0"))
 
 
 def test_netdev_add_options():
     assert parse({"execute": "netdev_add", "arguments": {"id": "n", "fds": 5}}) == \
-        NetdevAdd("n", fds="5")
+        NetdevAdd(NetdevConfig("n", fds=("5",)))
     assert parse({"execute": "netdev_add", "arguments": {
         "id": "n", "type": "tap", "fds": "fd1", "vhost": "on", "vhostfds": "7",
         "script": "no", "downscript": "no", "queues": 1}}) == \
-        NetdevAdd("n", fds="fd1", vhost=True, vhostfds="7")
+        NetdevAdd(NetdevConfig("n", fds=("fd1",), vhost=True, vhostfds=("7",)))
     assert parse({"execute": "netdev_add", "arguments": {
-        "id": "n", "ifname": "tap1", "vhost": False}}) == NetdevAdd("n", ifname="tap1")
+        "id": "n", "ifname": "tap1", "vhost": False}}) == NetdevAdd(NetdevConfig("n", ifname="tap1"))
 
 
 @pytest.mark.parametrize("arguments, desc", [

@@ -137,7 +137,7 @@ class EchoDevice(VirtioDevice):
         self.resets += 1
 
     def process_queue(self, index):
-        q = self.queues[index]
+        q = self.queue(index)
         if q is None:
             return False
         n = 0

@@ -386,7 +386,7 @@ def test_empty_slot_then_hot_plug_and_unplug(ns):
         assert nic.peer.recv(timeout=0.3) is None
         _config_irq(t, 0)   # drain anything pending so far
         gen = t.read(r.CONFIG_GENERATION, 4)
-        dev.set_backend(ns.open_tap("tap0"))                   # device_add
+        dev.set_backend(ns.open_tap("tap0")).result(5)                   # device_add
         wait_carrier(ns)
         assert _config_irq(t)                                  # the guest is told
         assert g.config_status() == netmod.VIRTIO_NET_S_LINK_UP
@@ -400,7 +400,7 @@ def test_empty_slot_then_hot_plug_and_unplug(ns):
         g.wait_sent(1)
         assert nic.peer.recv() == out
         tap = dev.backend
-        dev.set_backend(None)                                  # device_del
+        dev.set_backend(None).result(5)                                  # device_del
         assert _config_irq(t)
         assert g.config_status() == 0 and tap.closed
         g.send(out)
@@ -419,7 +419,7 @@ def test_hot_swap_to_another_tap(nic):
         nic.guest.post_rx(4)
         old = nic.dev.backend
         _config_irq(nic.t, 0)
-        nic.dev.set_backend(ns.open_tap("tap1"))
+        nic.dev.set_backend(ns.open_tap("tap1")).result(5)
         wait_carrier(ns, "tap1")
         assert old.closed and nic.dev.link_up
         assert not _config_irq(nic.t, 0.2)   # still up: no link change to report
@@ -459,7 +459,7 @@ def test_tap_deleted_under_a_running_device(nic, caplog):
     assert nic.t.read(r.STATUS, 4) & STATUS_DEVICE_NEEDS_RESET == 0
     # A new tap brings it back.
     nic.ns.add_tap("tap0")
-    nic.dev.set_backend(nic.ns.open_tap("tap0"))
+    nic.dev.set_backend(nic.ns.open_tap("tap0")).result(5)
     nic.peer = Peer(nic.ns, "tap0")
     wait_carrier(nic.ns)
     again = eth(b"after" * 10)

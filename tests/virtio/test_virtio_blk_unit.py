@@ -15,14 +15,15 @@ import time
 import pytest
 
 from pystratovirt.virtio import blk as blkmod
+from pystratovirt.virtio import block_backend as backendmod
 from pystratovirt.virtio import mmio as r
 from pystratovirt.virtio.blk import (MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX, VIRTIO_BLK_F_BLK_SIZE,
                                      VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
                                      VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
                                      VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
                                      VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-                                     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, BackendError, FileBackend,
-                                     VirtioBlk)
+                                     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VirtioBlk)
+from pystratovirt.virtio.block_backend import BackendError, DriveConfig, FileBackend
 from pystratovirt.virtio.device import (INT_CONFIG, STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_VERSION_1,
                                         VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit)
 from pystratovirt.virtio.driver import BLK_HEADER, BlkDriver
@@ -32,6 +33,11 @@ from virtio.helper import spied_memory
 MEM = 32 << 20
 MiB = 1 << 20
 SEG = struct.Struct("<QII")
+
+
+def open_image(path, *, read_only=False, direct=False):
+    """FileBackend.open of a DriveConfig, with the buffered default these tests want."""
+    return FileBackend.open(DriveConfig("d", str(path), read_only=read_only, direct=direct))
 
 
 def pattern(n, seed=0):
@@ -101,7 +107,7 @@ def segs(*items):
 
 # -- config and features ---------------------------------------------------------------------------
 def test_config_space(rig, image):
-    dev, t, drv = rig(FileBackend.open(image(3 * MiB + 700)))
+    dev, t, drv = rig(open_image(image(3 * MiB + 700)))
     assert drv.read_config(0, 8) == (3 * MiB + 700) // 512
     assert drv.read_config(12, 4) == SEG_MAX == 254
     assert drv.read_config(20, 4) == 512                      # blk_size
@@ -118,13 +124,13 @@ def test_config_space(rig, image):
 
 
 def test_features_offered(rig, image):
-    dev, _, drv = rig(FileBackend.open(image()), init=False)
+    dev, _, drv = rig(open_image(image()), init=False)
     f = drv.device_features()
     for b in (VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_BLK_F_SEG_MAX,
               VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES):
         assert f & bit(b), b
     assert not f & bit(VIRTIO_BLK_F_RO)
-    ro_dev, _, ro_drv = rig(FileBackend.open(image(name="ro.img"), read_only=True), init=False)
+    ro_dev, _, ro_drv = rig(open_image(image(name="ro.img"), read_only=True), init=False)
     assert ro_drv.device_features() & bit(VIRTIO_BLK_F_RO)
     assert r.VirtioMmio  # transport module in use
     assert dev.device_id == 2 and dev.queue_max_sizes == (256,)
@@ -133,7 +139,7 @@ def test_features_offered(rig, image):
 # -- reads and writes ------------------------------------------------------------------------------
 def test_write_then_read(rig, image):
     path = image()
-    _, _, drv = rig(FileBackend.open(path))
+    _, _, drv = rig(open_image(path))
     data = pattern(4096, seed=99)
     status, _, used = drv.request(VIRTIO_BLK_T_OUT, 8, out=data)
     assert (status, used) == (VIRTIO_BLK_S_OK, 1)
@@ -148,7 +154,7 @@ def test_write_then_read(rig, image):
 @pytest.mark.parametrize("split,indirect", [(100, False), (512, True), (1, True), (4095, False)])
 def test_scatter_gather(rig, image, split, indirect):
     path = image()
-    _, _, drv = rig(FileBackend.open(path))
+    _, _, drv = rig(open_image(path))
     data = pattern(8192, seed=split)
     status, _, _ = drv.request(VIRTIO_BLK_T_OUT, 100, out=data, split=split, indirect=indirect)
     assert status == VIRTIO_BLK_S_OK
@@ -159,7 +165,7 @@ def test_scatter_gather(rig, image, split, indirect):
 
 def test_any_layout_header_split_and_status_shares_a_buffer(rig, image, mem):
     path = image()
-    _, _, drv = rig(FileBackend.open(path))
+    _, _, drv = rig(open_image(path))
     hdr = drv.put(BLK_HEADER.pack(VIRTIO_BLK_T_IN, 0, 3))
     buf = drv.alloc(513)
     mem.write_u8(buf + 512, 0xFF)
@@ -172,7 +178,7 @@ def test_any_layout_header_split_and_status_shares_a_buffer(rig, image, mem):
 
 def test_without_event_idx_and_indirect(rig, image):
     path = image()
-    dev, _, drv = rig(FileBackend.open(path), want=bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_BLK_F_FLUSH))
+    dev, _, drv = rig(open_image(path), want=bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_BLK_F_FLUSH))
     assert not dev.negotiated(VIRTIO_RING_F_EVENT_IDX)
     for i in range(20):
         assert drv.request(VIRTIO_BLK_T_OUT, i, out=pattern(512, i))[0] == VIRTIO_BLK_S_OK
@@ -181,7 +187,7 @@ def test_without_event_idx_and_indirect(rig, image):
 
 def test_many_requests_in_one_notification(rig, image):
     path = image(4 * MiB)
-    _, _, drv = rig(FileBackend.open(path))
+    _, _, drv = rig(open_image(path))
     posted = []
     for i in range(200):  # more than one BATCH, fewer than the 256 ring entries
         posted.append(drv.post(VIRTIO_BLK_T_OUT, 8 * i, out=pattern(4096, i), publish=False,
@@ -203,7 +209,7 @@ def test_many_requests_in_one_notification(rig, image):
 ])
 def test_sector_bounds(rig, image, sector, length, ok):
     path = image(MiB)  # 2048 sectors
-    _, t, drv = rig(FileBackend.open(path))
+    _, t, drv = rig(open_image(path))
     before = file_bytes(path, 0, MiB)
     expected = VIRTIO_BLK_S_OK if ok else VIRTIO_BLK_S_IOERR
     assert drv.request(VIRTIO_BLK_T_IN, sector, in_len=length)[0] == expected
@@ -220,7 +226,7 @@ def rd_status(t):
 
 def test_partial_trailing_sector_is_not_addressable(rig, image):
     path = image(1000)
-    dev, _, drv = rig(FileBackend.open(path))
+    dev, _, drv = rig(open_image(path))
     assert dev.capacity == 1
     assert drv.request(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_OK
     assert drv.request(VIRTIO_BLK_T_IN, 1, in_len=512)[0] == VIRTIO_BLK_S_IOERR
@@ -228,7 +234,7 @@ def test_partial_trailing_sector_is_not_addressable(rig, image):
 
 # -- flush, get-id, unsupported --------------------------------------------------------------------
 def test_flush_calls_fdatasync(rig, image, monkeypatch):
-    be = FileBackend.open(image())
+    be = open_image(image())
     _, _, drv = rig(be)
     calls = []
     real = os.fdatasync
@@ -251,20 +257,20 @@ def test_flush_error_is_ioerr(rig, monkeypatch):
     (None, bytes(20)),
 ])
 def test_get_id(rig, image, serial, expected):
-    _, _, drv = rig(FileBackend.open(image(), serial=serial))
+    _, _, drv = rig(open_image(image()), serial=serial)
     status, got, used = drv.request(VIRTIO_BLK_T_GET_ID, in_len=20)
     assert (status, got, used) == (VIRTIO_BLK_S_OK, expected, 21)
 
 
 def test_get_id_into_a_short_buffer(rig, image):
-    _, _, drv = rig(FileBackend.open(image(), serial="0123456789abcdef"))
+    _, _, drv = rig(open_image(image()), serial="0123456789abcdef")
     status, got, used = drv.request(VIRTIO_BLK_T_GET_ID, in_len=8)
     assert (status, got, used) == (VIRTIO_BLK_S_OK, b"01234567", 9)
 
 
 @pytest.mark.parametrize("rtype", [2, 3, 5, 10, 14, 15, 16, 0x8000_0000, 0xFFFF_FFFF])
 def test_unsupported_types(rig, image, rtype):
-    _, t, drv = rig(FileBackend.open(image()))
+    _, t, drv = rig(open_image(image()))
     status, _, used = drv.request(rtype, 0, in_len=512)
     assert (status, used) == (VIRTIO_BLK_S_UNSUPP, 1)
     assert not rd_status(t) & STATUS_DEVICE_NEEDS_RESET
@@ -273,7 +279,7 @@ def test_unsupported_types(rig, image, rtype):
 # -- discard and write-zeroes ----------------------------------------------------------------------
 def test_discard_punches_a_hole(rig, image):
     path = image(4 * MiB)
-    _, _, drv = rig(FileBackend.open(path))
+    _, _, drv = rig(open_image(path))
     blocks_before = os.stat(path).st_blocks
     status, _, used = drv.request(VIRTIO_BLK_T_DISCARD, out=segs((2048, 2048, 0), (6144, 8, 0)))
     assert (status, used) == (VIRTIO_BLK_S_OK, 1)
@@ -296,14 +302,14 @@ def test_discard_punches_a_hole(rig, image):
 ])
 def test_discard_rejections(rig, image, payload, expected):
     path = image(MiB)
-    _, _, drv = rig(FileBackend.open(path))
+    _, _, drv = rig(open_image(path))
     out = payload if payload else None
     assert drv.request(VIRTIO_BLK_T_DISCARD, out=out)[0] == expected
     assert file_bytes(path, 0, MiB) == pattern(MiB)
 
 
 def test_discard_and_write_zeroes_unsupp_when_not_negotiated(rig, image):
-    _, _, drv = rig(FileBackend.open(image()), want=bit(VIRTIO_F_VERSION_1))
+    _, _, drv = rig(open_image(image()), want=bit(VIRTIO_F_VERSION_1))
     assert drv.request(VIRTIO_BLK_T_DISCARD, out=segs((0, 8, 0)))[0] == VIRTIO_BLK_S_UNSUPP
     assert drv.request(VIRTIO_BLK_T_WRITE_ZEROES, out=segs((0, 8, 0)))[0] == VIRTIO_BLK_S_UNSUPP
 
@@ -311,7 +317,7 @@ def test_discard_and_write_zeroes_unsupp_when_not_negotiated(rig, image):
 @pytest.mark.parametrize("unmap", [0, 1])
 def test_write_zeroes(rig, image, unmap):
     path = image(2 * MiB)
-    _, _, drv = rig(FileBackend.open(path))
+    _, _, drv = rig(open_image(path))
     status, _, _ = drv.request(VIRTIO_BLK_T_WRITE_ZEROES, out=segs((1, 7, unmap), (100, 300, unmap)))
     assert status == VIRTIO_BLK_S_OK
     data = file_bytes(path, 0, 2 * MiB)
@@ -323,16 +329,16 @@ def test_write_zeroes(rig, image, unmap):
 
 def test_write_zeroes_falls_back_to_writing_zeroes(rig, image, monkeypatch):
     path = image(MiB)
-    _, _, drv = rig(FileBackend.open(path))
+    _, _, drv = rig(open_image(path))
     modes = []
 
     def no_fallocate(fd, mode, offset, length):
         modes.append(mode)
         raise OSError(errno.EOPNOTSUPP, "not here")
-    monkeypatch.setattr(blkmod, "_fallocate", no_fallocate)
+    monkeypatch.setattr(backendmod, "_fallocate", no_fallocate)
     assert drv.request(VIRTIO_BLK_T_WRITE_ZEROES, out=segs((3, 5, 1)))[0] == VIRTIO_BLK_S_OK
-    assert modes == [blkmod.FALLOC_FL_PUNCH_HOLE | blkmod.FALLOC_FL_KEEP_SIZE,
-                     blkmod.FALLOC_FL_ZERO_RANGE | blkmod.FALLOC_FL_KEEP_SIZE]
+    assert modes == [backendmod.FALLOC_FL_PUNCH_HOLE | backendmod.FALLOC_FL_KEEP_SIZE,
+                     backendmod.FALLOC_FL_ZERO_RANGE | backendmod.FALLOC_FL_KEEP_SIZE]
     assert file_bytes(path, 3 * 512, 5 * 512) == bytes(5 * 512)
     assert file_bytes(path, 8 * 512, 512) == pattern(MiB)[8 * 512:9 * 512]
     # Discard without hole punching is a successful no-op (discard is advisory).
@@ -343,7 +349,7 @@ def test_write_zeroes_falls_back_to_writing_zeroes(rig, image, monkeypatch):
 # -- read-only ---------------------------------------------------------------------------------------
 def test_read_only_drive(rig, image):
     path = image()
-    dev, t, drv = rig(FileBackend.open(path, read_only=True))
+    dev, t, drv = rig(open_image(path, read_only=True))
     assert dev.negotiated(VIRTIO_BLK_F_RO)
     assert drv.request(VIRTIO_BLK_T_OUT, 0, out=bytes(512))[0] == VIRTIO_BLK_S_IOERR
     assert drv.request(VIRTIO_BLK_T_DISCARD, out=segs((0, 8, 0)))[0] == VIRTIO_BLK_S_IOERR
@@ -357,7 +363,7 @@ def test_read_only_backend_hot_plugged_into_read_write_slot(rig, image):
     path = image()
     dev, _, drv = rig(None)
     assert not dev.negotiated(VIRTIO_BLK_F_RO)
-    dev.set_backend(FileBackend.open(path, read_only=True))
+    dev.set_backend(open_image(path, read_only=True)).result(5)
     assert drv.request(VIRTIO_BLK_T_OUT, 0, out=bytes(512))[0] == VIRTIO_BLK_S_IOERR
     assert drv.request(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_OK
     assert file_bytes(path, 0, 512) == pattern(512)
@@ -367,7 +373,7 @@ def test_read_write_backend_in_a_read_only_slot_still_refuses_writes(rig, image)
     path = image()
     dev, _, drv = rig(None, read_only=True)
     assert dev.negotiated(VIRTIO_BLK_F_RO)
-    dev.set_backend(FileBackend.open(path))
+    dev.set_backend(open_image(path)).result(5)
     assert drv.request(VIRTIO_BLK_T_OUT, 0, out=bytes(512))[0] == VIRTIO_BLK_S_IOERR
     assert file_bytes(path, 0, 512) == pattern(512)
 
@@ -377,12 +383,12 @@ def test_direct_aligned_is_zero_copy(rig, image, direct_dir, monkeypatch):
     path = os.path.join(direct_dir, "d.img")
     with open(path, "wb") as f:
         f.write(pattern(2 * MiB))
-    be = FileBackend.open(path, direct=True)
+    be = open_image(path, direct=True)
     assert be.direct and be.align in (512, 4096)
     assert fcntl.fcntl(be.fd, fcntl.F_GETFL) & os.O_DIRECT
     copies = []
-    monkeypatch.setattr(blkmod, "_copy_out", lambda *a: copies.append("out"))
-    monkeypatch.setattr(blkmod, "_copy_in", lambda *a: copies.append("in"))
+    monkeypatch.setattr(backendmod, "_copy_out", lambda *a: copies.append("out"))
+    monkeypatch.setattr(backendmod, "_copy_in", lambda *a: copies.append("in"))
     _, _, drv = rig(be)
     data = pattern(64 * 1024, seed=5)
     assert drv.request(VIRTIO_BLK_T_OUT, 64, out=data)[0] == VIRTIO_BLK_S_OK  # put() aligns to 512
@@ -397,11 +403,11 @@ def test_direct_unaligned_guest_buffers_use_the_bounce_buffer(rig, direct_dir, m
     path = os.path.join(direct_dir, "d.img")
     with open(path, "wb") as f:
         f.write(pattern(4 * MiB))
-    be = FileBackend.open(path, direct=True)
+    be = open_image(path, direct=True)
     copies = []
-    real_out, real_in = blkmod._copy_out, blkmod._copy_in
-    monkeypatch.setattr(blkmod, "_copy_out", lambda *a: (copies.append("out"), real_out(*a)))
-    monkeypatch.setattr(blkmod, "_copy_in", lambda *a: (copies.append("in"), real_in(*a)))
+    real_out, real_in = backendmod._copy_out, backendmod._copy_in
+    monkeypatch.setattr(backendmod, "_copy_out", lambda *a: (copies.append("out"), real_out(*a)))
+    monkeypatch.setattr(backendmod, "_copy_in", lambda *a: (copies.append("in"), real_in(*a)))
     _, _, drv = rig(be)
     n = 3 * MiB + 4096  # more than one bounce buffer's worth
     data = pattern(n, seed=11)
@@ -441,8 +447,8 @@ def test_direct_write_zeroes_fallback(rig, direct_dir, monkeypatch):
     path = os.path.join(direct_dir, "d.img")
     with open(path, "wb") as f:
         f.write(pattern(MiB))
-    _, _, drv = rig(FileBackend.open(path, direct=True))
-    monkeypatch.setattr(blkmod, "_fallocate",
+    _, _, drv = rig(open_image(path, direct=True))
+    monkeypatch.setattr(backendmod, "_fallocate",
                         lambda *a: (_ for _ in ()).throw(OSError(errno.EOPNOTSUPP, "no")))
     assert drv.request(VIRTIO_BLK_T_WRITE_ZEROES, out=segs((9, 3, 0)))[0] == VIRTIO_BLK_S_OK
     assert file_bytes(path, 9 * 512, 3 * 512) == bytes(3 * 512)
@@ -467,7 +473,7 @@ def test_fd_without_the_needed_access_is_ioerr(rig, image, caplog):
     assert sum("host I/O error" in rec.message for rec in caplog.records
                if rec.levelname == "WARNING") == 1
     rd_only = os.open(path, os.O_RDONLY)
-    dev.set_backend(FileBackend(rd_only, path=path))  # claims read-write, fd cannot write
+    dev.set_backend(FileBackend(rd_only, path=path)).result(5)  # claims read-write, fd cannot write
     assert drv.request(VIRTIO_BLK_T_OUT, 0, out=bytes(512))[0] == VIRTIO_BLK_S_IOERR
     assert drv.request(VIRTIO_BLK_T_IN, 0, in_len=512)[1] == pattern(512)
     assert not rd_status(t) & STATUS_DEVICE_NEEDS_RESET
@@ -484,7 +490,7 @@ def wait_needs_reset(t, timeout=5.0):
 
 
 def test_short_header_needs_reset(rig, image):
-    _, t, drv = rig(FileBackend.open(image()))
+    _, t, drv = rig(open_image(image()))
     hdr = drv.put(bytes(15))
     st_ = drv.alloc(1)
     drv.submit(0, [(hdr, 15)], [(st_, 1)])
@@ -493,7 +499,7 @@ def test_short_header_needs_reset(rig, image):
 
 
 def test_missing_status_byte_needs_reset(rig, image):
-    _, t, drv = rig(FileBackend.open(image()))
+    _, t, drv = rig(open_image(image()))
     hdr = drv.put(BLK_HEADER.pack(VIRTIO_BLK_T_FLUSH, 0, 0))
     drv.submit(0, [(hdr, 16)], [])
     drv.notify(0)
@@ -503,7 +509,7 @@ def test_missing_status_byte_needs_reset(rig, image):
 # -- hot-replace ---------------------------------------------------------------------------------------
 def test_hot_replace_changes_capacity_generation_and_interrupts(rig, image, monkeypatch):
     a_path, b_path = image(MiB, "a.img"), image(4 * MiB, "b.img", content=pattern(4 * MiB, seed=42))
-    a = FileBackend.open(a_path)
+    a = open_image(a_path)
     dev, t, drv = rig(a)
     assert drv.read_config(0, 8) == 2048
     syncs = []
@@ -512,7 +518,7 @@ def test_hot_replace_changes_capacity_generation_and_interrupts(rig, image, monk
     a_fd = a.fd
     gen = t.read(r.CONFIG_GENERATION, 4)
     t.write(r.INTERRUPT_ACK, 4, 3)
-    dev.set_backend(FileBackend.open(b_path))
+    dev.set_backend(open_image(b_path)).result(5)
     assert t.read(r.CONFIG_GENERATION, 4) != gen
     assert drv.read_config(0, 8) == 8192
     assert t.read(r.INTERRUPT_STATUS, 4) & INT_CONFIG
@@ -520,7 +526,7 @@ def test_hot_replace_changes_capacity_generation_and_interrupts(rig, image, monk
     assert drv.request(VIRTIO_BLK_T_IN, 6000, in_len=512)[1] == pattern(4 * MiB, seed=42)[6000 * 512:6001 * 512]
 
     gen = t.read(r.CONFIG_GENERATION, 4)
-    dev.set_backend(None)  # device_del: an empty slot is a disk of capacity 0
+    dev.set_backend(None).result(5)  # device_del: an empty slot is a disk of capacity 0
     assert drv.read_config(0, 8) == 0
     assert t.read(r.CONFIG_GENERATION, 4) != gen
     assert drv.request(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_IOERR
@@ -533,7 +539,7 @@ def test_hot_replace_changes_capacity_generation_and_interrupts(rig, image, monk
 def test_hot_replace_before_driver_init_raises_no_interrupt(rig, image):
     dev, t, drv = rig(None, init=False)
     gen = t.read(r.CONFIG_GENERATION, 4)
-    dev.set_backend(FileBackend.open(image()))
+    dev.set_backend(open_image(image())).result(5)
     assert t.read(r.CONFIG_GENERATION, 4) != gen
     assert t.read(r.INTERRUPT_STATUS, 4) == 0
     drv.initialize()
@@ -568,7 +574,7 @@ def test_hot_replace_waits_for_the_request_in_flight(rig, image, mem):
     head, status_addr, data_addr = drv.post(VIRTIO_BLK_T_IN, 0, in_len=4096)
     drv.notify(0)
     assert slow.entered.wait(5)
-    dev.set_backend(FileBackend.open(b_path))
+    dev.set_backend(open_image(b_path)).result(5)
     assert slow.finished.is_set()  # set_backend returned only after the old request completed
     drv.wait_used(0)
     assert mem.read_u8(status_addr) == VIRTIO_BLK_S_OK
@@ -577,7 +583,7 @@ def test_hot_replace_waits_for_the_request_in_flight(rig, image, mem):
 
 
 def test_close_flushes_and_releases(mem, image, monkeypatch):
-    be = FileBackend.open(image())
+    be = open_image(image())
     dev = VirtioBlk(be)
     t = VirtioMmio(dev, mem)
     t.start()
@@ -592,17 +598,17 @@ def test_close_flushes_and_releases(mem, image, monkeypatch):
 # -- opening drive files -------------------------------------------------------------------------------
 def test_open_missing(tmp_path):
     with pytest.raises(BackendError, match="does not exist"):
-        FileBackend.open(str(tmp_path / "nope.img"))
+        open_image(str(tmp_path / "nope.img"))
 
 
 def test_open_directory(tmp_path):
     with pytest.raises(BackendError, match="not a regular file or block device"):
-        FileBackend.open(str(tmp_path))
+        open_image(str(tmp_path))
 
 
 def test_open_character_device():
     with pytest.raises(BackendError, match="not a regular file or block device"):
-        FileBackend.open("/dev/null")
+        open_image("/dev/null")
 
 
 def test_open_permission_denied(image, monkeypatch):
@@ -615,21 +621,21 @@ def test_open_permission_denied(image, monkeypatch):
     else:
         os.chmod(path, stat.S_IRUSR)
     with pytest.raises(BackendError, match="Permission denied .* for reading and writing"):
-        FileBackend.open(path)
+        open_image(path)
 
 
 def test_open_read_only_filesystem_message(image, monkeypatch):
     path = image()
     monkeypatch.setattr(os, "open", lambda *a: (_ for _ in ()).throw(OSError(errno.EROFS, "ro")))
     with pytest.raises(BackendError, match="read-only filesystem"):
-        FileBackend.open(path)
+        open_image(path)
 
 
 def test_open_direct_unsupported_at_open(image, monkeypatch):
     path = image()
     monkeypatch.setattr(os, "open", lambda *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "inval")))
     with pytest.raises(BackendError, match="does not support O_DIRECT"):
-        FileBackend.open(path, direct=True)
+        open_image(path, direct=True)
 
 
 def test_open_direct_unsupported_at_first_read(image, monkeypatch):
@@ -638,13 +644,15 @@ def test_open_direct_unsupported_at_first_read(image, monkeypatch):
     monkeypatch.setattr(os, "open", lambda p, flags, *a: real_open(p, flags & ~os.O_DIRECT, *a))
     monkeypatch.setattr(os, "preadv", lambda *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "inval")))
     with pytest.raises(BackendError, match="does not support O_DIRECT"):
-        FileBackend.open(path, direct=True)
+        open_image(path, direct=True)
 
 
 def test_open_reports_size_and_mode(image):
-    be = FileBackend.open(image(5 * 512 + 1), read_only=True, serial="S1")
+    path = image(5 * 512 + 1)
+    be = open_image(path, read_only=True)
     try:
-        assert (be.size, be.capacity, be.read_only, be.serial) == (5 * 512 + 1, 5, True, "S1")
+        st = os.stat(path)
+        assert (be.size, be.capacity, be.read_only, be.identity) == (5 * 512 + 1, 5, True, (st.st_dev, st.st_ino))
         assert not fcntl.fcntl(be.fd, fcntl.F_GETFL) & os.O_ACCMODE  # O_RDONLY
     finally:
         be.close()
@@ -662,7 +670,7 @@ def irq_fired(t, timeout):
 @pytest.mark.parametrize("event_idx", [True, False])
 def test_each_completion_interrupts_when_the_driver_asks(rig, image, event_idx):
     want = None if event_idx else bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_BLK_F_FLUSH)
-    dev, t, drv = rig(FileBackend.open(image()), want=want)
+    dev, t, drv = rig(open_image(image()), want=want)
     assert dev.negotiated(VIRTIO_RING_F_EVENT_IDX) == event_idx
     for i in range(20):
         if event_idx:
@@ -677,7 +685,7 @@ def test_each_completion_interrupts_when_the_driver_asks(rig, image, event_idx):
 @pytest.mark.parametrize("event_idx", [True, False])
 def test_interrupts_suppressed_when_the_driver_says_so(rig, image, mem, event_idx):
     want = None if event_idx else bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_BLK_F_FLUSH)
-    _, t, drv = rig(FileBackend.open(image()), want=want)
+    _, t, drv = rig(open_image(image()), want=want)
     q = drv.queues[0]
     drv.request(VIRTIO_BLK_T_FLUSH)  # the device's first decision always interrupts
     if event_idx:
@@ -714,14 +722,14 @@ def test_reset_waits_for_the_request_in_flight(rig, image, mem):
 def test_hot_replace_under_load(rig, image, mem):
     a_path = image(MiB, "a.img", content=b"A" * MiB)
     b_path = image(2 * MiB, "b.img", content=b"B" * (2 * MiB))
-    dev, t, drv = rig(FileBackend.open(a_path))
+    dev, t, drv = rig(open_image(a_path))
     stop = threading.Event()
     seen = set()
     errors = []
 
     def swapper():
         for i in range(30):
-            dev.set_backend(FileBackend.open(b_path if i % 2 == 0 else a_path))
+            dev.set_backend(open_image(b_path if i % 2 == 0 else a_path)).result(5)
             time.sleep(0.002)
         stop.set()
 

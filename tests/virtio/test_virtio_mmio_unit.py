@@ -143,7 +143,7 @@ def test_driver_features_frozen_after_features_ok(echo):
     drv.initialize()
     wr(t, r.DRIVER_FEATURES_SEL, 0)
     wr(t, r.DRIVER_FEATURES, 0xFFFF_FFFF)  # ignored
-    assert dev.driver_features == bit(VIRTIO_F_VERSION_1) | bit(EchoDevice.FEATURE_X)
+    assert dev.state.features == bit(VIRTIO_F_VERSION_1) | bit(EchoDevice.FEATURE_X)
 
 
 # -- queue set-up and activation ------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_queue_config_writes_ignored_while_ready(echo):
     wr(t, r.QUEUE_SEL, 0)
     wr(t, r.QUEUE_NUM, 4)
     wr(t, r.QUEUE_DESC_LOW, 0x1234_0000)
-    assert dev.queues[0].size == 16 and dev.queues[0].desc_addr == q.desc
+    assert dev.state.queues[0].size == 16 and dev.state.queues[0].desc_addr == q.desc
     assert echo_roundtrip(drv) == b"hello"
 
 
@@ -247,7 +247,7 @@ def test_unready_queue_is_not_handed_to_the_device(echo):
     negotiate(t, bit(VIRTIO_F_VERSION_1))
     drv.queues = [drv.setup_queue(0, 16)]  # queue 1 never set up
     wr(t, r.STATUS, rd(t, r.STATUS) | STATUS_DRIVER_OK)
-    assert dev.active and dev.queues[1] is None
+    assert dev.active and dev.state.queues[1] is None
     assert echo_roundtrip(drv) == b"hello"
 
 
@@ -273,7 +273,7 @@ def test_reset_clears_everything(echo):
     for qi in (0, 1):
         wr(t, r.QUEUE_SEL, qi)
         assert rd(t, r.QUEUE_READY) == 0
-    assert not dev.active and dev.resets >= 1 and dev.driver_features == 0
+    assert not dev.active and dev.resets >= 1 and dev.state is None
     # and the device comes back
     drv.initialize()
     assert echo_roundtrip(drv, 0, b"again") == b"again"
@@ -442,9 +442,9 @@ def test_close_joins_the_io_thread(mem):
     dev = EchoDevice()
     t = VirtioMmio(dev, mem, name="joinme")
     t.start()
-    assert t._io.running
+    assert t.io.running
     t.close(timeout=5)
-    assert not t._io.running
+    assert not t.io.running
     t.close()  # idempotent
     t.write(r.QUEUE_NOTIFY, 4, 0)  # a late vCPU write after close does not crash
 

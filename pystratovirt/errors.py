@@ -1,0 +1,54 @@
+"""The one root of pystratovirt's own exceptions, and the QMP error classes they carry.
+
+Every error a user, a QMP client or a guest can cause is a :class:`PyStratoVirtError` (or a
+subclass) whose ``desc`` is one sentence the person can act on. The front ends catch the root
+once: the CLI prints ``stratovirt: <desc>`` and exits 1, the QMP server answers
+``{"error":{"class":<error_class>,"desc":<desc>}}``. A lower layer raises its own subclass and a
+higher layer lets it pass (or adds context with ``raise ... from exc``), so the type, the errno
+and the cause survive into logs and tests instead of being re-wrapped as text.
+
+The hierarchy (each module documents its own class)::
+
+    PyStratoVirtError
+     +-- KvmUnavailableError   kvm/system.py     /dev/kvm cannot be used
+     +-- GuestMemoryError      memory/guest.py   a guest physical range outside RAM
+     +-- BootError             boot/errors.py    kernel, initrd, command line, boot tables
+     +-- UnhandledEmulationFailure  cpu/pvm.py   an instruction an emulating host cannot run
+     +-- QueueError            virtio/queue.py   a malformed virtqueue (guest input)
+     +-- BackendError          virtio/block_backend.py  a disk image cannot be used
+     +-- TapError              virtio/tap.py     a tap cannot be used
+     +-- VhostNetError         virtio/vhost_net.py  vhost-net cannot be used
+     +-- MachineError          machine/requests.py  a management request the machine refused
+     +-- ConfigError           config/errors.py  the command line or JSON file is invalid
+     +-- QmpError              qmp/schema.py     a QMP message the protocol layer refused
+     +-- QmpSocketError        qmp/server.py     the QMP socket cannot be created
+
+This module imports nothing from the package, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorClass(enum.Enum):
+    """QMP error classes (StratoVirt's set; QEMU's names)."""
+
+    GENERIC_ERROR = "GenericError"
+    COMMAND_NOT_FOUND = "CommandNotFound"
+    DEVICE_NOT_FOUND = "DeviceNotFound"
+    DEVICE_NOT_ACTIVE = "DeviceNotActive"
+    KVM_MISSING_CAP = "KVMMissingCap"
+    OPERATION_THROTTLED = "OperationThrottled"
+
+
+class PyStratoVirtError(Exception):
+    """An error with one sentence for the user (``desc``) and the QMP class it is reported as."""
+
+    error_class: ErrorClass = ErrorClass.GENERIC_ERROR
+
+    def __init__(self, desc: str, error_class: ErrorClass | None = None):
+        super().__init__(desc)
+        self.desc = desc
+        if error_class is not None:
+            self.error_class = error_class
