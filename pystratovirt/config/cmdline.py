@@ -40,8 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pystratovirt import __version__
-from pystratovirt.machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, BalloonConfig, SerialConfig, VmConfig
+from .. import __version__
+from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, BalloonConfig, SerialConfig, VmConfig
 
 from . import args as A
 from .draft import (

@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pystratovirt.machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, BalloonConfig, SerialConfig
+from ..util import strictjson
+
+from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, BalloonConfig, SerialConfig
 
 from .draft import (
     Draft, check_machine_type, check_path, new_console, new_drive, new_iothread, new_net, new_rng, new_vsock,
@@ -53,7 +55,11 @@ def apply_json_file(draft: Draft, path: str) -> None:
 
 def apply_json_text(draft: Draft, text: str, source: str = "<json>") -> None:
     try:
-        doc = json.loads(text, object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant)
+        doc = strictjson.loads(text)
+    except strictjson.DuplicateKeyError as err:
+        raise ConfigError(f"Duplicate json field '{err.key}' in the config file.") from None
+    except strictjson.StrictJsonError as err:
+        raise ConfigError(f"Failed to parse config file: {err}.") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"Failed to parse config file '{source}': {err.msg} at line {err.lineno} "
                           f"column {err.colno}.") from None
@@ -62,19 +68,6 @@ def apply_json_text(draft: Draft, text: str, source: str = "<json>") -> None:
     except ValueError:  # an integer literal longer than sys.get_int_max_str_digits()
         raise ConfigError(f"Failed to parse config file '{source}': a number in it has too many digits.") from None
     apply_json(draft, doc)
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ConfigError(f"Duplicate json field '{key}' in the config file.")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ConfigError(f"Failed to parse config file: {name} is not a valid JSON number.")
 
 
 def apply_json(draft: Draft, doc: Any) -> None:

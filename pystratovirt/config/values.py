@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from pystratovirt.machine.vmconfig import MAX_MEM_SIZE, MIN_MEM_SIZE
-from pystratovirt.memory.layout import GiB, MiB
+from ..machine.vmconfig import MAX_MEM_SIZE, MIN_MEM_SIZE
+from ..memory.layout import GiB, MiB
 
 from .errors import ConfigError
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 
-from pystratovirt.kvm.ioctl import Cap
-from pystratovirt.kvm.structs import KVM_CPUID_FLAG_SIGNIFICANT_INDEX, CpuidEntry
+from ..kvm.ioctl import Cap
+from ..kvm.structs import KVM_CPUID_FLAG_SIGNIFICANT_INDEX, CpuidEntry
 
 if typing.TYPE_CHECKING:
     from pystratovirt.kvm.system import Kvm

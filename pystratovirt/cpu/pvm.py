@@ -38,9 +38,9 @@ import os
 import typing
 from dataclasses import dataclass
 
-from pystratovirt.errors import PyStratoVirtError
-from pystratovirt.kvm.exits import InternalError, InternalSuberror
-from pystratovirt.memory import GuestMemoryError
+from ..errors import PyStratoVirtError
+from ..kvm.exits import InternalError, InternalSuberror
+from ..memory import GuestMemoryError
 
 if typing.TYPE_CHECKING:
     from pystratovirt.kvm.vcpu import Vcpu

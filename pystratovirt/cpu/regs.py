@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import typing
 
-from pystratovirt.boot import gdt
-from pystratovirt.kvm import structs as s
-from pystratovirt.memory import layout
+from ..boot import gdt
+from ..kvm import structs as s
+from ..memory import layout
 
 from .cpuid import CpuModel, Topology, find
 

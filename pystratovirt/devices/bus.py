@@ -3,12 +3,14 @@
 A device covers one range on a bus and implements ``read(offset, size) -> int`` and
 ``write(offset, size, value)``. Accesses that hit no device read as all ones and are ignored on
 write, like an empty ISA bus: guests probe for hardware that is not there.
+
+A bus is filled while the machine is built, before any vCPU runs, and never changes afterwards
+(hot-plug swaps backends behind fixed devices), so lookups from several vCPU threads need no lock.
 """
 
 from __future__ import annotations
 
 import bisect
-import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,31 +36,24 @@ class _Range:
 
 
 class Bus:
-    """A sorted set of non-overlapping device ranges, safe to use from several vCPU threads."""
+    """A sorted set of non-overlapping device ranges (filled at build; read-only afterwards)."""
 
     def __init__(self, name: str):
         self.name = name
         self._bases: list[int] = []
         self._ranges: list[_Range] = []
-        self._lock = threading.Lock()
 
     def insert(self, base: int, length: int, device: BusDevice) -> None:
+        """Add a device range (while the machine is built)."""
         if length <= 0:
             raise BusError(f"{self.name}: empty range at {base:#x}")
-        with self._lock:
-            i = bisect.bisect_right(self._bases, base)
-            before = self._ranges[i - 1] if i else None
-            after = self._ranges[i] if i < len(self._ranges) else None
-            if (before and before.end > base) or (after and base + length > after.base):
-                raise BusError(f"{self.name}: range [{base:#x}, +{length:#x}) overlaps another device")
-            self._bases.insert(i, base)
-            self._ranges.insert(i, _Range(base, length, device))
-
-    def remove(self, base: int) -> None:
-        with self._lock:
-            i = self._bases.index(base)
-            del self._bases[i]
-            del self._ranges[i]
+        i = bisect.bisect_right(self._bases, base)
+        before = self._ranges[i - 1] if i else None
+        after = self._ranges[i] if i < len(self._ranges) else None
+        if (before and before.end > base) or (after and base + length > after.base):
+            raise BusError(f"{self.name}: range [{base:#x}, +{length:#x}) overlaps another device")
+        self._bases.insert(i, base)
+        self._ranges.insert(i, _Range(base, length, device))
 
     def lookup(self, addr: int, size: int = 1) -> tuple[BusDevice, int] | None:
         i = bisect.bisect_right(self._bases, addr) - 1

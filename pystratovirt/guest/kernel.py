@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pystratovirt.guest import debian
-from pystratovirt.guest.debian import log
+from . import debian
+from .debian import log
 
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")

@@ -60,10 +60,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from pystratovirt.guest import debian, kernel
-from pystratovirt.guest.debian import log
-from pystratovirt.guest.initramfs import CpioWriter
-from pystratovirt.guest.kernel import LeanKernel, cache_root
+from . import debian, kernel
+from .debian import log
+from .initramfs import CpioWriter
+from .kernel import LeanKernel, cache_root
 
 INIT_SCRIPT = Path(__file__).with_name("linux") / "init"
 BUSYBOX_PACKAGE = "busybox-static"

@@ -192,14 +192,14 @@ class MicroVm:
             self.mmio_devices.add(BALLOON_WINDOW, self.balloon)
         self.slots = ReplaceableSlots(block_devices, net_devices)
         for drive in cfg.drives:
-            self._q_blockdev_add(rq.BlockdevAdd(drive))
+            self._blockdev_add(rq.BlockdevAdd(drive))
         for netdev in cfg.netdevs:
-            self._q_netdev_add(rq.NetdevAdd(netdev))
+            self._netdev_add(rq.NetdevAdd(netdev))
         for slot, disk in enumerate(cfg.block_devices):
-            self._q_device_add(rq.DeviceAdd(disk.id, "virtio-blk-mmio", addr=slot, drive=disk.drive,
+            self._device_add(rq.DeviceAdd(disk.id, "virtio-blk-mmio", addr=slot, drive=disk.drive,
                                             serial=disk.serial))
         for slot, nic in enumerate(cfg.net_devices):
-            self._q_device_add(rq.DeviceAdd(nic.id, "virtio-net-mmio", addr=slot, netdev=nic.netdev))
+            self._device_add(rq.DeviceAdd(nic.id, "virtio-net-mmio", addr=slot, netdev=nic.netdev))
 
     def _close_devices(self) -> None:
         self.mmio_devices.close()
@@ -323,41 +323,41 @@ class MicroVm:
             raise rq.MachineError("This command is not supported by this VMM yet.")
         return handler(self, request)
 
-    def _q_status(self, _req) -> rq.StatusInfo:
+    def _query_status(self, _req) -> rq.StatusInfo:
         return rq.StatusInfo(status=self.state)
 
-    def _q_cpus(self, _req) -> list[rq.CpuInfo]:
+    def _query_cpus(self, _req) -> list[rq.CpuInfo]:
         return [rq.CpuInfo(cpu_index=t.vcpu.index, props=rq.CpuProps(socket_id=t.vcpu.index),
                            qom_path=QOM_PATH.format(t.vcpu.index), thread_id=t.host_thread_id or 0)
                 for t in self.threads]
 
-    def _q_hotpluggable(self, _req) -> list[rq.HotpluggableCpu]:
+    def _query_hotpluggable_cpus(self, _req) -> list[rq.HotpluggableCpu]:
         online = len(self.threads)
         return [rq.HotpluggableCpu(props=rq.CpuProps(socket_id=i),
                                    qom_path=QOM_PATH.format(i) if i < online else None)
                 for i in range(self.config.machine.max_vcpus)]
 
-    def _q_stop(self, _req) -> None:
+    def _stop(self, _req) -> None:
         if self.state is not rq.RunState.RUNNING:
             raise rq.MachineError(f"The VM is not running (it is {self.state.value}).")
         self.pause()
         self.emit(rq.StopEvent())
 
-    def _q_cont(self, _req) -> None:
+    def _cont(self, _req) -> None:
         if self.state not in (rq.RunState.PAUSED, rq.RunState.PRELAUNCH):
             raise rq.MachineError(f"The VM is not paused (it is {self.state.value}).")
         self.resume()
         self.emit(rq.ResumeEvent())
 
-    def _q_quit(self, _req) -> None:
+    def _quit(self, _req) -> None:
         # The seed's transcript: the SHUTDOWN event comes before quit's {"return":{}}.
         self.shutdown(rq.ShutdownReason.HOST_QMP_QUIT, guest=False)
 
-    def _q_blockdev_add(self, req: rq.BlockdevAdd) -> None:
+    def _blockdev_add(self, req: rq.BlockdevAdd) -> None:
         self.slots.check_register(req.drive.id)
         self._register(req.drive.id, SlotKind.BLOCK, FileBackend.open(req.drive))
 
-    def _q_netdev_add(self, req: rq.NetdevAdd) -> None:
+    def _netdev_add(self, req: rq.NetdevAdd) -> None:
         # The tap is opened (and held) now, as StratoVirt checks it here: a missing or busy tap
         # is reported by netdev_add, not by the device_add after it.
         self.slots.check_register(req.netdev.id)
@@ -377,24 +377,24 @@ class MicroVm:
         except ValueError:
             raise rq.MachineError(f"Add netdev error: failed to convert {ref} to RawFd.") from None
 
-    def _q_backend_del(self, req) -> None:
+    def _backend_del(self, req) -> None:
         self.slots.unregister(req.node_name if isinstance(req, rq.BlockdevDel) else req.id)
 
-    def _q_device_add(self, req: rq.DeviceAdd) -> None:
+    def _device_add(self, req: rq.DeviceAdd) -> None:
         props = {"serial": req.serial} if "blk" in req.driver else {}
         _wait(self.slots.attach(req.id, req.driver, req.slot, req.backend_id, **props))
 
-    def _q_device_del(self, req: rq.DeviceDel) -> None:
+    def _device_del(self, req: rq.DeviceDel) -> None:
         _wait(self.slots.detach(req.id))
         self.emit(rq.DeviceDeletedEvent(device=req.id, path=req.id))
 
-    def _q_balloon(self, req: rq.Balloon) -> None:
+    def _balloon(self, req: rq.Balloon) -> None:
         # Only the guest's driver can act on a target: refuse until it is up (StratoVirt).
         if self.balloon is None or not self.balloon.active:
             raise rq.MachineError("No balloon device has been activated", rq.ErrorClass.DEVICE_NOT_ACTIVE)
         self.balloon.set_target(req.value)
 
-    def _q_query_balloon(self, _req) -> rq.BalloonInfo:
+    def _query_balloon(self, _req) -> rq.BalloonInfo:
         # The device exists from the start; before its driver is up the guest has all its RAM.
         if self.balloon is None:
             raise rq.MachineError("No balloon device has been activated", rq.ErrorClass.DEVICE_NOT_ACTIVE)
@@ -410,7 +410,7 @@ class MicroVm:
             raise rq.MachineError(f"Device '{path}' not found", rq.ErrorClass.DEVICE_NOT_FOUND)
         return self.balloon
 
-    def _q_qom_get(self, req: rq.QomGet) -> object:
+    def _qom_get(self, req: rq.QomGet) -> object:
         balloon = self._qom_balloon(req.path)
         if req.property == STATS_PROPERTY:
             stats = balloon.latest_stats()
@@ -421,7 +421,7 @@ class MicroVm:
             return balloon.stats_interval
         raise rq.MachineError(f"Property '{BALLOON_TYPE}.{req.property}' not found")
 
-    def _q_qom_set(self, req: rq.QomSet) -> None:
+    def _qom_set(self, req: rq.QomSet) -> None:
         balloon = self._qom_balloon(req.path)
         if req.property == STATS_PROPERTY:
             raise rq.MachineError(f"Property '{BALLOON_TYPE}.{req.property}' is not writable")
@@ -443,20 +443,20 @@ def _wait(future: "Future[None]") -> None:
 
 
 _HANDLERS = {
-    rq.QueryStatus: MicroVm._q_status,
-    rq.QueryCpus: MicroVm._q_cpus,
-    rq.QueryHotpluggableCpus: MicroVm._q_hotpluggable,
-    rq.Stop: MicroVm._q_stop,
-    rq.Cont: MicroVm._q_cont,
-    rq.Quit: MicroVm._q_quit,
-    rq.BlockdevAdd: MicroVm._q_blockdev_add,
-    rq.BlockdevDel: MicroVm._q_backend_del,
-    rq.NetdevAdd: MicroVm._q_netdev_add,
-    rq.NetdevDel: MicroVm._q_backend_del,
-    rq.DeviceAdd: MicroVm._q_device_add,
-    rq.DeviceDel: MicroVm._q_device_del,
-    rq.Balloon: MicroVm._q_balloon,
-    rq.QueryBalloon: MicroVm._q_query_balloon,
-    rq.QomGet: MicroVm._q_qom_get,
-    rq.QomSet: MicroVm._q_qom_set,
+    rq.QueryStatus: MicroVm._query_status,
+    rq.QueryCpus: MicroVm._query_cpus,
+    rq.QueryHotpluggableCpus: MicroVm._query_hotpluggable_cpus,
+    rq.Stop: MicroVm._stop,
+    rq.Cont: MicroVm._cont,
+    rq.Quit: MicroVm._quit,
+    rq.BlockdevAdd: MicroVm._blockdev_add,
+    rq.BlockdevDel: MicroVm._backend_del,
+    rq.NetdevAdd: MicroVm._netdev_add,
+    rq.NetdevDel: MicroVm._backend_del,
+    rq.DeviceAdd: MicroVm._device_add,
+    rq.DeviceDel: MicroVm._device_del,
+    rq.Balloon: MicroVm._balloon,
+    rq.QueryBalloon: MicroVm._query_balloon,
+    rq.QomGet: MicroVm._qom_get,
+    rq.QomSet: MicroVm._qom_set,
 }

@@ -11,12 +11,12 @@ rejected with a GenericError a person can act on. It holds no state and does no 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Callable, NoReturn
 
 from ..errors import PyStratoVirtError
+from ..util import strictjson
 from ..virtio.block_backend import DriveConfig
 from ..virtio.tap import NetdevConfig
 from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats, BalloonInfo,
@@ -64,34 +64,11 @@ class Command:
 # ==================================================================================================
 
 
-def _reject_constant(name: str) -> NoReturn:
-    # json accepts NaN/Infinity by default; they are not JSON and could not be echoed back.
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj: dict[str, object] = {}
-    for key, value in pairs:
-        if key in obj:
-            # A repeated key would silently let the last one win; a person meant something else.
-            raise ValueError(f"duplicate key '{key}'")
-        obj[key] = value
-    return obj
-
-
 def decode(message: bytes) -> object:
     """Parse one framed message; raise QmpError (GenericError) when it is not valid JSON."""
     try:
         # Decode explicitly: json.loads(bytes) would also guess UTF-16/32, which QMP is not.
-        return json.loads(message.decode("utf-8"), object_pairs_hook=_unique_keys,
-                          parse_constant=_reject_constant, parse_float=_finite_float)
+        return strictjson.loads(message.decode("utf-8"))
     except RecursionError:
         raise QmpError("Invalid JSON: nested too deeply") from None
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError and the hooks' errors

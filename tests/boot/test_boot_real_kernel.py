@@ -1,10 +1,7 @@
-"""Real bzImages, when some are at hand: PYSTRATOVIRT_TEST_BZIMAGE, the lean kernels the guest
-package has built into its cache, and /boot/vmlinuz-*.
-
-Nothing is downloaded: without any kernel file the tests are skipped.
+"""Real bzImages: the guest kit's lean kernel (built once and cached, as the slow tiers use it),
+or the one PYSTRATOVIRT_TEST_BZIMAGE names. Nothing is downloaded.
 """
 
-import glob
 import os
 
 import pytest
@@ -14,19 +11,14 @@ from pystratovirt.memory import GuestMemory
 from pystratovirt.memory.layout import MiB
 
 
-def _find_kernels() -> list[str]:
+@pytest.fixture
+def kernel(request):
     env = os.environ.get("PYSTRATOVIRT_TEST_BZIMAGE")
     if env:
-        return [env] if os.path.isfile(env) else []
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    found = sorted(glob.glob(os.path.join(cache, "pystratovirt", "lean-*", "bzImage")))[-1:]
-    found += sorted(glob.glob("/boot/vmlinuz-*"))[-1:]
-    return [p for p in found if os.access(p, os.R_OK)]
-
-
-KERNELS = _find_kernels()
-pytestmark = pytest.mark.skipif(not KERNELS, reason="no real bzImage (set PYSTRATOVIRT_TEST_BZIMAGE)")
-kernels = pytest.mark.parametrize("kernel", KERNELS or [None])
+        return env
+    if request.config.getoption("--no-slow"):
+        pytest.skip("--no-slow given: the lean kernel is built by the slow tier")
+    return str(request.getfixturevalue("lean_guest").bzimage)
 
 
 def _parse(kernel):
@@ -34,7 +26,6 @@ def _parse(kernel):
         return bzimage.parse_bzimage(f.read())
 
 
-@kernels
 def test_header(kernel):
     bz = _parse(kernel)
     assert bz.protocol >= 0x020C and bz.has_64bit_entry
@@ -42,7 +33,6 @@ def test_header(kernel):
     assert bz.header.pref_address % bz.header.kernel_alignment == 0
 
 
-@kernels
 def test_payload_extracts_to_a_vmlinux(kernel):
     bz = _parse(kernel)
     codec = payload.detect_codec(bz.payload())
@@ -65,7 +55,6 @@ def test_payload_extracts_to_a_vmlinux(kernel):
             [(s.paddr, s.filesz, s.memsz) for s in image.segments]
 
 
-@kernels
 def test_load_kernel_both_ways(kernel):
     mem = GuestMemory(512 * MiB)
     try:

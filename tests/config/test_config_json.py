@@ -167,6 +167,11 @@ def test_non_standard_numbers(env, literal):
         f"Failed to parse config file: {literal} is not a valid JSON number.")
 
 
+def test_numbers_too_large_for_a_double_are_refused_as_qmp_refuses_them(env):
+    assert error(env, '{"machine-config": {"vcpu_count": 1e999}}') == (
+        "Failed to parse config file: number 1e999 is out of range.")
+
+
 def test_deep_nesting_and_huge_numbers(env):
     assert "nested too deeply" in error(env, "[" * 100000 + "]" * 100000)
     assert error(env, '{"machine-config": {"vcpu_count": %s}}' % ("9" * 5000)) == (

@@ -18,7 +18,7 @@ from pystratovirt.virtio.balloon import (BATCH, MAX_REQUEST_BYTES, STAT_NAMES, V
                                          VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_ID_BALLOON, PageBitmap, VirtioBalloon,
                                          merge_runs)
 from pystratovirt.virtio.device import INT_CONFIG, VIRTIO_F_VERSION_1, Interrupt, bit
-from pystratovirt.virtio.driver import VirtioDriver
+from pystratovirt.virtio.mock_driver import VirtioDriver
 from pystratovirt.virtio.mmio import VirtioMmio
 from pystratovirt.virtio.queue import SplitQueue
 from virtio.helper import WRITE, Ring

@@ -27,7 +27,7 @@ from pystratovirt.virtio import mmio as r
 from pystratovirt.virtio import net as netmod
 from pystratovirt.virtio.device import (INT_CONFIG, STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_VERSION_1,
                                         VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit)
-from pystratovirt.virtio.driver import VirtioDriver
+from pystratovirt.virtio.mock_driver import VirtioDriver
 from pystratovirt.virtio.mmio import VirtioMmio
 from pystratovirt.virtio.net import (HDR_LEN, NET_HDR, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
                                      VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC,

@@ -26,7 +26,7 @@ from pystratovirt.virtio.blk import (MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_M
 from pystratovirt.virtio.block_backend import BackendError, DriveConfig, FileBackend
 from pystratovirt.virtio.device import (INT_CONFIG, STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_VERSION_1,
                                         VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit)
-from pystratovirt.virtio.driver import BLK_HEADER, BlkDriver
+from pystratovirt.virtio.mock_driver import BLK_HEADER, BlkDriver
 from pystratovirt.virtio.mmio import VirtioMmio
 from virtio.helper import spied_memory
 

@@ -1,4 +1,4 @@
-"""A minimal virtio driver -- the guest's side -- for unit tests and benchmarks without KVM.
+"""A mock guest: a minimal virtio driver in Python, for unit tests and benchmarks without KVM.
 
 Owns nothing the VMM uses at run time. It plays Linux's part against a transport through its
 register interface (``read``/``write`` as a vCPU's MMIO accesses would), lays out split rings in
