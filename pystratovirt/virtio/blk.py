@@ -19,21 +19,33 @@ driver negotiated read-write looks writable to the guest, so the device refuses 
 VIRTIO_BLK_F_RO, writes fail the same way whatever the backend (spec §5.2.6.2: the device MUST
 fail writes if RO is offered).
 
-Host I/O errors become VIRTIO_BLK_S_IOERR for that request; no exception reaches the transport
-except QueueError for a request that cannot be framed at all (no header or no status byte).
+Host I/O errors become VIRTIO_BLK_S_IOERR for that request, and management hears of them:
+``on_io_error(operation, nospace, reason)`` (QMP's BLOCK_IO_ERROR) is called on the I/O thread for
+the first error at once, then at most once per :data:`IO_ERROR_REPORT_INTERVAL` while errors go on
+(one more call at the end of a window in which errors were held back), so a guest hammering a
+broken disk cannot flood the management socket. No exception reaches the transport except
+QueueError for a request that cannot be framed at all (no header or no status byte).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+from ..memory.guest import GuestMemory
+from ..util.eventloop import Timer
 
 from .block_backend import SECTOR_SHIFT, SECTOR_SIZE, FileBackend
 from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, bit
 from .queue import Buffers, DescChain, QueueError, read_buffers, split_buffers, write_buffers
 
 log = logging.getLogger(__name__)
+
+IO_ERROR_REPORT_INTERVAL = 1.0  # seconds between BLOCK_IO_ERROR reports while errors go on
 
 VIRTIO_ID_BLOCK = 2
 QUEUE_SIZE = 256
@@ -84,6 +96,128 @@ CONFIG_CAPACITY = 0
 
 _REQ_HEADER = struct.Struct("<IIQ")
 
+# -- one request -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlkRequest:
+    """One virtio-blk request, parsed from its descriptor chain (spec §5.2.6): the header's type
+    and sector, the data buffers (device-readable for OUT/DISCARD/WRITE_ZEROES, device-writable
+    for IN/GET_ID) and the guest address of the status byte.
+
+    :meth:`parse` only frames the request (it raises QueueError for a chain that has no header or
+    no status byte: a driver bug the transport answers with DEVICE_NEEDS_RESET); every judgement
+    about its content (type, range, alignment, segments) is :meth:`execute`'s, which answers with
+    a status. So both can be exercised, and fuzzed, without a queue or a device.
+    """
+
+    head: int
+    type: int
+    sector: int
+    data_out: Buffers
+    data_in: Buffers
+    status: int
+
+    @classmethod
+    def parse(cls, chain: DescChain, mem: GuestMemory) -> "BlkRequest":
+        if chain.readable_len < REQUEST_HEADER:
+            raise QueueError(f"virtio-blk request {chain.head} has a {chain.readable_len}-byte header "
+                             f"(needs {REQUEST_HEADER})")
+        writable_len = chain.writable_len
+        if writable_len < 1:
+            raise QueueError(f"virtio-blk request {chain.head} has no status byte")
+        rtype, _reserved, sector = _REQ_HEADER.unpack(read_buffers(mem, chain.readable, REQUEST_HEADER))
+        _, data_out = split_buffers(chain.readable, REQUEST_HEADER)
+        data_in, status_buf = split_buffers(chain.writable, writable_len - 1)
+        return cls(chain.head, rtype, sector, data_out, data_in, status_buf[0][0])
+
+    def execute(self, mem: GuestMemory, backend: FileBackend | None, *, writes_refused: bool,
+                serial: str | None, discard: bool, write_zeroes: bool) -> tuple[int, int]:
+        """Carry the request out against ``backend`` (None: an empty slot) and return
+        (status, bytes written into the device-writable buffers). ``writes_refused``: the disk is
+        read-only; ``discard``/``write_zeroes``: the driver negotiated those features. Host I/O
+        errors are raised as OSError for the caller to log and answer with IOERR."""
+        capacity = backend.capacity if backend is not None else 0
+        rtype, sector = self.type, self.sector
+        if rtype == VIRTIO_BLK_T_IN:
+            n = _total(self.data_in)
+            if not _range_ok(capacity, sector, n):
+                return VIRTIO_BLK_S_IOERR, 0
+            if n:
+                assert backend is not None
+                _with_views(mem, self.data_in, lambda views: backend.readv(sector << SECTOR_SHIFT, views))
+            return VIRTIO_BLK_S_OK, n
+        if rtype == VIRTIO_BLK_T_OUT:
+            n = _total(self.data_out)
+            if writes_refused or not _range_ok(capacity, sector, n):
+                return VIRTIO_BLK_S_IOERR, 0
+            if n:
+                assert backend is not None
+                _with_views(mem, self.data_out, lambda views: backend.writev(sector << SECTOR_SHIFT, views))
+            return VIRTIO_BLK_S_OK, 0
+        if rtype == VIRTIO_BLK_T_FLUSH:
+            if backend is not None:
+                backend.flush()
+            return VIRTIO_BLK_S_OK, 0
+        if rtype == VIRTIO_BLK_T_GET_ID:
+            ident = (serial or "").encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
+            return VIRTIO_BLK_S_OK, write_buffers(mem, self.data_in, ident)
+        if rtype == VIRTIO_BLK_T_DISCARD:
+            return self._discard_or_zero(mem, backend, capacity, writes_refused, discard, True), 0
+        if rtype == VIRTIO_BLK_T_WRITE_ZEROES:
+            return self._discard_or_zero(mem, backend, capacity, writes_refused, write_zeroes, False), 0
+        return VIRTIO_BLK_S_UNSUPP, 0
+
+    def _discard_or_zero(self, mem: GuestMemory, backend: FileBackend | None, capacity: int,
+                         writes_refused: bool, negotiated: bool, discard: bool) -> int:
+        if not negotiated:
+            return VIRTIO_BLK_S_UNSUPP
+        max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
+        max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
+        size = _total(self.data_out)
+        if size == 0 or size % SEGMENT.size or size // SEGMENT.size > max_seg:
+            return VIRTIO_BLK_S_IOERR
+        data = read_buffers(mem, self.data_out)
+        segments = [SEGMENT.unpack_from(data, off) for off in range(0, size, SEGMENT.size)]
+        # Flags first: unknown flags (and UNMAP on a discard) are UNSUPP whatever else is wrong.
+        for _sector, _num, flags in segments:
+            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and flags):
+                return VIRTIO_BLK_S_UNSUPP
+        if writes_refused:
+            return VIRTIO_BLK_S_IOERR
+        for sector, num, _flags in segments:
+            if num > max_sectors or not _range_ok(capacity, sector, num << SECTOR_SHIFT):
+                return VIRTIO_BLK_S_IOERR
+        for sector, num, flags in segments:
+            if not num:
+                continue
+            assert backend is not None  # a non-empty range on an empty slot failed _range_ok
+            if discard:
+                backend.discard(sector << SECTOR_SHIFT, num << SECTOR_SHIFT)
+            else:
+                backend.write_zeroes(sector << SECTOR_SHIFT, num << SECTOR_SHIFT,
+                                     bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+        return VIRTIO_BLK_S_OK
+
+
+def _total(bufs: Buffers) -> int:
+    return sum(length for _, length in bufs)
+
+
+def _range_ok(capacity: int, sector: int, nbytes: int) -> bool:
+    """Whole sectors (spec §5.2.6) inside the disk. ``capacity`` is the backend's own, not the
+    config field's: during a hot-replace the backend changes first, and a request sized for the
+    old disk must not run off (or, on a write, extend) the new one."""
+    return nbytes % SECTOR_SIZE == 0 and sector + (nbytes >> SECTOR_SHIFT) <= capacity
+
+
+def _with_views(mem: GuestMemory, bufs: Buffers, fn: Callable[[list[memoryview]], None]) -> None:
+    views = [mem.view(addr, length) for addr, length in bufs]
+    try:
+        fn(views)
+    finally:
+        for v in views:
+            v.release()
+
+
 # -- the device ------------------------------------------------------------------------------------
 class VirtioBlk(VirtioDevice):
     """A virtio-blk device (one request queue of 256) over an optional :class:`FileBackend`.
@@ -96,12 +230,16 @@ class VirtioBlk(VirtioDevice):
     queue_max_sizes = (QUEUE_SIZE,)
 
     def __init__(self, backend: FileBackend | None = None, *, name: str = "blk",
-                 read_only: bool | None = None, serial: str | None = None):
+                 read_only: bool | None = None, serial: str | None = None,
+                 on_io_error: Callable[[str, bool, str], None] | None = None):
         super().__init__(name)
         self._backend = backend
         self.serial = serial
         self.read_only = backend.read_only if read_only is None and backend is not None else bool(read_only)
         self._io_error_logged = False
+        self.on_io_error = on_io_error
+        self._error_timer: Timer | None = None
+        self._held_error: tuple[str, bool, str] | None = None  # the last error not yet reported
         self._config = bytearray(CONFIG.pack(
             backend.capacity if backend is not None else 0,
             0,                           # size_max (VIRTIO_BLK_F_SIZE_MAX not offered)
@@ -182,106 +320,20 @@ class VirtioBlk(VirtioDevice):
         return self.serve_batch(queue, self._handle, BATCH)
 
     def _handle(self, chain: DescChain) -> int:
-        """Execute one request; returns the number of bytes written to its writable buffers."""
-        if chain.readable_len < REQUEST_HEADER:
-            raise QueueError(f"virtio-blk request {chain.head} has a {chain.readable_len}-byte header "
-                             f"(needs {REQUEST_HEADER})")
-        writable_len = chain.writable_len
-        if writable_len < 1:
-            raise QueueError(f"virtio-blk request {chain.head} has no status byte")
+        """Parse and execute one request; returns the bytes written to its writable buffers."""
         mem = self.mem
-        rtype, _reserved, sector = _REQ_HEADER.unpack(read_buffers(mem, chain.readable, REQUEST_HEADER))
-        _, data_out = split_buffers(chain.readable, REQUEST_HEADER)
-        data_in, status_buf = split_buffers(chain.writable, writable_len - 1)
-        status, written = self._execute(rtype, sector, data_out, data_in)
-        write_buffers(mem, status_buf, bytes((status,)))
-        return written + 1
-
-    def _execute(self, rtype: int, sector: int, data_out: Buffers, data_in: Buffers) -> tuple[int, int]:
+        request = BlkRequest.parse(chain, mem)
         backend = self._backend
         try:
-            if rtype == VIRTIO_BLK_T_IN:
-                n = sum(length for _, length in data_in)
-                if not self._range_ok(sector, n):
-                    return VIRTIO_BLK_S_IOERR, 0
-                if n:
-                    self._with_views(data_in, lambda views: backend.readv(sector << SECTOR_SHIFT, views))
-                return VIRTIO_BLK_S_OK, n
-            if rtype == VIRTIO_BLK_T_OUT:
-                n = sum(length for _, length in data_out)
-                if self._writes_refused() or not self._range_ok(sector, n):
-                    return VIRTIO_BLK_S_IOERR, 0
-                if n:
-                    self._with_views(data_out, lambda views: backend.writev(sector << SECTOR_SHIFT, views))
-                return VIRTIO_BLK_S_OK, 0
-            if rtype == VIRTIO_BLK_T_FLUSH:
-                if backend is not None:
-                    backend.flush()
-                return VIRTIO_BLK_S_OK, 0
-            if rtype == VIRTIO_BLK_T_GET_ID:
-                serial = self.serial or ""
-                ident = serial.encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
-                return VIRTIO_BLK_S_OK, write_buffers(self.mem, data_in, ident)
-            if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-                return self._discard_or_zero(rtype, data_out), 0
-            return VIRTIO_BLK_S_UNSUPP, 0
+            status, written = request.execute(
+                mem, backend, writes_refused=self.read_only or (backend is not None and backend.read_only),
+                serial=self.serial, discard=self.negotiated(VIRTIO_BLK_F_DISCARD),
+                write_zeroes=self.negotiated(VIRTIO_BLK_F_WRITE_ZEROES))
         except OSError as exc:
-            self._log_io_error(rtype, sector, exc)
-            return VIRTIO_BLK_S_IOERR, 0
-
-    def _with_views(self, bufs: Buffers, fn) -> None:
-        views = [self.mem.view(addr, length) for addr, length in bufs]
-        try:
-            fn(views)
-        finally:
-            for v in views:
-                v.release()
-
-    def _range_ok(self, sector: int, nbytes: int) -> bool:
-        if nbytes % SECTOR_SIZE:
-            return False  # data must be whole sectors (spec §5.2.6)
-        # Checked against the backend itself, not the config field: during a hot-replace the
-        # backend changes first, and a request sized for the old disk must not run off (or, on
-        # a write, extend) the new one.
-        backend = self._backend
-        capacity = backend.capacity if backend is not None else 0
-        return sector + (nbytes >> SECTOR_SHIFT) <= capacity
-
-    def _writes_refused(self) -> bool:
-        backend = self._backend
-        return self.read_only or (backend is not None and backend.read_only)
-
-    def _discard_or_zero(self, rtype: int, data_out: Buffers) -> int:
-        discard = rtype == VIRTIO_BLK_T_DISCARD
-        feature = VIRTIO_BLK_F_DISCARD if discard else VIRTIO_BLK_F_WRITE_ZEROES
-        if not self.negotiated(feature):
-            return VIRTIO_BLK_S_UNSUPP
-        max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
-        max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
-        size = sum(length for _, length in data_out)
-        if size == 0 or size % SEGMENT.size or size // SEGMENT.size > max_seg:
-            return VIRTIO_BLK_S_IOERR
-        data = read_buffers(self.mem, data_out)
-        segments = [SEGMENT.unpack_from(data, off) for off in range(0, size, SEGMENT.size)]
-        # Flags first: unknown flags (and UNMAP on a discard) are UNSUPP whatever else is wrong.
-        for _sector, _num, flags in segments:
-            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and flags):
-                return VIRTIO_BLK_S_UNSUPP
-        if self._writes_refused():
-            return VIRTIO_BLK_S_IOERR
-        for sector, num, _flags in segments:
-            if num > max_sectors or not self._range_ok(sector, num << SECTOR_SHIFT):
-                return VIRTIO_BLK_S_IOERR
-        backend = self._backend
-        for sector, num, flags in segments:
-            if not num:
-                continue
-            if discard:
-                backend.discard(sector << SECTOR_SHIFT, num << SECTOR_SHIFT)
-            else:
-                backend.write_zeroes(sector << SECTOR_SHIFT, num << SECTOR_SHIFT,
-                                     bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
-        return VIRTIO_BLK_S_OK
+            self._log_io_error(request.type, request.sector, exc)
+            status, written = VIRTIO_BLK_S_IOERR, 0
+        mem.write_u8(request.status, status)
+        return written + 1
 
     def _log_io_error(self, rtype: int, sector: int, exc: OSError) -> None:
         backend = self._backend
@@ -294,3 +346,28 @@ class VirtioBlk(VirtioDevice):
         else:
             log.debug("%s: host I/O error on %s (type %d, sector %d): %s", self.name, path, rtype,
                       sector, exc.strerror or exc)
+        operation = "read" if rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID) else "write"
+        self._report_io_error((operation, exc.errno == errno.ENOSPC, exc.strerror or str(exc)))
+
+    # -- BLOCK_IO_ERROR (I/O thread) -------------------------------------------------------------
+    def _report_io_error(self, error: tuple[str, bool, str]) -> None:
+        if self.on_io_error is None:
+            return
+        if self._error_timer is not None:
+            self._held_error = error  # reported when the window ends
+            return
+        self._emit_io_error(error)
+        if self.io is not None:
+            self._error_timer = self.io.call_later(IO_ERROR_REPORT_INTERVAL, self._error_window_ended)
+
+    def _error_window_ended(self) -> None:
+        self._error_timer = None
+        held, self._held_error = self._held_error, None
+        if held is not None:
+            self._report_io_error(held)
+
+    def _emit_io_error(self, error: tuple[str, bool, str]) -> None:
+        try:
+            self.on_io_error(*error)
+        except Exception:  # the machine's bug must not take the disk down
+            log.exception("%s: on_io_error callback failed", self.name)

@@ -273,9 +273,10 @@ def read_buffers(mem: GuestMemory, bufs: Buffers, limit: int | None = None) -> b
     out = bytearray()
     for addr, length in bufs:
         if limit is not None:
-            length = min(length, limit - len(out))
-            if length <= 0:
+            remaining = limit - len(out)
+            if remaining <= 0:
                 break
+            length = min(length, remaining)  # a zero-length buffer is skipped, not the end
         out += mem.read(addr, length)
     return bytes(out)
 

@@ -390,3 +390,10 @@ def test_split_and_copy_helpers(mem):
     assert write_buffers(mem, bufs, bytes(range(25))) == 20
     assert read_buffers(mem, bufs) == bytes(range(20))
     assert read_buffers(mem, bufs, 13) == bytes(range(13))
+
+
+def test_read_buffers_with_a_limit_skips_empty_buffers(mem):
+    # A zero-length descriptor before the header (the fuzzer found it) must not end the read early.
+    mem.write(0x10000, bytes(range(16)))
+    assert read_buffers(mem, ((0x20000, 0), (0x10000, 16)), 16) == bytes(range(16))
+    assert read_buffers(mem, ((0x10000, 8), (0x20000, 0), (0x10008, 8)), 12) == bytes(range(12))
