@@ -142,7 +142,7 @@ def apply_args(draft: Draft, parsed: A.Parsed) -> None:
             draft.add_net(*parse_netdev(value))
     for occ in parsed.all("chardev"):
         for value in occ.values:
-            draft.add_console(_parse_chardev(value))
+            draft.add_console(*_parse_chardev(value))
     for occ in parsed.all("iothread"):
         for value in occ.values:
             kv = parse_kv(value, "iothread", ("id",))

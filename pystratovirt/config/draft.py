@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ..machine.vmconfig import (
     DEFAULT_MEM_SIZE, MAX_DRIVES, MAX_GUEST_CID, MAX_ID_LEN, MAX_IOPS, MAX_IOTHREADS, MAX_MEM_SIZE, MAX_NETS,
     MAX_PATH_LEN, MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MAX_VCPUS, MIN_GUEST_CID, MIN_MEM_SIZE, MIN_RNG_BYTES_PER_SEC,
-    BalloonConfig, BlockDeviceConfig, BootSource, ConsoleConfig, IothreadConfig, MachineConfig, NetDeviceConfig,
+    BalloonConfig, BlockDeviceConfig, BootSource, ChardevConfig, ConsoleConfig, IothreadConfig, MachineConfig, NetDeviceConfig,
     RngConfig, SerialConfig, VmConfig, VsockConfig,
 )
 from ..memory.layout import CMDLINE_MAX
@@ -106,10 +106,11 @@ def new_net(id: str, tap: str, mac: str | None, vhost: bool, tap_fds: list[int],
             NetDeviceConfig(id, id, mac=mac, iothread=iothread))
 
 
-def new_console(id: str, socket_path: str) -> ConsoleConfig:
+def new_console(id: str, socket_path: str) -> tuple[ChardevConfig, ConsoleConfig]:
+    """An early-dialect console: a socket chardev and the virtio console port on it."""
     check_id(id, "console id")
     check_socket_path(socket_path, "console socket path")
-    return ConsoleConfig(id, socket_path)
+    return ChardevConfig(id, "socket", socket_path), ConsoleConfig(id, id)
 
 
 def new_vsock(id: str, guest_cid: int, vhost_fd: int | None) -> VsockConfig:
@@ -123,7 +124,7 @@ def new_rng(random_file: str, bytes_per_sec: int | None) -> RngConfig:
     check_path(random_file, "rng random file")
     if bytes_per_sec is not None and not MIN_RNG_BYTES_PER_SEC <= bytes_per_sec <= MAX_RNG_BYTES_PER_SEC:
         raise range_error("The bytes per second of rng device", MIN_RNG_BYTES_PER_SEC, MAX_RNG_BYTES_PER_SEC)
-    return RngConfig(random_file, bytes_per_sec)
+    return RngConfig(random_file, bytes_per_sec)  # an early-dialect rate: that many bytes per second
 
 
 def new_iothread(id: str) -> IothreadConfig:
@@ -174,6 +175,7 @@ class Draft:
     netdevs: list[NetdevConfig] = field(default_factory=list)
     block_devices: list[BlockDeviceConfig] = field(default_factory=list)
     net_devices: list[NetDeviceConfig] = field(default_factory=list)
+    chardevs: list[ChardevConfig] = field(default_factory=list)
     consoles: list[ConsoleConfig] = field(default_factory=list)
     iothreads: list[IothreadConfig] = field(default_factory=list)
     vsock: VsockConfig | None = None
@@ -206,11 +208,16 @@ class Draft:
         if nic is not None:
             self.net_devices.append(nic)
 
-    def add_console(self, console: ConsoleConfig) -> None:
-        if any(c.id == console.id for c in self.consoles):
-            raise ConfigError(f"The chardev id '{console.id}' is used more than once.")
-        if any(c.socket_path == console.socket_path for c in self.consoles):
-            raise ConfigError(f"The console socket path '{console.socket_path}' is used more than once.")
+    def add_chardev(self, chardev: ChardevConfig) -> None:
+        if any(c.id == chardev.id for c in self.chardevs):
+            raise ConfigError(f"The chardev id '{chardev.id}' is used more than once.")
+        if chardev.path is not None and any(c.path == chardev.path for c in self.chardevs):
+            raise ConfigError(f"The console socket path '{chardev.path}' is used more than once.")
+        self.chardevs.append(chardev)
+
+    def add_console(self, chardev: ChardevConfig, console: ConsoleConfig) -> None:
+        """An early-dialect console: its chardev and the port on it."""
+        self.add_chardev(chardev)
         self.consoles.append(console)
 
     def add_iothread(self, iothread: IothreadConfig) -> None:
@@ -250,9 +257,10 @@ class Draft:
                                   "or block device.")
         for nic in self.net_devices:
             self._check_iothread(nic.iothread, f"net '{nic.id}'", known_iothreads)
-        for console in self.consoles:
-            _check_absent(console.socket_path,
-                          f"The console socket path '{console.socket_path}' already exists; remove it first.")
+        for chardev in self.chardevs:
+            if chardev.backend == "socket" and chardev.path is not None:
+                _check_absent(chardev.path,
+                              f"The console socket path '{chardev.path}' already exists; remove it first.")
         if self.rng is not None:
             _stat(self.rng.random_file, "rng random file")
 
@@ -270,7 +278,7 @@ class Draft:
         return VmConfig(
             boot=boot, name=name, machine=machine, drives=list(self.drives), netdevs=list(self.netdevs),
             block_devices=list(self.block_devices), net_devices=list(self.net_devices),
-            consoles=list(self.consoles), vsock=self.vsock, serial=self.serial, iothreads=list(self.iothreads),
+            chardevs=list(self.chardevs), consoles=list(self.consoles), vsock=self.vsock, serial=self.serial, iothreads=list(self.iothreads),
             balloon=self.balloon, rng=self.rng, qmp_socket=self.qmp_socket, freeze=self.freeze,
             daemonize=self.daemonize, pidfile=self.pidfile, log_file=self.log_file,
             disable_seccomp=self.disable_seccomp,

@@ -236,7 +236,7 @@ def _consoles(draft: Draft, value: Any) -> None:
     for i, item in enumerate(_array(value, "console")):
         where = f"console[{i}]"
         obj = _object(item, where, ("console_id", "socket_path"))
-        draft.add_console(new_console(_str(obj, "console_id", where, True), _str(obj, "socket_path", where, True)))
+        draft.add_console(*new_console(_str(obj, "console_id", where, True), _str(obj, "socket_path", where, True)))
 
 
 def _vsock(draft: Draft, value: Any) -> None:

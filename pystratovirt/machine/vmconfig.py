@@ -98,11 +98,25 @@ class NetDeviceConfig:
 
 
 @dataclass(frozen=True)
-class ConsoleConfig:
-    """A virtio-console whose host side is a UNIX socket the VMM listens on (``-chardev``)."""
+class ChardevConfig:
+    """A host character device (``-chardev``): where a virtio console's bytes go. ``backend``:
+    "socket" (a UNIX socket at ``path`` the VMM listens on), "pty" (a new pseudo-terminal),
+    "stdio" (the VMM's own stdin/stdout) or "file" (output appended to ``path``)."""
 
     id: str
-    socket_path: str
+    backend: str = "socket"
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """A virtio console port (``virtconsole``, port ``nr``) on the chardev named ``chardev``; the
+    guest sees it as hvc<nr>. The early command line's ``-chardev id=X,path=P`` is a socket
+    chardev X with a console X on it."""
+
+    id: str
+    chardev: str
+    nr: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,10 +151,12 @@ class IothreadConfig:
 
 @dataclass(frozen=True)
 class RngConfig:
-    """A virtio-rng fed from ``random_file``, optionally rate-limited."""
+    """A virtio-rng fed from ``random_file``: at most ``max_bytes`` every ``period_ms``
+    milliseconds (None: no limit; the early ``bytes_per_sec`` is max_bytes per 1000 ms)."""
 
     random_file: str
-    bytes_per_sec: int | None = None
+    max_bytes: int | None = None
+    period_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,7 @@ class VmConfig:
     netdevs: list[NetdevConfig] = field(default_factory=list)
     block_devices: list[BlockDeviceConfig] = field(default_factory=list)
     net_devices: list[NetDeviceConfig] = field(default_factory=list)
+    chardevs: list[ChardevConfig] = field(default_factory=list)
     consoles: list[ConsoleConfig] = field(default_factory=list)
     vsock: VsockConfig | None = None
     serial: SerialConfig | None = None

@@ -35,3 +35,22 @@ def drives_of(cfg) -> dict:
 
 def nics_of(cfg) -> dict:
     return {"netdevs": cfg.netdevs, "net_devices": cfg.net_devices}
+
+
+def console(id, socket_path) -> dict:
+    """VmConfig keyword arguments for an early -chardev: a socket chardev and a console on it."""
+    from pystratovirt.machine.vmconfig import ChardevConfig, ConsoleConfig
+    return {"chardevs": [ChardevConfig(id, "socket", socket_path)], "consoles": [ConsoleConfig(id, id)]}
+
+
+def consoles(*pairs) -> dict:
+    merged = {"chardevs": [], "consoles": []}
+    for id, path in pairs:
+        one = console(id, path)
+        merged["chardevs"] += one["chardevs"]
+        merged["consoles"] += one["consoles"]
+    return merged
+
+
+def consoles_of(cfg) -> dict:
+    return {"chardevs": cfg.chardevs, "consoles": cfg.consoles}

@@ -8,9 +8,9 @@ import socket
 import pytest
 
 from pystratovirt.config import ConfigError, parse_command_line
-from config.early import disks, drive, drives_of, net, nics, nics_of
+from config.early import console, consoles, consoles_of, disks, drive, drives_of, net, nics, nics_of
 from pystratovirt.machine.vmconfig import (
-    BalloonConfig, BootSource, ConsoleConfig, IothreadConfig, MachineConfig, RngConfig,
+    BalloonConfig, BootSource, IothreadConfig, MachineConfig, RngConfig,
     SerialConfig, VmConfig, VsockConfig,
 )
 from pystratovirt.memory.layout import GiB, MiB
@@ -71,7 +71,7 @@ def test_hydropper_style_argv(env):
         machine=MachineConfig(vcpus=4, max_vcpus=4, mem_size=2408 * MiB, mem_share=True, dump_guest_core=False),
         **disks(drive("rootfs", env.rootfs)),
         **nics(net("tap0", "tap0", mac="52:54:00:12:34:56", vhost=True), net("tap1", "tap1")),
-        consoles=[ConsoleConfig("console_0", f"{root}/microvm_{uuid}-console.sock")],
+        **console("console_0", f"{root}/microvm_{uuid}-console.sock"),
         vsock=VsockConfig("vsock-1234", 1234), balloon=BalloonConfig(deflate_on_oom=True),
         rng=RngConfig("/dev/random", 1_000_000), qmp_socket=f"{root}/microvm_{uuid}.sock",
         freeze=True, daemonize=True, pidfile=f"{root}/microvm_pid.file", log_file="/var/log/stratovirt",
@@ -407,7 +407,7 @@ def test_net_count_and_duplicates(env):
 
 def test_chardev(env):
     cfg = env.config("-chardev id=console_0,path=c.sock -chardev socket,id=c1,path=d.sock")
-    assert cfg.consoles == [ConsoleConfig("console_0", "c.sock"), ConsoleConfig("c1", "d.sock")]
+    assert consoles_of(cfg) == consoles(("console_0", "c.sock"), ("c1", "d.sock"))
 
 
 @pytest.mark.parametrize("value, message", [
@@ -517,7 +517,7 @@ def test_balloon(env):
 def test_rng(env):
     assert env.config("-rng random_file=/dev/urandom").rng == RngConfig("/dev/urandom")
     assert env.config("-rng random_file=/dev/random,bytes_per_sec=64").rng == RngConfig("/dev/random", 64)
-    assert env.config("-rng random_file=/dev/random,bytes_per_sec=1000000000").rng.bytes_per_sec == 1_000_000_000
+    assert env.config("-rng random_file=/dev/random,bytes_per_sec=1000000000").rng.max_bytes == 1_000_000_000
 
 
 @pytest.mark.parametrize("value, message", [

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from pystratovirt.config import ConfigError, parse_command_line
-from config.early import disks, drive, net, nics
+from config.early import console, disks, drive, net, nics
 from pystratovirt.machine.vmconfig import (
-    BalloonConfig, BootSource, ConsoleConfig, IothreadConfig, MachineConfig, RngConfig,
+    BalloonConfig, BootSource, IothreadConfig, MachineConfig, RngConfig,
     SerialConfig, VmConfig, VsockConfig,
 )
 from pystratovirt.memory.layout import GiB, MiB
@@ -83,7 +83,7 @@ def test_every_section(env):
         **disks(drive("rootfs", env.rootfs, True, True, "11111111", "io1", 200),
                 drive("d1", "disk1", False, False)),
         **nics(net("net0", "tap0", "12:34:56:78:9A:BC", True, [10], [11], "io1")),
-        consoles=[ConsoleConfig("charconsole0", "console.sock")], vsock=VsockConfig("vsock-3", 3),
+        **console("charconsole0", "console.sock"), vsock=VsockConfig("vsock-3", 3),
         serial=SerialConfig(stdio=False), iothreads=[IothreadConfig("io1")], balloon=BalloonConfig(False),
         rng=RngConfig("/dev/urandom", 1_000_000), extract_payload=False)
 
