@@ -17,7 +17,8 @@ import enum
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Union
 
-from ..errors import ErrorClass, PyStratoVirtError
+from ..errors import ErrorClass as ErrorClass  # re-exported: part of the vocabulary
+from ..errors import PyStratoVirtError
 from ..virtio.block_backend import DriveConfig
 from ..virtio.tap import NetdevConfig
 
