@@ -114,14 +114,20 @@ class NetdevDel:
 class DeviceAdd:
     """``device_add``: put the backend registered under ``id`` into a replaceable slot.
 
-    ``addr`` is the client's ``"0xN"`` already parsed to an int; ``lun`` is the alternative
-    spelling kept for QMP compatibility. See :attr:`slot` for how StratoVirt combines them.
+    ``addr`` is the client's ``"0xN"`` or decimal ``"N"`` already parsed to an int; ``lun`` is
+    the alternative spelling kept for QMP compatibility. See :attr:`slot` for how StratoVirt
+    combines them. ``drive`` (a block backend's node-name) and ``netdev`` (a net backend's id)
+    name the backend when the client gave them, as QEMU and StratoVirt 2.x clients do (Kuasar's
+    device id differs from its drive's); ``mac`` is the NIC's address as the client wrote it.
     """
 
     id: str
     driver: str
     addr: int | None = None
     lun: int | None = None
+    drive: str | None = None
+    netdev: str | None = None
+    mac: str | None = None
 
     @property
     def slot(self) -> int:
@@ -173,6 +179,25 @@ class QomSet:
     value: object
 
 
+@dataclass(frozen=True)
+class GetFd:
+    """``getfd``: hold ``fd`` (received in SCM_RIGHTS with the command) under ``fdname``.
+
+    The QMP server fills in ``fd``; from the moment the machine receives the request it owns the
+    descriptor, whatever the outcome (a refusal closes it). ``None`` never reaches the machine.
+    """
+
+    fdname: str
+    fd: int | None = None
+
+
+@dataclass(frozen=True)
+class CloseFd:
+    """``closefd``: close the descriptor held under ``fdname``."""
+
+    fdname: str
+
+
 #: Where qom-get/qom-set find the balloon: QEMU's path for ``-device virtio-balloon-device,id=balloon``
 #: (StratoVirt's ``-balloon`` has no id; this is the one path we answer to, see docs/compatibility.md).
 BALLOON_QOM_PATH = "/machine/peripheral/balloon"
@@ -181,7 +206,7 @@ BALLOON_QOM_PATH = "/machine/peripheral/balloon"
 Request = Union[
     QmpCapabilities, QueryVersion, QueryCommands, QueryStatus, QueryCpus, QueryHotpluggableCpus,
     Stop, Cont, Quit, BlockdevAdd, BlockdevDel, NetdevAdd, NetdevDel, DeviceAdd, DeviceDel,
-    Balloon, QueryBalloon, QomGet, QomSet,
+    Balloon, QueryBalloon, QomGet, QomSet, GetFd, CloseFd,
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -357,7 +382,40 @@ class BalloonChangedEvent:
     actual: int
 
 
-Event = Union[ShutdownEvent, StopEvent, ResumeEvent, DeviceDeletedEvent, BalloonChangedEvent]
+class IoOperation(enum.Enum):
+    """The kind of block request that failed (QEMU's IoOperationType names)."""
+
+    READ = "read"
+    WRITE = "write"
+
+
+class BlockErrorAction(enum.Enum):
+    """What the VMM did about a block I/O error (QEMU's BlockErrorAction names)."""
+
+    IGNORE = "ignore"
+    REPORT = "report"  # the guest got the error (VIRTIO_BLK_S_IOERR)
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class BlockIoErrorEvent:
+    """BLOCK_IO_ERROR: a disk request failed on the host, as QEMU 7.2 reports it.
+
+    ``device`` is the block backend's name (QEMU sends "" for a backend made by blockdev-add,
+    with ``node_name`` set); ``node_name`` and ``nospace`` are left out of the event when None;
+    ``nospace`` is true when the error was ENOSPC; ``reason`` is the host's error text.
+    """
+
+    device: str
+    node_name: str | None
+    operation: IoOperation
+    action: BlockErrorAction
+    nospace: bool | None
+    reason: str
+
+
+Event = Union[ShutdownEvent, StopEvent, ResumeEvent, DeviceDeletedEvent, BalloonChangedEvent,
+              BlockIoErrorEvent]
 
 # --------------------------------------------------------------------------------------------------
 # The machine's side of the contract
