@@ -32,6 +32,7 @@ from ..kvm import Kvm
 from ..kvm.vcpu import install_kick_signal
 from ..memory import GuestMemory, layout
 from . import requests as rq
+from .fds import Descriptors
 from ..virtio.balloon import VirtioBalloon
 from ..virtio.blk import BackendError, FileBackend, VirtioBlk
 from ..virtio.net import VirtioNet
@@ -81,6 +82,9 @@ class MicroVm:
         self._gate: PauseGate | None = None
         self._shutting_down = False
         self._on_shutdown: list[Callable[[], None]] = []
+        # Descriptors inherited at start-up or passed with getfd; backends take them from here.
+        self.fds = Descriptors.from_process()
+        self.add_shutdown_hook(self.fds.close)
         self.mmio_devices: MmioDevices | None = None
         self.slots: ReplaceableSlots | None = None
         self.balloon: VirtioBalloon | None = None
@@ -495,4 +499,6 @@ _HANDLERS = {
     rq.QueryBalloon: MicroVm._q_query_balloon,
     rq.QomGet: MicroVm._q_qom_get,
     rq.QomSet: MicroVm._q_qom_set,
+    rq.GetFd: lambda vm, req: vm.fds.put(req.fdname, req.fd),
+    rq.CloseFd: lambda vm, req: vm.fds.close_named(req.fdname),
 }
