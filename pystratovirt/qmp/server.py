@@ -38,11 +38,12 @@ greeted.
 
 Descriptors. The socket is read with ``recvmsg``; SCM_RIGHTS descriptors (at most
 :data:`MAX_FDS` per message, received close-on-exec; the kernel closes any beyond the buffer)
-belong to the command whose bytes they arrived with. ``getfd`` hands the first to the machine
-(which owns it from then on) and closes the rest; every other command, and a message that is not
-a valid command, closes them as soon as it is answered. Descriptors that arrive with nothing but
-whitespace (qemu.qmp's ``send_fd_scm`` sends a lone space) wait for the next command; a newer
-batch replaces an older one still waiting, as in QEMU. Nothing received is ever leaked: a client
+belong to the command whose bytes they arrived with (govmm sends ``getfd`` and its descriptor in
+one ``sendmsg``). ``getfd`` hands the first to the machine (which owns it from then on) and
+closes the rest; every other command, and a message that is not a valid command, closes them as
+soon as it is answered. Descriptors that arrive with nothing but whitespace (qemu.qmp's
+``send_fd_scm`` sends a lone space) wait for the next command; a newer batch replaces an older
+one still waiting, as in QEMU. Nothing received is ever leaked: a client
 that leaves takes its unclaimed descriptors with it.
 """
 
@@ -134,6 +135,7 @@ class _Client:
         self.stall_timer = None
         self.events_dropped = 0
         self.answering = False  # a command is executing: its reply is still to come
+        self.warned_ctrunc = False
 
     def release_fds(self) -> None:
         _close_all(self.waiting_fds)
@@ -265,7 +267,7 @@ class QmpServer:
         except OSError:
             self._drop(client)
             return
-        fds = self._received_fds(ancdata, flags)
+        fds = self._received_fds(client, ancdata, flags)
         if not data:
             # The client shut down its side: it has sent all it will, but may still read the
             # replies to what it sent, so answer and flush them before hanging up.
@@ -276,25 +278,34 @@ class QmpServer:
         if client.waiting_fds and frames:
             frames[0].fds, client.waiting_fds = client.waiting_fds, []
         if fds:
-            # The kernel ends a read with the bytes of the sendmsg that carried descriptors, so
-            # they belong to the message still open at the end of this data, else to the last
-            # one completed in it; with neither (whitespace only), to the next command.
-            if client.splitter.in_message or not frames:
+            # The kernel ends a read with the bytes of the sendmsg that carried descriptors (it
+            # may glue earlier writes in front). So they came with the message still open at the
+            # end of this data; else with the last one completed in it, if at most a line end
+            # follows that message (govmm sends "{...}\n"); else alone (qemu.qmp sends " "), and
+            # they wait for the next command.
+            if client.splitter.in_message:
+                owner = None
+            elif frames and data[len(data.rstrip(b" \t\r\n")):] in (b"", b"\n", b"\r\n"):
+                owner = frames[-1]
+            else:
+                owner = None
+            if owner is None:
                 _close_all(client.waiting_fds)
                 client.waiting_fds = fds
             else:
-                _close_all(frames[-1].fds)
-                frames[-1].fds = fds
+                _close_all(owner.fds)
+                owner.fds = fds
         client.frames.extend(frames)
 
     @staticmethod
-    def _received_fds(ancdata, flags: int) -> list[int]:
+    def _received_fds(client: _Client, ancdata, flags: int) -> list[int]:
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _INT_SIZE
                 fds.extend(array.array("i", payload[:usable]))
-        if flags & socket.MSG_CTRUNC:
+        if flags & socket.MSG_CTRUNC and not client.warned_ctrunc:
+            client.warned_ctrunc = True  # once per client: a client must not fill the log
             log.warning("QMP client sent more than %d file descriptors in one message; the "
                         "kernel closed the rest", MAX_FDS)
         return fds

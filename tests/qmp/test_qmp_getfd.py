@@ -143,6 +143,17 @@ def test_pipelined_commands_the_descriptor_goes_to_the_one_it_came_with(greeted,
     assert qmp.machine.fds.names == ["late"]
 
 
+def test_a_lone_space_after_pipelined_commands_waits_for_the_next_one(greeted, qmp, pipe):
+    # The kernel glues the earlier, descriptor-less write in front of the lone space: the
+    # descriptor still goes to the getfd that follows, not to query-status.
+    greeted.send(STATUS + b"\n" + STATUS)
+    send_with_fds(greeted, b" ", [pipe[0]])
+    time.sleep(0.05)
+    assert greeted.line() == RUNNING and greeted.line() == RUNNING
+    assert greeted.ask(b'{"execute":"getfd","arguments":{"fdname":"alone"}}') == EMPTY
+    assert same_file(qmp.machine.fds._named["alone"], pipe[0])
+
+
 def test_a_newer_waiting_batch_replaces_an_older_one(greeted, qmp, pipe):
     baseline = open_fds()
     send_with_fds(greeted, b" ", [pipe[0]])
