@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import qmpfuzz
-from helpers.decoders import GO_CPU_INFO, GO_STATUS, go_decode, serde_cpu_infos, serde_status
 from helpers.vmproc import STRATOVIRT, Qmp, VmProcess, wait_for_path
 
 pytestmark = pytest.mark.kvm
@@ -148,17 +147,6 @@ def test_no_argument_value_makes_the_machine_fail(live, command):
         assert not reply["error"]["desc"].startswith("Internal error"), (command, reply)
     if name == "stop" and "return" in reply:
         qmp.execute("cont")
-
-
-def test_replies_decode_as_kata_and_kuasar_decode_them(live):
-    _, qmp = live
-    cpus = qmp.execute("query-cpus")[1]["return"]
-    go_decode(cpus, [GO_CPU_INFO], "CPUInfo")
-    serde_cpu_infos(cpus)
-    assert all(c["thread_id"] > 0 for c in cpus)
-    status = qmp.execute("query-status")[1]["return"]
-    go_decode(status, GO_STATUS, "status")
-    serde_status(status)
 
 
 # -- issue 9, defect 1 (the server side and the store) -----------------------------------------
