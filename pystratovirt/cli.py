@@ -2,8 +2,14 @@
 
 Every failure a user can cause (bad options, missing files, no KVM, a socket path in use, a
 kernel that cannot be loaded) ends with one sentence on stderr and exit code 1, never a
-traceback. A VM that shuts down (QMP ``quit``, guest power-off or reboot, SIGTERM/SIGINT) ends
-with exit code 0; a fatal guest or VMM error with exit code 1.
+traceback. A VM that shuts down (QMP ``quit``, guest power-off or reboot, SIGTERM, SIGINT or
+SIGHUP: a SHUTDOWN event with reason ``host-signal``) ends with exit code 0; a fatal guest or
+VMM error with exit code 1. SIGHUP is a shutdown request like SIGTERM (the terminal or the
+session that started the VMM went away), so the QMP socket and the pidfile are still removed.
+
+Descriptors >= 3 the process inherited (Kata passes taps and vhost handles as 3, 4, ...) are
+claimed by :func:`~.machine.fds.claim_inherited` before anything else is opened, so the
+machine's descriptor store owns exactly those.
 
 Logging: without ``-D`` warnings and errors go to stderr; ``-D`` alone logs at info level to
 stderr; ``-D FILE`` logs at info level to FILE. ``STRATOVIRT_LOG_LEVEL`` (trace, debug, info,
@@ -20,6 +26,7 @@ import sys
 from .config import parse_command_line
 from .errors import PyStratoVirtError
 from .machine.console import StdioConsole
+from .machine.fds import claim_inherited
 from .machine.microvm import MicroVm
 from .machine.requests import ShutdownReason
 from .machine.vmconfig import VmConfig
@@ -127,7 +134,7 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
             machine.add_shutdown_hook(console.close)
         if qmp is not None:
             machine.add_shutdown_hook(qmp.close)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: machine.host_signal())
         machine.start()
         if on_ready is not None:
@@ -146,6 +153,7 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    claim_inherited()  # first: everything >= 3 open now was passed by our parent
     argv = sys.argv[1:] if argv is None else argv
     try:
         invocation = parse_command_line(argv)

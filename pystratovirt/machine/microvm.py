@@ -37,6 +37,7 @@ from ..virtio.block_backend import FileBackend
 from ..virtio.net import VirtioNet
 from ..virtio.tap import Tap
 from . import requests as rq
+from .fds import Descriptors
 from .mmio_devices import BALLOON_WINDOW, MmioDevices, window_index
 from .slots import BLOCK_SLOTS, NET_SLOTS, ReplaceableSlots, SlotKind
 from .vcpu_thread import PauseGate, VcpuThread
@@ -96,6 +97,9 @@ class MicroVm:
         self._gate: PauseGate | None = None
         self._shutting_down = False
         self._on_shutdown: list[Callable[[], None]] = []
+        # Descriptors inherited at start-up or passed with getfd; backends take them from here.
+        self.fds = Descriptors.from_process()
+        self.add_shutdown_hook(self.fds.close)
         self.mmio_devices: MmioDevices | None = None
         self.slots: ReplaceableSlots | None = None
         self.balloon: VirtioBalloon | None = None
@@ -361,7 +365,7 @@ class MicroVm:
         # The tap is opened (and held) now, as StratoVirt checks it here: a missing or busy tap
         # is reported by netdev_add, not by the device_add after it.
         self.slots.check_register(req.netdev.id)
-        self._register(req.netdev.id, SlotKind.NET, Tap.from_config(req.netdev, self._take_fd))
+        self._register(req.netdev.id, SlotKind.NET, Tap.from_config(req.netdev, self.fds.take))
 
     def _register(self, reg_id: str, kind: SlotKind, backend) -> None:
         try:
@@ -370,12 +374,11 @@ class MicroVm:
             backend.close()
             raise
 
-    def _take_fd(self, ref: str) -> int:
-        """A descriptor the VMM was given, by reference (``fds=``)."""
-        try:
-            return int(ref.rsplit(":", 1)[-1])
-        except ValueError:
-            raise rq.MachineError(f"Add netdev error: failed to convert {ref} to RawFd.") from None
+    def _getfd(self, req: rq.GetFd) -> None:
+        self.fds.put(req.fdname, req.fd)
+
+    def _closefd(self, req: rq.CloseFd) -> None:
+        self.fds.close_named(req.fdname)
 
     def _backend_del(self, req) -> None:
         self.slots.unregister(req.node_name if isinstance(req, rq.BlockdevDel) else req.id)
@@ -459,4 +462,6 @@ _HANDLERS = {
     rq.QueryBalloon: MicroVm._query_balloon,
     rq.QomGet: MicroVm._qom_get,
     rq.QomSet: MicroVm._qom_set,
+    rq.GetFd: MicroVm._getfd,
+    rq.CloseFd: MicroVm._closefd,
 }

@@ -110,10 +110,13 @@ class NetdevDel:
 class DeviceAdd:
     """``device_add``: put a registered backend into a replaceable slot as device ``id``.
 
-    The backend is the one named by ``drive`` (a disk) or ``netdev`` (a NIC) when the client
-    gives it, as QEMU's clients do, else the one registered under ``id`` (StratoVirt's rule).
-    ``addr`` is the client's slot number already parsed; ``lun`` is the alternative spelling
-    kept for QMP compatibility (see :attr:`slot`). ``serial`` is a disk's serial number.
+    The backend is the one named by ``drive`` (a disk's node-name) or ``netdev`` (a NIC's
+    backend id) when the client gives it, as QEMU and StratoVirt 2.x clients do (Kuasar's device
+    id differs from its drive's), else the one registered under ``id`` (StratoVirt's rule).
+    ``addr`` is the client's ``"0xN"`` or decimal ``"N"`` already parsed to an int; ``lun`` is the
+    alternative spelling kept for QMP compatibility (see :attr:`slot`). ``serial`` is a disk's
+    serial number; ``mac`` the NIC's address as the client wrote it (a slot's MAC is fixed when
+    the VM is built, as in StratoVirt, so the machine does not apply it).
     """
 
     id: str
@@ -123,6 +126,7 @@ class DeviceAdd:
     drive: str | None = None
     netdev: str | None = None
     serial: str | None = None
+    mac: str | None = None
 
     @property
     def backend_id(self) -> str:
@@ -179,6 +183,25 @@ class QomSet:
     value: object
 
 
+@dataclass(frozen=True)
+class GetFd:
+    """``getfd``: hold ``fd`` (received in SCM_RIGHTS with the command) under ``fdname``.
+
+    The QMP server fills in ``fd``; from the moment the machine receives the request it owns the
+    descriptor, whatever the outcome (a refusal closes it). ``None`` never reaches the machine.
+    """
+
+    fdname: str
+    fd: int | None = None
+
+
+@dataclass(frozen=True)
+class CloseFd:
+    """``closefd``: close the descriptor held under ``fdname``."""
+
+    fdname: str
+
+
 #: Where qom-get/qom-set find the balloon: QEMU's path for ``-device virtio-balloon-device,id=balloon``
 #: (StratoVirt's ``-balloon`` has no id; this is the one path we answer to, see docs/compatibility.md).
 BALLOON_QOM_PATH = "/machine/peripheral/balloon"
@@ -187,7 +210,7 @@ BALLOON_QOM_PATH = "/machine/peripheral/balloon"
 Request = Union[
     QmpCapabilities, QueryVersion, QueryCommands, QueryStatus, QueryCpus, QueryHotpluggableCpus,
     Stop, Cont, Quit, BlockdevAdd, BlockdevDel, NetdevAdd, NetdevDel, DeviceAdd, DeviceDel,
-    Balloon, QueryBalloon, QomGet, QomSet,
+    Balloon, QueryBalloon, QomGet, QomSet, GetFd, CloseFd,
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +374,40 @@ class BalloonChangedEvent:
     actual: int
 
 
-Event = Union[ShutdownEvent, StopEvent, ResumeEvent, DeviceDeletedEvent, BalloonChangedEvent]
+class IoOperation(enum.Enum):
+    """The kind of block request that failed (QEMU's IoOperationType names)."""
+
+    READ = "read"
+    WRITE = "write"
+
+
+class BlockErrorAction(enum.Enum):
+    """What the VMM did about a block I/O error (QEMU's BlockErrorAction names)."""
+
+    IGNORE = "ignore"
+    REPORT = "report"  # the guest got the error (VIRTIO_BLK_S_IOERR)
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class BlockIoErrorEvent:
+    """BLOCK_IO_ERROR: a disk request failed on the host, as QEMU 7.2 reports it.
+
+    ``device`` is the block backend's name (QEMU sends "" for a backend made by blockdev-add,
+    with ``node_name`` set); ``node_name`` and ``nospace`` are left out of the event when None;
+    ``nospace`` is true when the error was ENOSPC; ``reason`` is the host's error text.
+    """
+
+    device: str
+    node_name: str | None
+    operation: IoOperation
+    action: BlockErrorAction
+    nospace: bool | None
+    reason: str
+
+
+Event = Union[ShutdownEvent, StopEvent, ResumeEvent, DeviceDeletedEvent, BalloonChangedEvent,
+              BlockIoErrorEvent]
 
 # --------------------------------------------------------------------------------------------------
 # The machine's side of the contract

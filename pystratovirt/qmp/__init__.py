@@ -5,8 +5,9 @@ commands into the typed requests of :mod:`pystratovirt.machine.requests`, which 
 executes; results, errors and events come back as dataclasses and leave here as JSON lines.
 """
 
+from .dialect import DIALECT_0X, DIALECT_2X, Dialect
 from .schema import GREETING, MAX_MESSAGE, VERSION, Command, QmpError
 from .server import MAX_OUTPUT, QmpServer, QmpSocketError
 
-__all__ = ["GREETING", "MAX_MESSAGE", "MAX_OUTPUT", "VERSION", "Command", "QmpError", "QmpServer",
-           "QmpSocketError"]
+__all__ = ["DIALECT_0X", "DIALECT_2X", "Dialect", "GREETING", "MAX_MESSAGE", "MAX_OUTPUT",
+           "VERSION", "Command", "QmpError", "QmpServer", "QmpSocketError"]

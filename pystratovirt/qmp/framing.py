@@ -60,6 +60,11 @@ class JsonSplitter:
         self._skipping = False
 
     @property
+    def in_message(self) -> bool:
+        """True while a message has begun and not ended (including one being skipped)."""
+        return self._kind is not None
+
+    @property
     def pending(self) -> int:
         """Bytes of an incomplete message held (0 between messages or while skipping)."""
         return len(self._buf)

@@ -6,6 +6,12 @@ transcripts are the contract: ``{"return":{"running":true,"singlestep":false,"st
 ``{"event":"STOP","data":{},"timestamp":{"seconds":S,"microseconds":U}}``). A command is fully
 validated here, before anything reaches the machine: unknown, missing and mistyped arguments are
 rejected with a GenericError a person can act on. It holds no state and does no I/O.
+
+Every string argument is checked before it can reach the OS, a log or a backend: no NUL (a C
+string would end there), no lone surrogate (it has no UTF-8 encoding, so it cannot be a path, an
+interface name or a log line), and a length limit in UTF-8 bytes (paths PATH_MAX-1, interface
+names IFNAMSIZ-1, names and ids :data:`MAX_NAME`); descriptor references are numbers 0..2**31-1
+or getfd names. A refusal names the parameter.
 """
 
 from __future__ import annotations
@@ -16,20 +22,22 @@ from dataclasses import dataclass
 from typing import Callable, NoReturn
 
 from ..errors import PyStratoVirtError
+from ..machine.fds import FD_MAX, NAME as FD_NAME
 from ..util import strictjson
 from ..virtio.block_backend import DriveConfig
 from ..virtio.tap import NetdevConfig
 from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats, BalloonInfo,
-                                BlockdevAdd, BlockdevDel, CommandInfo, Cont, CpuInfo, CpuProps,
-                                DeviceAdd, DeviceDel, DeviceDeletedEvent, ErrorClass,
-                                HotpluggableCpu, NetdevAdd, NetdevDel, QmpCapabilities, QomGet,
-                                QomSet, QueryBalloon, QueryCommands, QueryCpus,
-                                QueryHotpluggableCpus, QueryStatus, QueryVersion, Quit, Request,
-                                ResumeEvent, ShutdownEvent, ShutdownReason, StatusInfo, Stop,
-                                StopEvent, VersionInfo)
+                                BlockdevAdd, BlockdevDel, BlockIoErrorEvent, CloseFd, CommandInfo,
+                                Cont, CpuInfo, CpuProps, DeviceAdd, DeviceDel, DeviceDeletedEvent,
+                                ErrorClass, GetFd, HotpluggableCpu, NetdevAdd, NetdevDel,
+                                QmpCapabilities, QomGet, QomSet, QueryBalloon, QueryCommands,
+                                QueryCpus, QueryHotpluggableCpus, QueryStatus, QueryVersion, Quit,
+                                Request, ResumeEvent, ShutdownEvent, ShutdownReason, StatusInfo,
+                                Stop, StopEvent, VersionInfo)
+from .dialect import DIALECT_0X
 
-#: The QEMU version StratoVirt's early QMP announces (``create_greeting(1, 0, 4)``).
-VERSION = VersionInfo(major=4, minor=0, micro=1, package="")
+#: The QEMU version the default (0.x) dialect announces (``create_greeting(1, 0, 4)``).
+VERSION = DIALECT_0X.version
 
 #: The largest single message the server buffers (StratoVirt used 8 KiB; QEMU has no small limit).
 MAX_MESSAGE = 65536
@@ -39,6 +47,15 @@ SERIAL_MAX = 20
 
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
+
+#: Longest id, node-name, driver or other name, in UTF-8 bytes (Kata's ids are at most 31).
+MAX_NAME = 256
+#: Longest path (PATH_MAX is 4096 bytes with the terminating NUL).
+MAX_PATH = 4095
+#: Longest interface name (IFNAMSIZ is 16 bytes with the terminating NUL).
+MAX_IFNAME = 15
+#: Longest free-form text (a qom-set value, a descriptor reference list).
+MAX_TEXT = 4096
 
 
 class QmpError(PyStratoVirtError):
@@ -158,14 +175,27 @@ class _Args:
     def wrong(self, key: str, what: str) -> NoReturn:
         raise _ArgumentError(f"Parameter '{self._prefix}{key}' expects {what}")
 
-    def string(self, key: str, default: object = _REQUIRED, *, nonempty: bool = False):
+    def string(self, key: str, default: object = _REQUIRED, *, nonempty: bool = False,
+               max_bytes: int = MAX_NAME):
         value = self.raw(key, default)
         if key in self._values:
             if not isinstance(value, str):
                 self.wrong(key, "a string")
             if nonempty and not value:
                 self.wrong(key, "a non-empty string")
+            self.text(key, value, max_bytes)
         return value
+
+    def text(self, key: str, value: str, max_bytes: int) -> None:
+        """Refuse a string that cannot safely reach the OS, a log or a backend."""
+        if "\x00" in value:
+            self.wrong(key, "a string without NUL characters")
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            self.wrong(key, "valid Unicode text (a lone surrogate has no UTF-8 encoding)")
+        if size > max_bytes:
+            self.wrong(key, f"a string of at most {max_bytes} bytes")
 
     def boolean(self, key: str, default: object = _REQUIRED):
         value = self.raw(key, default)
@@ -193,18 +223,19 @@ class _Args:
 
     def choice(self, key: str, choices: tuple[str, ...], default: object = _REQUIRED):
         value = self.raw(key, default)
-        if key in self._values and value not in choices:
+        if key in self._values and (not isinstance(value, str) or value not in choices):
             self.wrong(key, " or ".join(f"'{c}'" for c in choices))
         return value
 
 
-_ADDR = re.compile(r"0[xX]([0-9a-fA-F]{1,8})")
+_ADDR = re.compile(r"0[xX]([0-9a-fA-F]{1,8})|([0-9]{1,10})")
 
 
 def _addr(args: _Args) -> int | None:
-    """``addr``: StratoVirt's slot number as a hex string ("0x1"); a bare integer is accepted too.
+    """``addr``: the slot number as StratoVirt >= 2.0 reads it (``str_to_usize``): "0x1" is hex,
+    "1" decimal (Kata sends ``fmt.Sprintf("%d")``); a bare integer is accepted too.
 
-    StratoVirt quietly used slot 0 for an addr it could not parse, which hot-plugs into the
+    StratoVirt 0.x quietly used slot 0 for an addr it could not parse, which hot-plugs into the
     wrong slot; we refuse it instead.
     """
     if not args.has("addr"):
@@ -215,30 +246,63 @@ def _addr(args: _Args) -> int | None:
     if isinstance(value, str):
         match = _ADDR.fullmatch(value)
         if match:
-            return int(match.group(1), 16)
-    args.wrong("addr", "a hexadecimal slot number such as '0x1'")
+            number = int(match.group(1), 16) if match.group(1) else int(match.group(2))
+            if number <= U32_MAX:
+                return number
+    args.wrong("addr", "a slot number such as '0x1' (hexadecimal) or '1' (decimal)")
+
+
+_FD_FIELD = re.compile(r"[0-9]{1,10}")
 
 
 def _fd_ref(args: _Args, key: str) -> str | None:
-    """``fds``/``vhostfds``: text (a descriptor number or name); qmp-shell sends a bare number."""
-    value = args.raw(key, None)
-    if value is None and not args.has(key):
+    """``fds``/``vhostfds``: a descriptor reference, kept as text for the machine's descriptor
+    store: a number (0..2**31-1) or a getfd name, or several joined by ':' (StratoVirt's
+    ``name:number`` and ``N:M``). qmp-shell sends a bare JSON number."""
+    if not args.has(key):
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    value = args.raw(key, None)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= FD_MAX:
         return str(value)
-    if isinstance(value, str) and value:
-        return value
-    args.wrong(key, "a file descriptor number or name")
+    if isinstance(value, str) and value and len(value) <= MAX_TEXT:
+        fields = value.split(":")
+        if all((_FD_FIELD.fullmatch(f) and int(f) <= FD_MAX) or FD_NAME.fullmatch(f)
+               for f in fields):
+            return value
+    args.wrong(key, f"a file descriptor number (0 to {FD_MAX}) or a getfd name, or several "
+                    "joined by ':'")
 
 
-def _on_off(args: _Args, key: str) -> bool:
-    """A boolean that qmp-shell users also spell "on"/"off"."""
-    value = args.raw(key, False)
+def _on_off(args: _Args, key: str, default: bool = False) -> bool:
+    """A boolean that qmp-shell users (and govmm's ``share-rw``) also spell "on"/"off"."""
+    value = args.raw(key, default)
     if isinstance(value, bool):
         return value
     if value in ("on", "off"):
         return value == "on"
     args.wrong(key, "a boolean (or 'on' or 'off')")
+
+
+def _fd_name(args: _Args, key: str) -> str:
+    """A getfd name: QEMU refuses a leading digit (it would read as a number); we also refuse
+    ':' and unprintable characters, which could not appear in an ``fds`` reference."""
+    name = args.string(key, nonempty=True)
+    if name[0].isdigit():
+        args.wrong(key, "a name not starting with a digit")
+    if not FD_NAME.fullmatch(name):
+        args.wrong(key, "a name of letters, digits, '_', '.' and '-' (at most 128)")
+    return name
+
+
+def _ifname(args: _Args, key: str) -> str | None:
+    """A host interface name as the kernel's dev_valid_name() takes it."""
+    name = args.string(key, None, nonempty=True, max_bytes=MAX_IFNAME)
+    if name is not None and (name in (".", "..") or any(c in "/:" or c.isspace() for c in name)):
+        args.wrong(key, "an interface name without '/', ':' or spaces")
+    return name
+
+
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,18 +321,21 @@ def _no_arguments(cls: type) -> Callable[[dict], Request]:
 
 
 def _qmp_capabilities(arguments: dict) -> QmpCapabilities:
+    # Kuasar (qapi-rs) always sends {"enable":[]}; StratoVirt 2.3 would refuse the key.
     a = _Args(arguments, known=("enable",))
     enable = a.raw("enable", [])
     if not isinstance(enable, list) or not all(isinstance(c, str) for c in enable):
         a.wrong("enable", "a list of strings")
     for capability in enable:
+        a.text("enable", capability, MAX_NAME)
         if capability not in CAPABILITIES:
             raise _ArgumentError(f"Capability '{capability}' not available")
     return QmpCapabilities(tuple(enable))
 
 
 def _blockdev_add(arguments: dict) -> BlockdevAdd:
-    # StratoVirt v0.2 also accepts read-zeros/discard/id/options/backing and ignores them.
+    # StratoVirt v0.2 also accepts read-zeros/discard/id/options/backing and ignores them; they
+    # never reach a backend, so they are not checked either.
     a = _Args(arguments, known=("node-name", "file", "cache", "read-only", "driver"),
               ignored=("discard", "detect-zeroes", "read-zeros", "id", "options", "backing",
                        "auto-read-only"))
@@ -276,14 +343,18 @@ def _blockdev_add(arguments: dict) -> BlockdevAdd:
     # The format driver: only raw images exist here, so anything else must not be silently
     # treated as raw.
     a.choice("driver", ("raw",), default="raw")
-    file = a.obj("file", known=("driver", "filename"), ignored=("aio", "locking"))
+    file = a.obj("file", known=("driver", "filename", "aio", "locking"))
+    # aio picks QEMU's I/O engine and locking its image locks: neither changes what the guest
+    # sees, and this VMM has one engine (a thread per disk) and takes no image locks.
+    file.choice("aio", ("native", "threads"), default="native")
+    file.choice("locking", ("auto", "on", "off"), default="auto")
     cache = a.obj("cache", known=("direct", "no-flush"), default=None)
     # file.driver ("file" or "host_device") only says what kind of node it is; both open the
     # same way here.
     file.choice("driver", ("file", "host_device"), default="file")
     return BlockdevAdd(DriveConfig(
         id=node_name,
-        path=file.string("filename", nonempty=True),
+        path=file.string("filename", nonempty=True, max_bytes=MAX_PATH),
         read_only=a.boolean("read-only", False),
         direct=cache.boolean("direct", True) if cache else True,
         no_flush=cache.boolean("no-flush", False) if cache else False,
@@ -296,11 +367,19 @@ def _blockdev_del(arguments: dict) -> BlockdevDel:
 
 
 def _netdev_add(arguments: dict) -> NetdevAdd:
-    a = _Args(arguments, known=("id", "ifname", "fds", "vhost", "vhostfds", "type"),
-              ignored=("script", "downscript", "dnssearch", "queues"))
+    a = _Args(arguments, known=("id", "ifname", "fds", "vhost", "vhostfds", "type", "script",
+                                "downscript", "queues"),
+              ignored=("dnssearch",))  # a user-mode (slirp) option: meaningless for a tap
     netdev_id = a.string("id", nonempty=True)
     a.choice("type", ("tap",), default="tap")
-    ifname = a.string("ifname", None, nonempty=True)
+    # govmm sends script/downscript "no" with every named tap. The VMM never runs host
+    # scripts, so any other value would be an option accepted and ignored: refused.
+    for key in ("script", "downscript"):
+        if a.has(key) and a.raw(key, None) != "no":
+            a.wrong(key, "'no' (this VMM never runs host scripts)")
+    if a.has("queues") and a.integer("queues", 0, U32_MAX) != 1:
+        a.wrong("queues", "1 (multi-queue taps are not supported)")
+    ifname = _ifname(a, "ifname")
     fds = _fd_ref(a, "fds")
     if ifname is None and fds is None:
         raise _ArgumentError("Parameter 'ifname' or 'fds' is missing")
@@ -316,18 +395,30 @@ def _netdev_del(arguments: dict) -> NetdevDel:
 
 
 def _device_add(arguments: dict) -> DeviceAdd:
-    # The ignored keys are the ones StratoVirt v0.2 accepts and ignores: the backend is found
-    # by id, and a replaceable slot's bus and features are fixed at boot.
-    a = _Args(arguments, known=("id", "driver", "addr", "lun", "drive", "netdev", "serial"),
-              ignored=("romfile", "share-rw", "bus", "mac", "disable-modern", "mq", "vectors",
-                       "iothread"))
-    serial = a.string("serial", None)
-    if serial is not None and len(serial.encode("utf-8", "surrogatepass")) > SERIAL_MAX:
-        a.wrong("serial", f"at most {SERIAL_MAX} bytes")
+    a = _Args(arguments, known=("id", "driver", "addr", "lun", "drive", "netdev", "mac", "serial",
+                                "romfile", "share-rw", "bus", "iothread", "disable-modern", "mq",
+                                "vectors"))
+    # What the micro-VM has no use for, checked so nothing wrong slips through: no option ROMs
+    # (govmm always sends romfile ""), no image locks to share (share-rw), no buses (a slot is
+    # the address), one I/O thread per disk, no MSI-X (vectors), modern virtio only.
+    if a.has("romfile") and a.raw("romfile", None) != "":
+        a.wrong("romfile", "'' (option ROMs are not supported)")
+    _on_off(a, "share-rw")
+    a.string("bus", None, nonempty=True)
+    a.string("iothread", None, nonempty=True)
+    a.integer("vectors", 0, 2048, None)
+    if _on_off(a, "disable-modern"):
+        a.wrong("disable-modern", "false (only modern virtio devices exist here)")
+    if _on_off(a, "mq"):
+        a.wrong("mq", "false (multi-queue devices are not supported)")
+    mac = a.string("mac", None)
+    if mac is not None and not _MAC.fullmatch(mac):
+        a.wrong("mac", "a MAC address such as '52:54:00:12:34:56'")
     return DeviceAdd(id=a.string("id", nonempty=True), driver=a.string("driver", nonempty=True),
                      addr=_addr(a), lun=a.integer("lun", 0, U32_MAX, None),
                      drive=a.string("drive", None, nonempty=True),
-                     netdev=a.string("netdev", None, nonempty=True), serial=serial)
+                     netdev=a.string("netdev", None, nonempty=True), mac=mac,
+                     serial=a.string("serial", None, max_bytes=SERIAL_MAX))
 
 
 def _device_del(arguments: dict) -> DeviceDel:
@@ -342,16 +433,29 @@ def _balloon(arguments: dict) -> Balloon:
 
 def _qom_get(arguments: dict) -> QomGet:
     a = _Args(arguments, known=("path", "property"))
-    return QomGet(path=a.string("path"), property=a.string("property"))
+    return QomGet(path=a.string("path", max_bytes=MAX_PATH), property=a.string("property"))
 
 
 def _qom_set(arguments: dict) -> QomSet:
     a = _Args(arguments, known=("path", "property", "value"))
-    path, prop = a.string("path"), a.string("property")
+    path, prop = a.string("path", max_bytes=MAX_PATH), a.string("property")
     value = a.raw("value", _REQUIRED)
     if isinstance(value, (dict, list)) or value is None:
         a.wrong("value", "a number, a string or a boolean")
+    if isinstance(value, str):
+        a.text("value", value, MAX_TEXT)
     return QomSet(path=path, property=prop, value=value)
+
+
+def _getfd(arguments: dict) -> GetFd:
+    # The descriptor itself travels in SCM_RIGHTS; the server adds it to the request.
+    a = _Args(arguments, known=("fdname",))
+    return GetFd(fdname=_fd_name(a, "fdname"))
+
+
+def _closefd(arguments: dict) -> CloseFd:
+    a = _Args(arguments, known=("fdname",))
+    return CloseFd(fdname=_fd_name(a, "fdname"))
 
 
 _COMMANDS: dict[str, Callable[[dict], Request]] = {
@@ -374,6 +478,8 @@ _COMMANDS: dict[str, Callable[[dict], Request]] = {
     "query-balloon": _no_arguments(QueryBalloon),
     "qom-get": _qom_get,
     "qom-set": _qom_set,
+    "getfd": _getfd,
+    "closefd": _closefd,
 }
 
 
@@ -457,12 +563,23 @@ def event_to_json(event: object) -> tuple[str, dict]:
             return "DEVICE_DELETED", {"device": event.device, "path": event.path}
         case BalloonChangedEvent():
             return "BALLOON_CHANGED", {"actual": event.actual}
+        case BlockIoErrorEvent():
+            # QEMU 7.2's qapi order; node-name and nospace are optional members.
+            data: dict = {"device": event.device}
+            if event.node_name is not None:
+                data["node-name"] = event.node_name
+            data["operation"] = event.operation.value
+            data["action"] = event.action.value
+            if event.nospace is not None:
+                data["nospace"] = event.nospace
+            data["reason"] = event.reason
+            return "BLOCK_IO_ERROR", data
     raise TypeError(f"no QMP encoding for event {event!r}")
 
 
-def _dump(obj: object) -> bytes:
-    # Compact separators, as StratoVirt (serde_json) writes them; every message ends with "\n".
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+def _dump(obj: object, line_end: bytes) -> bytes:
+    # Compact separators, as StratoVirt (serde_json) writes them; the dialect picks the line end.
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + line_end
 
 
 def _with_id(message: dict, cmd_id: object) -> dict:
@@ -471,24 +588,27 @@ def _with_id(message: dict, cmd_id: object) -> dict:
     return message
 
 
-def encode_greeting(version: VersionInfo = VERSION) -> bytes:
-    return _dump({"QMP": {"version": _version(version), "capabilities": list(CAPABILITIES)}})
+def encode_greeting(version: VersionInfo = VERSION, line_end: bytes = b"\n") -> bytes:
+    return _dump({"QMP": {"version": _version(version), "capabilities": list(CAPABILITIES)}},
+                 line_end)
 
 
-def encode_return(result: object, cmd_id: object = None) -> bytes:
-    return _dump(_with_id({"return": result_to_json(result)}, cmd_id))
+def encode_return(result: object, cmd_id: object = None, line_end: bytes = b"\n") -> bytes:
+    return _dump(_with_id({"return": result_to_json(result)}, cmd_id), line_end)
 
 
-def encode_error(error_class: ErrorClass, desc: str, cmd_id: object = None) -> bytes:
-    return _dump(_with_id({"error": {"class": error_class.value, "desc": desc}}, cmd_id))
+def encode_error(error_class: ErrorClass, desc: str, cmd_id: object = None,
+                 line_end: bytes = b"\n") -> bytes:
+    return _dump(_with_id({"error": {"class": error_class.value, "desc": desc}}, cmd_id),
+                 line_end)
 
 
-def encode_event(event: object, timestamp_ns: int) -> bytes:
+def encode_event(event: object, timestamp_ns: int, line_end: bytes = b"\n") -> bytes:
     """An event stamped with ``timestamp_ns`` (wall clock, nanoseconds since the epoch)."""
     name, data = event_to_json(event)
     seconds, microseconds = divmod(timestamp_ns // 1000, 1_000_000)
     return _dump({"event": name, "data": data,
-                  "timestamp": {"seconds": seconds, "microseconds": microseconds}})
+                  "timestamp": {"seconds": seconds, "microseconds": microseconds}}, line_end)
 
 
 GREETING = encode_greeting()

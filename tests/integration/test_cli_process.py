@@ -143,3 +143,24 @@ def test_console_script_installed():
     assert exe is not None
     res = subprocess.run([exe, "--bogus"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "Traceback" not in res.stderr
+
+
+def test_sighup_shuts_down_like_sigterm(probe_elf, tmp_path):
+    # Before: SIGHUP's default action killed the VMM at once, with no SHUTDOWN event, and left
+    # the socket file behind.
+    import signal
+    sock = tmp_path / "vm.sock"
+    proc = subprocess.Popen(STRATOVIRT + ["-kernel", str(probe_elf), "-api-channel", f"unix:{sock}"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with Qmp(sock) as qmp:
+            assert qmp.execute("query-status")[1]["return"]["status"] == "running"
+            proc.send_signal(signal.SIGHUP)
+            event = qmp.read()
+            assert (event["event"], event["data"]) == ("SHUTDOWN", {"guest": False, "reason": "host-signal"})
+        assert proc.wait(30) == 0
+        assert not sock.exists()
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

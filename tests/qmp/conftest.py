@@ -15,9 +15,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from pystratovirt.machine.requests import (Balloon, BalloonChangedEvent, BalloonInfo, Cont,
-                                           CpuInfo, CpuProps, DeviceDel, DeviceDeletedEvent,
-                                           ErrorClass, HotpluggableCpu, MachineError,
+from pystratovirt.machine.fds import Descriptors
+from pystratovirt.machine.requests import (Balloon, BalloonChangedEvent, BalloonInfo, CloseFd,
+                                           Cont, CpuInfo, CpuProps, DeviceDel,
+                                           DeviceDeletedEvent, ErrorClass, GetFd,
+                                           HotpluggableCpu, MachineError,
                                            QueryBalloon, QueryCpus, QueryHotpluggableCpus,
                                            QueryStatus, Quit, ResumeEvent, RunState,
                                            ShutdownEvent, ShutdownReason, StatusInfo, Stop,
@@ -29,7 +31,8 @@ from pystratovirt.util.eventloop import EventLoop
 class FakeMachine:
     """A stand-in for the machine's Executor: keeps a run state and emits what the machine would.
 
-    This is a fake for unit-testing the server; it boots nothing.
+    This is a fake for unit-testing the server; it boots nothing. Descriptors passed with getfd
+    go to a real :class:`Descriptors` store, so tests can see what the server handed over.
     """
 
     def __init__(self) -> None:
@@ -37,6 +40,8 @@ class FakeMachine:
         self.state = RunState.RUNNING
         self.requests: list[object] = []
         self.memory = 4 << 30
+        self.max_cpus = 2  # how many entries query-hotpluggable-cpus lists
+        self.fds = Descriptors()
         self.on_quit = None  # a test's hook, run when quit starts
 
     def execute(self, request):
@@ -61,8 +66,14 @@ class FakeMachine:
                 return [CpuInfo(i, CpuProps(socket_id=i), f"/machine/unattached/device[{i}]",
                                 8439 + i) for i in range(2)]
             case QueryHotpluggableCpus():
-                return [HotpluggableCpu(CpuProps(socket_id=0), "/machine/unattached/device[0]"),
-                        HotpluggableCpu(CpuProps(socket_id=1), None)]
+                return [HotpluggableCpu(CpuProps(socket_id=0), "/machine/unattached/device[0]")] + [
+                    HotpluggableCpu(CpuProps(socket_id=i), None) for i in range(1, self.max_cpus)]
+            case GetFd(fdname=name, fd=fd):
+                self.fds.put(name, fd)
+                return None
+            case CloseFd(fdname=name):
+                self.fds.close_named(name)
+                return None
             case DeviceDel(id=dev):
                 if dev == "missing":
                     raise MachineError(f"Device {dev} not found")
@@ -168,6 +179,7 @@ def qmp(tmp_path, loop_thread):
     loop_thread.call(server.start)
     yield Harness(server, machine, loop_thread)
     loop_thread.call(server.close)
+    machine.fds.close()
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import pytest
 from pystratovirt.virtio.block_backend import DriveConfig
 from pystratovirt.virtio.tap import NetdevConfig
 from pystratovirt.machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats,
-                                           BalloonInfo, BlockdevAdd,
+                                           BalloonInfo, BlockdevAdd, BlockErrorAction,
+                                           BlockIoErrorEvent, IoOperation,
                                            BlockdevDel, CommandInfo, Cont, CpuInfo, CpuProps,
                                            DeviceAdd, DeviceDel, DeviceDeletedEvent, ErrorClass,
                                            HotpluggableCpu, NetdevAdd, NetdevDel, QmpCapabilities, QomGet, QomSet,
@@ -222,8 +223,8 @@ def test_netdev_add_options():
     ({"ifname": "tap0"}, "Parameter 'id' is missing"),
     ({"id": "n"}, "Parameter 'ifname' or 'fds' is missing"),
     ({"id": "n", "ifname": 0}, "Parameter 'ifname' expects a string"),
-    ({"id": "n", "fds": -1}, "Parameter 'fds' expects a file descriptor number or name"),
-    ({"id": "n", "fds": [3]}, "Parameter 'fds' expects a file descriptor number or name"),
+    ({"id": "n", "fds": -1}, "Parameter 'fds' expects a file descriptor number (0 to 2147483647) or a getfd name, or several joined by ':'"),
+    ({"id": "n", "fds": [3]}, "Parameter 'fds' expects a file descriptor number (0 to 2147483647) or a getfd name, or several joined by ':'"),
     ({"id": "n", "ifname": "t", "vhost": "maybe"},
      "Parameter 'vhost' expects a boolean (or 'on' or 'off')"),
     ({"id": "n", "ifname": "t", "type": "user"}, "Parameter 'type' expects 'tap'"),
@@ -257,7 +258,11 @@ def test_device_add_seed_transcripts():
     ({"addr": 2}, 2, None, 2),
     ({"lun": 0}, None, 0, 1),  # lun 0 is vdb
     ({"lun": 2, "addr": "0x1"}, 1, 2, 1),  # addr wins, as in StratoVirt
-    ({"addr": "0x1", "bus": "pci.0", "drive": "d", "mac": "x", "share-rw": "on"}, 1, None, 1),
+    ({"addr": "0x1", "bus": "pci.0", "drive": "d", "mac": "52:54:00:00:00:01",
+      "share-rw": "on"}, 1, None, 1),
+    ({"addr": "1"}, 1, None, 1),  # decimal, as StratoVirt >= 2.0 and Kata's govmm spell it
+    ({"addr": "10"}, 10, None, 10),
+    ({"addr": "0x10"}, 16, None, 16),
 ])
 def test_device_add_slot(extra, addr, lun, slot):
     request = parse({"execute": "device_add",
@@ -268,18 +273,22 @@ def test_device_add_slot(extra, addr, lun, slot):
 @pytest.mark.parametrize("arguments, desc", [
     ({"driver": "virtio-blk-mmio"}, "Parameter 'id' is missing"),
     ({"id": "d"}, "Parameter 'driver' is missing"),
-    ({"id": "d", "driver": "virtio-blk-mmio", "addr": "1"},
-     "Parameter 'addr' expects a hexadecimal slot number such as '0x1'"),
+    ({"id": "d", "driver": "virtio-blk-mmio", "addr": "-1"},
+     "Parameter 'addr' expects a slot number such as '0x1' (hexadecimal) or '1' (decimal)"),
+    ({"id": "d", "driver": "virtio-blk-mmio", "addr": "4294967296"},
+     "Parameter 'addr' expects a slot number such as '0x1' (hexadecimal) or '1' (decimal)"),
+    ({"id": "d", "driver": "virtio-blk-mmio", "addr": " 1"},
+     "Parameter 'addr' expects a slot number such as '0x1' (hexadecimal) or '1' (decimal)"),
     ({"id": "d", "driver": "virtio-blk-mmio", "addr": "0xg"},
-     "Parameter 'addr' expects a hexadecimal slot number such as '0x1'"),
+     "Parameter 'addr' expects a slot number such as '0x1' (hexadecimal) or '1' (decimal)"),
     ({"id": "d", "driver": "virtio-blk-mmio", "addr": "0x"},
-     "Parameter 'addr' expects a hexadecimal slot number such as '0x1'"),
+     "Parameter 'addr' expects a slot number such as '0x1' (hexadecimal) or '1' (decimal)"),
     ({"id": "d", "driver": "virtio-blk-mmio", "addr": "0x123456789"},
-     "Parameter 'addr' expects a hexadecimal slot number such as '0x1'"),
+     "Parameter 'addr' expects a slot number such as '0x1' (hexadecimal) or '1' (decimal)"),
     ({"id": "d", "driver": "virtio-blk-mmio", "addr": -1},
-     "Parameter 'addr' expects a hexadecimal slot number such as '0x1'"),
+     "Parameter 'addr' expects a slot number such as '0x1' (hexadecimal) or '1' (decimal)"),
     ({"id": "d", "driver": "virtio-blk-mmio", "addr": True},
-     "Parameter 'addr' expects a hexadecimal slot number such as '0x1'"),
+     "Parameter 'addr' expects a slot number such as '0x1' (hexadecimal) or '1' (decimal)"),
     ({"id": "d", "driver": "virtio-blk-mmio", "lun": "1"}, "Parameter 'lun' expects an integer"),
     ({"id": "d", "driver": "virtio-blk-mmio", "lun": -1},
      "Parameter 'lun' expects an integer from 0 to 4294967295"),
@@ -438,6 +447,17 @@ TS = 1583908726_162739_000  # nanoseconds
     (BalloonChangedEvent(2147483648),
      b'{"event":"BALLOON_CHANGED","data":{"actual":2147483648},'
      b'"timestamp":{"seconds":1583908726,"microseconds":162739}}\n'),
+    # QEMU 7.2's BLOCK_IO_ERROR: qapi member order, node-name and nospace optional.
+    (BlockIoErrorEvent("", "drive-0", IoOperation.WRITE, BlockErrorAction.REPORT, True,
+                       "No space left on device"),
+     b'{"event":"BLOCK_IO_ERROR","data":{"device":"","node-name":"drive-0","operation":"write",'
+     b'"action":"report","nospace":true,"reason":"No space left on device"},'
+     b'"timestamp":{"seconds":1583908726,"microseconds":162739}}\n'),
+    (BlockIoErrorEvent("rootfs", None, IoOperation.READ, BlockErrorAction.REPORT, None,
+                       "Input/output error"),
+     b'{"event":"BLOCK_IO_ERROR","data":{"device":"rootfs","operation":"read","action":"report",'
+     b'"reason":"Input/output error"},'
+     b'"timestamp":{"seconds":1583908726,"microseconds":162739}}\n'),
 ])
 def test_event_bytes(event, line):
     assert encode_event(event, TS) == line
@@ -445,6 +465,13 @@ def test_event_bytes(event, line):
 
 def test_shutdown_reason_may_be_given_as_its_text():
     assert b'"reason":"host-qmp-quit"' in encode_event(ShutdownEvent(False, "host-qmp-quit"), 0)
+
+
+def test_line_end_is_the_callers():
+    assert encode_event(StopEvent(), TS, b"\r\n").endswith(b"}}\r\n")
+    assert encode_return(None, 1, b"\r\n") == b'{"return":{},"id":1}\r\n'
+    assert encode_error(ErrorClass.GENERIC_ERROR, "x", None, b"\r\n") == \
+        b'{"error":{"class":"GenericError","desc":"x"}}\r\n'
 
 
 def test_event_timestamp_split():
