@@ -64,6 +64,7 @@ from ..kvm import structs as s
 from ..kvm.structs import CpuidEntry
 from ..kvm.vcpu import MsrAccessError
 from .cpuid import find
+from .regs import LEAF1_EDX_MTRR, MSR_IA32_TSC, MSR_MTRR_DEF_TYPE
 
 if typing.TYPE_CHECKING:
     from ..kvm.vcpu import Vcpu
@@ -71,16 +72,12 @@ if typing.TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 
-# MSR indices with a part in capture or restore order.
-MSR_IA32_TSC = 0x10
+# MSR indices with a part in the choice or the order (the rest are in .regs).
 MSR_IA32_TSC_DEADLINE = 0x6E0
-MSR_KVM_ASYNC_PF_EN = 0x4B56_4D02
-MSR_KVM_ASYNC_PF_INT = 0x4B56_4D06
+MSR_KVM_ASYNC_PF_INT = 0x4B56_4D06   # restored before MSR_KVM_ASYNC_PF_EN (0x4b564d02)
 MSR_KVM_ASYNC_PF_ACK = 0x4B56_4D07
-MSR_MTRR_DEF_TYPE = 0x2FF
 MTRR_FIXED = (0x250, 0x258, 0x259, *range(0x268, 0x270))
 MTRR_VARIABLE = tuple(range(0x200, 0x210))  # KVM emulates 8 base/mask pairs
-LEAF1_EDX_MTRR = 1 << 12
 
 _NOT_STATE = frozenset({MSR_KVM_ASYNC_PF_ACK})
 _FIRST = (MSR_IA32_TSC, MSR_KVM_ASYNC_PF_INT)  # restored before the rest, in this order

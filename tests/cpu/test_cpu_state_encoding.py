@@ -1,6 +1,7 @@
-"""The byte encodings of VcpuState and VmKernelState: round trips, the documented layout, and one
-clear StateFormatError (never IndexError, struct.error, ...) for anything that is not a saved
-state: truncated, corrupted, another version, unknown or malformed records, random bytes."""
+"""VcpuState and VmKernelState without KVM: the MSR choice, and the byte encodings -- round trips,
+the documented layout, and one clear StateFormatError (never IndexError, struct.error, ...) for
+anything that is not a saved state: truncated, corrupted, another version, unknown or malformed
+records, random bytes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pystratovirt.cpu.state import FORMAT_VERSION, StateFormatError, VcpuState, VmKernelState
+from pystratovirt.cpu.state import (FORMAT_VERSION, MTRR_FIXED, MTRR_VARIABLE, StateFormatError,
+                                    VcpuState, VmKernelState, saved_msr_indices)
 from pystratovirt.kvm import structs as s
 from pystratovirt.kvm.structs import CpuidEntry
 
@@ -73,6 +75,17 @@ def records_of(data: bytes) -> list[tuple[int, int, bytes]]:
 def one_sentence(exc: BaseException) -> bool:
     text = str(exc)
     return bool(text) and "\n" not in text and not re.search(r"[.!?]\s+[A-Z]", text)
+
+
+# -- which MSRs --------------------------------------------------------------------------------
+def test_saved_msrs_are_kvms_list_without_the_ack_plus_the_mtrrs():
+    listed = [0x174, 0x4B56_4D02, 0x4B56_4D07, 0x4B56_4D06, 0x10, 0x6E0, 0x277, 0x174]
+    plain = saved_msr_indices(listed, [CpuidEntry(1)])
+    assert plain == [0x10, 0x4B56_4D06, 0x174, 0x4B56_4D02, 0x6E0, 0x277]  # TSC, async-PF vector first
+    with_mtrr = saved_msr_indices(listed, [CpuidEntry(1, edx=1 << 12)])
+    assert with_mtrr[:len(plain)] == plain
+    assert with_mtrr[len(plain):] == [0x2FF, *MTRR_FIXED, *MTRR_VARIABLE]
+    assert len(MTRR_FIXED) == 11 and len(MTRR_VARIABLE) == 16
 
 
 # -- round trips ---------------------------------------------------------------------------------
