@@ -47,12 +47,17 @@ def make_vm(kvm: Kvm, *, irqchip: bool = True, pit: bool = False, size: int = 4 
     if pit:
         vm.create_pit2(speaker_dummy=True)
     if fresh:
-        memory.write(layout.GDT_ADDR, gdt.gdt_bytes())
-        memory.write_u64(layout.PML4_ADDR, layout.PDPT_ADDR | 0x3)       # present, writable
-        memory.write_u64(layout.PDPT_ADDR, layout.PD_ADDR | 0x3)
-        for i in range(512):
-            memory.write_u64(layout.PD_ADDR + 8 * i, (i << 21) | 0x83)  # 2 MiB page, present, RW
+        write_boot_tables(memory)
     return LongModeVm(vm, memory)
+
+
+def write_boot_tables(memory: GuestMemory) -> None:
+    """The boot GDT and page tables identity-mapping the first GiB."""
+    memory.write(layout.GDT_ADDR, gdt.gdt_bytes())
+    memory.write_u64(layout.PML4_ADDR, layout.PDPT_ADDR | 0x3)       # present, writable
+    memory.write_u64(layout.PDPT_ADDR, layout.PD_ADDR | 0x3)
+    for i in range(512):
+        memory.write_u64(layout.PD_ADDR + 8 * i, (i << 21) | 0x83)  # 2 MiB page, present, RW
 
 
 def map_lapic_page(memory: GuestMemory) -> None:

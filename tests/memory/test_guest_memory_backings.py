@@ -8,7 +8,10 @@ import time
 
 import pytest
 
-from pystratovirt.memory import Backing, GuestMemory, GuestMemoryError
+from cpu.cpu_guest_helpers import CODE_ADDR, make_vm, write_boot_tables
+from pystratovirt.cpu import Topology, configure_vcpu
+from pystratovirt.kvm import IoOut
+from pystratovirt.memory import Backing, GuestMemory, GuestMemoryError, layout
 from pystratovirt.memory.layout import GiB, MiB
 
 PAGE = 4096
@@ -143,6 +146,33 @@ def test_shared_discard_punches_the_memfd(tmp_path):
     finally:
         other.close()
         mem.close()
+
+
+@pytest.mark.kvm
+def test_a_guest_on_shared_memory_and_a_peer_mapping_see_each_other(kvm):
+    mem = GuestMemory.shared(4 * MiB)
+    peer = mmap.mmap(mem.fd, 4 * MiB, flags=mmap.MAP_SHARED)  # as a vhost-user backend would
+    write_boot_tables(mem)
+    mem.write(CODE_ADDR, bytes.fromhex(
+        "48b88877665544332211"  # mov rax, 0x1122334455667788
+        "4889042500002000"      # mov [0x200000], rax
+        "66ba0005" "ef"         # mov dx, 0x500 ; out dx, eax
+        "488b042508002000"      # mov rax, [0x200008]
+        "ef"                    # out dx, eax
+        "ebfe"))                # jmp $
+    lm = make_vm(kvm, memory=mem)
+    try:
+        vcpu = lm.vm.create_vcpu(0)
+        configure_vcpu(vcpu, 0, kvm=kvm, topology=Topology.for_cpus(1), entry_rip=CODE_ADDR,
+                       boot_params_addr=layout.ZERO_PAGE_ADDR)
+        assert isinstance(vcpu.run(), IoOut)
+        assert peer[0x20_0000:0x20_0008] == (0x1122334455667788).to_bytes(8, "little")
+        peer[0x20_0008:0x20_000C] = (0xCAFE).to_bytes(4, "little")
+        ex = vcpu.run()
+        assert isinstance(ex, IoOut) and ex.data == (0xCAFE).to_bytes(4, "little")
+    finally:
+        peer.close()
+        lm.close()
 
 
 def test_anonymous_backing_has_no_fd():
