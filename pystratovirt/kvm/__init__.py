@@ -5,7 +5,7 @@ devices or CPU models; those live in ``pystratovirt.memory``, ``pystratovirt.dev
 ``pystratovirt.cpu``.
 
 Inside the package the modules depend one way: ``system`` (/dev/kvm) -> ``vm`` -> ``vcpu`` ->
-``exits`` -> ``ioctl`` -> ``structs``. A Vm or Vcpu is handed the values it needs from above when
+``exits`` and ``ioctl`` -> ``structs``. A Vm or Vcpu is handed the values it needs from above when
 it is created and holds no reference back to its creator.
 """
 
