@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from ..errors import PyStratoVirtError
-from ..util.libc import LIBC, check
+from ..util.libc import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +52,7 @@ class DriveConfig:
 
 BOUNCE_SIZE = 1 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENODEV)
-
-_libc_fallocate = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                   use_errno=True)(("fallocate", LIBC))
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    check(_libc_fallocate(fd, mode, offset, length))
 
 
 def _io_all(op, fd: int, views: Sequence[memoryview], offset: int) -> None:
@@ -258,7 +248,7 @@ class FileBackend:
         if self.read_only:
             raise OSError(errno.EROFS, "read-only drive")
         try:
-            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 raise
@@ -272,7 +262,7 @@ class FileBackend:
                 [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
         for mode in modes:
             try:
-                _fallocate(self.fd, mode, offset, length)
+                fallocate(self.fd, mode, offset, length)
                 return
             except OSError as exc:
                 if exc.errno not in _UNSUPPORTED:

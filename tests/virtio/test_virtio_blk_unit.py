@@ -335,7 +335,7 @@ def test_write_zeroes_falls_back_to_writing_zeroes(rig, image, monkeypatch):
     def no_fallocate(fd, mode, offset, length):
         modes.append(mode)
         raise OSError(errno.EOPNOTSUPP, "not here")
-    monkeypatch.setattr(backendmod, "_fallocate", no_fallocate)
+    monkeypatch.setattr(backendmod, "fallocate", no_fallocate)
     assert drv.request(VIRTIO_BLK_T_WRITE_ZEROES, out=segs((3, 5, 1)))[0] == VIRTIO_BLK_S_OK
     assert modes == [backendmod.FALLOC_FL_PUNCH_HOLE | backendmod.FALLOC_FL_KEEP_SIZE,
                      backendmod.FALLOC_FL_ZERO_RANGE | backendmod.FALLOC_FL_KEEP_SIZE]
@@ -448,7 +448,7 @@ def test_direct_write_zeroes_fallback(rig, direct_dir, monkeypatch):
     with open(path, "wb") as f:
         f.write(pattern(MiB))
     _, _, drv = rig(open_image(path, direct=True))
-    monkeypatch.setattr(backendmod, "_fallocate",
+    monkeypatch.setattr(backendmod, "fallocate",
                         lambda *a: (_ for _ in ()).throw(OSError(errno.EOPNOTSUPP, "no")))
     assert drv.request(VIRTIO_BLK_T_WRITE_ZEROES, out=segs((9, 3, 0)))[0] == VIRTIO_BLK_S_OK
     assert file_bytes(path, 9 * 512, 3 * 512) == bytes(3 * 512)
