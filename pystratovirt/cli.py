@@ -5,9 +5,10 @@ kernel that cannot be loaded) ends with one sentence on stderr and exit code 1, 
 traceback. A VM that shuts down (QMP ``quit``, guest power-off or reboot, SIGTERM/SIGINT) ends
 with exit code 0; a fatal guest or VMM error with exit code 1.
 
-Logging: without ``-D`` warnings and errors go to stderr; ``-D`` alone logs at info level to
-stderr; ``-D FILE`` logs at info level to FILE. ``STRATOVIRT_LOG_LEVEL`` (trace, debug, info,
-warn, error) overrides the level, as in StratoVirt.
+Logging, in StratoVirt's line format (:mod:`pystratovirt.util.logformat`) in both dialects:
+without ``-D`` warnings and errors go to stderr; ``-D`` alone logs at info level to stderr (as
+StratoVirt 2.3); ``-D FILE`` logs at info level to FILE (appended). ``STRATOVIRT_LOG_LEVEL``
+(trace, debug, info, warn, error) overrides the level, as in StratoVirt.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .machine.requests import ShutdownReason
 from .machine.vmconfig import VmConfig
 from .qmp.server import QmpServer
 from .util.eventloop import EventLoop
+from .util.logformat import StratoVirtFormatter, install_ns_clock
 
 log = logging.getLogger("pystratovirt")
 
@@ -35,7 +37,10 @@ _LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
 def _setup_logging(log_file: str | None) -> None:
     env = os.environ.get("STRATOVIRT_LOG_LEVEL", "").strip().lower()
     if log_file:
-        handler: logging.Handler = logging.FileHandler(log_file)
+        try:
+            handler: logging.Handler = logging.FileHandler(log_file)
+        except OSError as exc:
+            raise PyStratoVirtError(f"Failed to open log file {log_file}: {exc.strerror or exc}.") from None
         level = logging.INFO
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -43,7 +48,8 @@ def _setup_logging(log_file: str | None) -> None:
         if sys.stderr.isatty():
             handler.terminator = "\r\n"  # the terminal may be in raw mode for -serial stdio
     level = _LEVELS.get(env, level)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    install_ns_clock()
+    handler.setFormatter(StratoVirtFormatter(line_end=handler.terminator))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = invocation.config
     ready_fd = _daemonize() if config.daemonize else None
-    _setup_logging(config.log_file)
+
     def report_ready() -> None:
         nonlocal ready_fd
         if ready_fd is not None:
@@ -165,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             os.close(ready_fd)
             ready_fd = None
 
+    logging_ready = False
     try:
+        _setup_logging(config.log_file)
+        logging_ready = True
         return run_vm(config, report_ready)
     except PyStratoVirtError as exc:
         message = f"stratovirt: {exc.desc}"
-        if config.log_file:  # stderr gets the sentence below; a log file should have it too
+        if config.log_file and logging_ready:  # stderr gets the sentence below; a log file should have it too
             log.error("%s", exc.desc)
         print(message, file=sys.stderr)
         if ready_fd is not None:
