@@ -96,15 +96,16 @@ class _Builder:
 
     # -- backends ----------------------------------------------------------------------------------
     def drive(self, text: str) -> None:
-        kv = parse_kv(text, "drive", ("id", "file", "readonly", "direct", "serial", "if", "format",
-                                      "throttling.iops-total"))
-        kind = kv.get("if", "none")
+        # if= decides which keys exist (StratoVirt reads it first too): pflash has unit= and format=.
+        kind = next((item[3:] for item in text.split(",") if item.startswith("if=")), "none")
         if kind == "pflash":
             raise ConfigError("-drive if=pflash (firmware flash) is not supported: the micro-VM boots the "
                               "-kernel image directly.")
         if kind != "none":
             raise ConfigError(f"Unknown 'if' value '{kind}' for -drive: only 'none' (a backend for -device) "
                               "is supported.")
+        kv = parse_kv(text, "drive", ("id", "file", "readonly", "direct", "serial", "if", "format",
+                                      "throttling.iops-total"))
         fmt = kv.get("format", "raw")
         if fmt == "qcow2":
             raise ConfigError("-drive format=qcow2 is not supported: disk images are raw files or block devices.")
@@ -125,14 +126,14 @@ class _Builder:
         self.draft.add_drive(drive)
 
     def netdev(self, text: str) -> None:
-        kv = parse_kv(text, "netdev", ("", "id", "ifname", "fd", "fds", "vhost", "vhostfd", "vhostfds"))
-        kind = kv.get("")
-        if kind is None:
+        kind = text.split(",", 1)[0]
+        if "=" in kind:
             raise ConfigError("-netdev needs a type first: -netdev tap,id=<id>,ifname=<tap> or fds=<fd>.")
         if kind == "vhost-user":
             raise ConfigError("-netdev vhost-user is not supported by this VMM; use a tap.")
         if kind != "tap":
             raise ConfigError(f"Unsupported netdev type '{kind}': only 'tap' is supported.")
+        kv = parse_kv(text, "netdev", ("", "id", "ifname", "fd", "fds", "vhost", "vhostfd", "vhostfds"))
         if "id" not in kv:
             raise missing("id", "netdev")
         for one, many in (("fd", "fds"), ("vhostfd", "vhostfds")):
