@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import sys
 from concurrent.futures import Future
 from typing import Callable
@@ -375,11 +376,20 @@ class MicroVm:
             raise
 
     def _take_fd(self, ref: str) -> int:
-        """A descriptor the VMM was given, by reference (``fds=``)."""
+        """A descriptor the VMM was given, by reference (``fds=``): it must be open, because its
+        taker closes it on refusal and must never close a number that is not its own."""
         try:
-            return int(ref.rsplit(":", 1)[-1])
+            fd = int(ref.rsplit(":", 1)[-1])
         except ValueError:
             raise rq.MachineError(f"Add netdev error: failed to convert {ref} to RawFd.") from None
+        if fd < 3:
+            raise rq.MachineError(f"File descriptor {fd} is the VMM's standard input, output or error, not a "
+                                  "descriptor passed to it (those start at 3).")
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise rq.MachineError(f"File descriptor {fd} is not open: the VMM did not inherit it.") from None
+        return fd
 
     def _backend_del(self, req) -> None:
         self.slots.unregister(req.node_name if isinstance(req, rq.BlockdevDel) else req.id)
