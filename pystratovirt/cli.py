@@ -11,9 +11,10 @@ Descriptors >= 3 the process inherited (Kata passes taps and vhost handles as 3,
 claimed by :func:`~.machine.fds.claim_inherited` before anything else is opened, so the
 machine's descriptor store owns exactly those.
 
-Logging: without ``-D`` warnings and errors go to stderr; ``-D`` alone logs at info level to
-stderr; ``-D FILE`` logs at info level to FILE. ``STRATOVIRT_LOG_LEVEL`` (trace, debug, info,
-warn, error) overrides the level, as in StratoVirt.
+Logging, in StratoVirt's line format (:mod:`pystratovirt.util.logformat`) in both dialects:
+without ``-D`` warnings and errors go to stderr; ``-D`` alone logs at info level to stderr (as
+StratoVirt 2.3); ``-D FILE`` logs at info level to FILE (appended). ``STRATOVIRT_LOG_LEVEL``
+(trace, debug, info, warn, error) overrides the level, as in StratoVirt.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from .machine.microvm import MicroVm
 from .machine.requests import ShutdownReason
 from .machine.vmconfig import VmConfig
 from .qmp.server import QmpServer
+from .qmp.wire import wire_of
 from .util.eventloop import EventLoop
+from .util.logformat import StratoVirtFormatter, install_ns_clock
 
 log = logging.getLogger("pystratovirt")
 
@@ -42,7 +45,10 @@ _LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
 def _setup_logging(log_file: str | None) -> None:
     env = os.environ.get("STRATOVIRT_LOG_LEVEL", "").strip().lower()
     if log_file:
-        handler: logging.Handler = logging.FileHandler(log_file)
+        try:
+            handler: logging.Handler = logging.FileHandler(log_file)
+        except OSError as exc:
+            raise PyStratoVirtError(f"Failed to open log file {log_file}: {exc.strerror or exc}.") from None
         level = logging.INFO
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -50,7 +56,8 @@ def _setup_logging(log_file: str | None) -> None:
         if sys.stderr.isatty():
             handler.terminator = "\r\n"  # the terminal may be in raw mode for -serial stdio
     level = _LEVELS.get(env, level)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    install_ns_clock()
+    handler.setFormatter(StratoVirtFormatter(line_end=handler.terminator))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -124,7 +131,7 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
                 pidfile_written = True
             machine.build()
             if config.qmp_socket:
-                qmp = QmpServer(loop, config.qmp_socket, machine)
+                qmp = QmpServer(loop, config.qmp_socket, machine, wire=wire_of(config.dialect))
                 qmp.start()
                 machine.events = qmp
         except OSError as exc:
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = invocation.config
     ready_fd = _daemonize() if config.daemonize else None
-    _setup_logging(config.log_file)
+
     def report_ready() -> None:
         nonlocal ready_fd
         if ready_fd is not None:
@@ -173,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             os.close(ready_fd)
             ready_fd = None
 
+    logging_ready = False
     try:
+        _setup_logging(config.log_file)
+        logging_ready = True
         return run_vm(config, report_ready)
     except PyStratoVirtError as exc:
         message = f"stratovirt: {exc.desc}"
-        if config.log_file:  # stderr gets the sentence below; a log file should have it too
+        if config.log_file and logging_ready:  # stderr gets the sentence below; a log file should have it too
             log.error("%s", exc.desc)
         print(message, file=sys.stderr)
         if ready_fd is not None:

@@ -1,7 +1,9 @@
-"""The argv tokenizer and option table of the early StratoVirt command line (util/src/arg_parser.rs).
+"""The argv tokenizer and option table of StratoVirt's command line (util/src/arg_parser.rs).
 
-Owns: which options exist, how many values each takes, which may repeat, and the -help / -version
-texts. It knows nothing about what the values mean (that is :mod:`.cmdline`).
+Owns: which options exist in either dialect (0.x and 2.x share one table and one tokenizer: the
+syntax of an argv is the same in both), how many values each takes, which may repeat, and the
+-help / -version texts. It knows nothing about what the values mean (that is :mod:`.cmdline` and
+:mod:`.cmdline2x`) or which dialect an option belongs to (:mod:`.dialect`).
 
 Rules, as in StratoVirt: options have one dash; every following argv element that does not start
 with '-' is a value of the option before it (so ``-append console=ttyS0 reboot=k`` has two values
@@ -40,36 +42,49 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("name", VALUE, "set the name of the guest.", "vm_name"),
+    Option("uuid", VALUE, "set the UUID of the guest (2.x)", "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"),
     Option("machine", VALUE, "selects emulated machine and set properties",
            "[type=]microvm[,dump-guest-core=on|off][,mem-share=on|off][,kernel-extract=on|off]"),
     Option("smp", VALUE, "set the number of CPUs to 'n' (default: 1)",
            "[cpus=]n[,maxcpus=m][,sockets=s][,cores=c][,threads=t]"),
-    Option("m", VALUE, "configure guest RAM (bare number = bytes, default 256M)", "[size=]megs[m|M|g|G]"),
-    Option("mem-prealloc", FLAG, "back all guest RAM with host memory at start (our extension, as QEMU's)"),
+    Option("m", VALUE, "configure guest RAM (bare number: bytes in 0.x, MiB in 2.x; default 256M)",
+           "[size=]megs[m|M|g|G]"),
+    Option("mem-prealloc", FLAG, "back all guest RAM with host memory at start"),
     Option("mem-path", VALUE, "configure file path that backs guest memory.", "filebackend file path"),
-    Option("config", VALUE, "Sets a config file for vmm.", "json file path"),
+    Option("cpu", VALUE, "set CPU model and features (2.x; refused: the guest sees what KVM offers)", "model"),
+    Option("config", VALUE, "Sets a config file for vmm (0.x).", "json file path"),
     Option("kernel", VALUE, "use uncompressed kernel image or bzImage", "kernel_path"),
     # StratoVirt declares -append as repeatable: all its values are joined with spaces.
     Option("append", VALUES, "use 'cmdline' as kernel command line", "kernel cmdline parameters", multiple=True),
     Option("initrd", VALUE, "use 'initrd-file' as initial ram disk", "initrd_path"),
-    Option("api-channel", VALUE, "set api-channel's unixsocket path (optional here)", "unix:socket_path"),
-    Option("qmp", VALUE, "same as -api-channel (the v2.0 spelling)", "unix:socket_path[,server,nowait]"),
-    Option("drive", VALUES, "use 'file' as a drive image",
-           "file=path,id=str[,readonly=][,direct=][,serial=][,iothread=][,iops=]", multiple=True),
-    Option("netdev", VALUES, "configure a host TAP network with ID 'str'",
-           "[tap,]id=str,netdev=str[,mac=][,fds=][,vhost=on|off][,vhostfds=][,iothread=]", multiple=True),
-    Option("chardev", VALUES, "set char device virtio console for vm", "id=str,path=socket_path", multiple=True),
-    Option("device", VALUES, "add virtio vsock device and sets properties",
-           "vsock,id=str,guest-cid=u32[,vhostfd=]", multiple=True),
-    Option("serial", VALUE, "add serial and set chardev [stdio] for it", "stdio"),
+    Option("api-channel", VALUE, "set api-channel's unixsocket path (0.x; optional here)", "unix:socket_path"),
+    Option("qmp", VALUE, "set QMP's unix socket path (2.x; optional here)", "unix:socket_path,server,nowait"),
+    Option("drive", VALUES, "use 'file' as a drive image (0.x: a disk; 2.x: a backend for -device)",
+           "file=path,id=str[,readonly=][,direct=][,serial=][,iothread=][,iops=] | "
+           "id=str,file=path[,readonly=][,direct=][,serial=][,if=none][,throttling.iops-total=]", multiple=True),
+    Option("netdev", VALUES, "configure a host TAP network with ID 'str' (0.x: a NIC; 2.x: a backend for -device)",
+           "[tap,]id=str,netdev=str[,mac=][,fds=][,vhost=on|off][,vhostfds=][,iothread=] | "
+           "tap,id=str,ifname=str|fds=n[:m][,vhost=on|off][,vhostfds=]", multiple=True),
+    Option("chardev", VALUES, "set char device for a virtio console",
+           "id=str,path=socket_path | socket,id=str,path=path,server,nowait|pty,id=str|stdio,id=str|"
+           "file,id=str,path=path", multiple=True),
+    Option("device", VALUES, "add a device (0.x: vsock; 2.x: virtio-blk-device, virtio-net-device, "
+           "virtio-balloon-device, virtio-rng-device, virtio-serial-device, virtconsole, vhost-vsock-device)",
+           "vsock,id=str,guest-cid=u32[,vhostfd=] | <driver>,<properties>", multiple=True),
+    Option("object", VALUES, "add an object (2.x)", "iothread,id=str | rng-random,id=str,filename=path",
+           multiple=True),
+    Option("global", VALUES, "set a global device property (2.x; refused: the micro-VM has no PCI bus)",
+           "driver.property=value", multiple=True),
+    Option("serial", VALUE, "add serial and set chardev [stdio] for it", "stdio | chardev:<id>"),
     Option("D", OPTIONAL, "output log to logfile (default stderr)", "log path"),
     Option("pidfile", VALUE, "write PID to 'file'", "pidfile path"),
     Option("daemonize", FLAG, "daemonize StratoVirt after initializing"),
     Option("disable-seccomp", FLAG, "not use seccomp sandbox for StratoVirt"),
     Option("freeze", FLAG, "Freeze CPU at startup", aliases=("S",)),
-    Option("iothread", VALUES, "configure a iothread ID 'str'", "id=str", multiple=True),
-    Option("balloon", OPTIONAL, "add balloon device", "deflate-on-oom=bool"),
-    Option("rng", VALUE, "add rng device", "random_file=path[,bytes_per_sec=]"),
+    Option("incoming", VALUE, "start from the snapshot in DIR (2.x)", "file:DIR"),
+    Option("iothread", VALUES, "configure a iothread ID 'str' (0.x)", "id=str", multiple=True),
+    Option("balloon", OPTIONAL, "add balloon device (0.x)", "deflate-on-oom=bool"),
+    Option("rng", VALUE, "add rng device (0.x)", "random_file=path[,bytes_per_sec=]"),
 )
 
 HELP_SPELLINGS = ("-h", "-help")

@@ -1,8 +1,10 @@
-"""From argv to a VmConfig: what each command-line option means.
+"""From argv to a VmConfig, and what each option of the early (0.x) command line means.
 
 Owns :func:`parse_command_line` and :class:`Invocation`. The order is StratoVirt's: tokenize
-(:mod:`.args`), honour -help/-version, read the ``-config`` JSON file into a draft, apply the other
-options on top (scalars override, devices are added), then check the whole (:meth:`Draft.finish`).
+(:mod:`.args`), honour -help/-version, pick the dialect (:mod:`.dialect`); a 2.x command line is
+read by :mod:`.cmdline2x`; a 0.x one reads the ``-config`` JSON file into a draft, applies the
+shared options (:mod:`.common`) and its own on top (scalars override, devices are added); then
+the whole is checked (:meth:`Draft.finish`).
 "Scalars" include ``-append``, which replaces the file's ``boot_args`` (StratoVirt does the same),
 ``-serial``, ``-balloon`` and ``-rng``; ``-machine`` overrides only the properties it names.
 ``-drive``/``-netdev``/``-chardev``/``-iothread`` add to the file's lists (ids must stay unique) and
@@ -10,17 +12,6 @@ options on top (scalars override, devices are added), then check the whole (:met
 
 Choices where the early StratoVirt command line is silent or where we differ on purpose:
 
-* The management socket is OPTIONAL. StratoVirt requires ``-api-channel``; a VM without a
-  management socket is still useful for embedding and quick tests. ``-api-channel`` and its v2.0
-  spelling ``-qmp`` mean the same (``unix:PATH[,server][,nowait]``); giving both is an error. An
-  existing socket path is an error: StratoVirt does not unlink it and neither do we.
-* ``-machine ...,kernel-extract=on|off`` (JSON: ``"machine-config": {"kernel_extract": bool}``) is
-  our extension: with a bzImage, ``on`` (the default) decompresses the payload on the host and
-  boots it directly, ``off`` boots the image's own decompressor.
-* ``-smp`` also takes ``maxcpus=`` (offline vCPU slots; JSON ``max_vcpus``) and QEMU-style
-  ``sockets=/cores=/threads=``, which must multiply to maxcpus. They are checked, not stored:
-  early StratoVirt shows the guest a fixed topology. ``-smp`` replaces both counts, so
-  ``-smp 2`` over a JSON ``max_vcpus`` of 4 gives 2/2.
 * StratoVirt's "set an initrd or a drive as rootfs" rule is not enforced, so that freestanding
   test guests can boot from the kernel alone.
 * Booleans are case-insensitive. ``-netdev`` accepts a leading ``tap`` word and ``-chardev`` a
@@ -41,16 +32,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .. import __version__
-from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, BalloonConfig, SerialConfig, VmConfig
+from ..machine.vmconfig import BalloonConfig, Dialect, SerialConfig, VmConfig
 
 from . import args as A
-from .draft import (
-    Draft, check_machine_type, check_path, check_socket_path, check_vcpus, new_console, new_drive, new_iothread,
-    new_net, new_rng, new_vsock,
-)
+from .cmdline2x import apply_args_2x
+from .common import apply_common, missing, parse_socket, value_of
+from .dialect import pick_dialect
+from .draft import Draft, new_console, new_drive, new_iothread, new_net, new_rng, new_vsock
 from .errors import ConfigError
 from .json_config import apply_json_file
-from .values import check_len, parse_bool, parse_fd, parse_kv, parse_mem_size, parse_uint, range_error
+from .values import parse_bool, parse_fd, parse_kv, parse_uint
 
 
 @dataclass(frozen=True)
@@ -82,55 +73,30 @@ def _parse(argv: list[str], prog: str) -> Invocation:
     if parsed.want == "version":
         return Invocation(None, "version", A.version_text(__version__))
 
-    draft = Draft()
-    config_file = parsed.first("config")
-    if config_file is not None:
-        apply_json_file(draft, config_file.values[0])
-    apply_args(draft, parsed)
+    draft = Draft(dialect=pick_dialect(parsed))
+    if draft.dialect is Dialect.V2:
+        apply_args_2x(draft, parsed)
+    else:
+        config_file = parsed.first("config")
+        if config_file is not None:
+            apply_json_file(draft, config_file.values[0])
+        apply_args(draft, parsed)
     return Invocation(draft.finish(), "run", "")
 
 
-def _value(parsed: A.Parsed, name: str) -> str | None:
-    occ = parsed.first(name)
-    return None if occ is None else occ.values[0]
-
-
 def apply_args(draft: Draft, parsed: A.Parsed) -> None:
-    """Apply every option except -config to ``draft``."""
-    if (name := _value(parsed, "name")) is not None:
-        check_len(name, "name", MAX_ID_LEN)
-        draft.name = name
-    if (machine := _value(parsed, "machine")) is not None:
-        _apply_machine(draft, machine)
-    if (mem := _value(parsed, "m")) is not None:
-        kv = parse_kv(mem, "m", ("", "size"))
-        if "" in kv and "size" in kv:
-            raise ConfigError("Give the memory size once: either '-m <size>' or '-m size=<size>'.")
-        draft.mem_size = parse_mem_size(kv.get("", kv.get("size", "")))
-    if (mem_path := _value(parsed, "mem-path")) is not None:
-        check_path(mem_path, "mem-path")
-        draft.mem_path = mem_path
-    if (smp := _value(parsed, "smp")) is not None:
-        draft.vcpus, draft.max_vcpus = parse_smp(smp)
-    if (kernel := _value(parsed, "kernel")) is not None:
-        check_path(kernel, "kernel image path")
-        draft.kernel = kernel
-    if (initrd := _value(parsed, "initrd")) is not None:
-        check_path(initrd, "initrd path")
-        draft.initrd = initrd
-    if (serial := _value(parsed, "serial")) is not None:
+    """Apply every option of a 0.x command line except -config to ``draft``."""
+    apply_common(draft, parsed)
+    if (serial := value_of(parsed, "serial")) is not None:
         draft.serial = _parse_serial(serial)
     if (balloon := parsed.first("balloon")) is not None:
         draft.balloon = _parse_balloon(balloon.values[0] if balloon.values else "")
-    if (rng := _value(parsed, "rng")) is not None:
+    if (rng := value_of(parsed, "rng")) is not None:
         kv = parse_kv(rng, "rng", ("random_file", "bytes_per_sec"))
         if "random_file" not in kv:
-            raise _missing("random_file", "rng")
+            raise missing("random_file", "rng")
         rate = parse_uint(kv["bytes_per_sec"], "bytes_per_sec") if "bytes_per_sec" in kv else None
         draft.rng = new_rng(kv["random_file"], rate)
-    appends = parsed.all("append")
-    if appends:
-        draft.cmdline = " ".join(value for occ in appends for value in occ.values)
     for occ in parsed.all("drive"):
         for value in occ.values:
             draft.add_drive(*parse_drive(value))
@@ -147,98 +113,18 @@ def apply_args(draft: Draft, parsed: A.Parsed) -> None:
         for value in occ.values:
             kv = parse_kv(value, "iothread", ("id",))
             if "id" not in kv:
-                raise _missing("id", "iothread")
+                raise missing("id", "iothread")
             draft.add_iothread(new_iothread(kv["id"]))
-
-    api, qmp = _value(parsed, "api-channel"), _value(parsed, "qmp")
-    if api is not None and qmp is not None:
-        raise ConfigError("-api-channel and -qmp both set the management socket; give only one of them.")
-    if api is not None or qmp is not None:
-        draft.qmp_socket = parse_socket(api if api is not None else qmp, "api-channel" if api is not None else "qmp")
-    if (log := parsed.first("D")) is not None:
-        draft.log_file = log.values[0] if log.values else ""
-        if draft.log_file:
-            check_path(draft.log_file, "log file path")
-    if (pidfile := _value(parsed, "pidfile")) is not None:
-        check_path(pidfile, "pidfile path")
-        draft.pidfile = pidfile
-    draft.daemonize = draft.daemonize or bool(parsed.all("daemonize"))
-    draft.mem_prealloc = draft.mem_prealloc or bool(parsed.all("mem-prealloc"))
-    draft.disable_seccomp = draft.disable_seccomp or bool(parsed.all("disable-seccomp"))
-    draft.freeze = draft.freeze or bool(parsed.all("freeze"))
-
-
-def _missing(field: str, device: str) -> ConfigError:
-    return ConfigError(f"'{field}' is missing for '{device}' device.")
-
-
-def _apply_machine(draft: Draft, text: str) -> None:
-    kv = parse_kv(text, "machine", ("", "type", "dump-guest-core", "mem-share", "kernel-extract"))
-    for key in ("", "type"):
-        if key in kv:
-            check_machine_type(kv[key])
-    if "dump-guest-core" in kv:
-        draft.dump_guest_core = parse_bool(kv["dump-guest-core"], "dump-guest-core")
-    if "mem-share" in kv:
-        draft.mem_share = parse_bool(kv["mem-share"], "mem-share")
-    if "kernel-extract" in kv:
-        draft.extract_payload = parse_bool(kv["kernel-extract"], "kernel-extract")
-
-
-def parse_smp(text: str) -> tuple[int, int]:
-    """``[cpus=]n[,maxcpus=m][,sockets=s][,cores=c][,threads=t]`` -> (vcpus, max_vcpus)."""
-    kv = parse_kv(text, "smp", ("", "cpus", "maxcpus", "sockets", "cores", "threads"))
-    if "" in kv and "cpus" in kv:
-        raise ConfigError("Give the CPU number once: either '-smp <n>' or '-smp cpus=<n>'.")
-    nums = {key or "cpus": parse_uint(value, key or "cpus") for key, value in kv.items()}
-    for key in ("sockets", "cores", "threads"):
-        if key in nums and nums[key] < 1:
-            raise range_error(f"The number of {key}", 1, MAX_VCPUS)
-    cpus, maxcpus = nums.get("cpus"), nums.get("maxcpus")
-    topology = any(key in nums for key in ("sockets", "cores", "threads"))
-    if topology:
-        cores, threads = nums.get("cores", 1), nums.get("threads", 1)
-        sockets = nums.get("sockets")
-        if sockets is None:
-            base = maxcpus if maxcpus is not None else cpus if cpus is not None else cores * threads
-            sockets = max(1, base // (cores * threads))
-        total = sockets * cores * threads
-        if maxcpus is None:
-            maxcpus = total if cpus is None else cpus
-        cpus = maxcpus if cpus is None else cpus
-        if total != maxcpus:
-            raise ConfigError(f"The topology sockets={sockets},cores={cores},threads={threads} gives {total} CPUs, "
-                              f"but the max CPU number is {maxcpus}.")
-    if cpus is None:
-        if maxcpus is None:
-            raise _missing("cpus", "smp")
-        cpus = maxcpus
-    maxcpus = cpus if maxcpus is None else maxcpus
-    check_vcpus(cpus, maxcpus)
-    return cpus, maxcpus
-
-
-def parse_socket(value: str, option: str) -> str:
-    """``unix:PATH[,server][,nowait]`` -> PATH (only UNIX sockets, like StratoVirt's parse_path)."""
-    head, *flags = value.split(",")
-    kind, sep, path = head.partition(":")
-    if not sep:
-        raise ConfigError(f"Failed to parse the -{option} socket '{value}': use unix:PATH.")
-    if kind != "unix":
-        raise ConfigError(f"{kind} type is not support yet!")
-    for flag in flags:
-        if flag not in ("server", "nowait"):
-            raise ConfigError(f"Invalid parameter '{flag}'")
-    check_socket_path(path, "QMP socket path")
-    return path
+    if (api := value_of(parsed, "api-channel")) is not None:
+        draft.qmp_socket = parse_socket(api, "api-channel")
 
 
 def parse_drive(text: str):
     kv = parse_kv(text, "drive", ("file", "id", "readonly", "direct", "serial", "iothread", "iops"))
     if "file" not in kv:
-        raise _missing("file", "drive")
+        raise missing("file", "drive")
     if "id" not in kv:
-        raise _missing("id", "drive")
+        raise missing("id", "drive")
     return new_drive(
         id=kv["id"], path=kv["file"],
         read_only=parse_bool(kv["readonly"], "readonly") if "readonly" in kv else False,
@@ -253,9 +139,9 @@ def parse_netdev(text: str):
     if "" in kv and kv[""] != "tap":
         raise ConfigError(f"Invalid parameter '{kv['']}'")
     if "id" not in kv:
-        raise _missing("id", "netdev")
+        raise missing("id", "netdev")
     if "netdev" not in kv:
-        raise _missing("netdev", "netdev")
+        raise missing("netdev", "netdev")
     vhost = parse_bool(kv["vhost"], "vhost") if "vhost" in kv else False
     if "vhostfds" in kv and not vhost:
         raise ConfigError("-netdev vhostfds= needs vhost=on.")
@@ -272,9 +158,9 @@ def _parse_chardev(text: str):
     if "" in kv and kv[""] != "socket":
         raise ConfigError(f"Invalid parameter '{kv['']}'")
     if "id" not in kv:
-        raise _missing("id", "chardev")
+        raise missing("id", "chardev")
     if "path" not in kv:
-        raise _missing("path", "chardev")
+        raise missing("path", "chardev")
     return new_console(kv["id"], kv["path"])
 
 
@@ -285,9 +171,9 @@ def _parse_device(text: str):
     if kv[""] != "vsock":
         raise ConfigError(f"Unknown device type '{kv['']}'; the only -device type is 'vsock'.")
     if "id" not in kv:
-        raise _missing("id", "vsock")
+        raise missing("id", "vsock")
     if "guest-cid" not in kv:
-        raise _missing("guest-cid", "vsock")
+        raise missing("guest-cid", "vsock")
     vhost_fd = parse_fd(kv["vhostfd"], "vhostfd") if "vhostfd" in kv else None
     return new_vsock(kv["id"], parse_uint(kv["guest-cid"], "guest-cid"), vhost_fd)
 

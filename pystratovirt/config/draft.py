@@ -1,7 +1,10 @@
 """The configuration while it is being assembled, and the final checks that turn it into a VmConfig.
 
-The JSON file is applied to a :class:`Draft` first, then the command line: scalar settings
-overwrite what the file said, list-like devices (drives, nets, chardevs, iothreads) are appended.
+Both dialects fill one :class:`Draft`. In 0.x the JSON file is applied first, then the command
+line: scalar settings overwrite what the file said, list-like devices (drives, nets, chardevs,
+iothreads) are appended. In 2.x backends (``-drive``, ``-netdev``, ``-chardev``) and the devices
+on them (``-device``) are added separately; a backend no device names stays registered, as after
+QMP's ``blockdev-add``/``netdev_add``, for a later ``device_add``.
 Device entries are checked one by one as they are added (the same ``new_*`` constructors serve
 both sources, so both give the same error sentences); :meth:`Draft.finish` then checks what can
 only be judged on the whole (counts, cross references, option combinations) and the host files
@@ -18,8 +21,8 @@ from dataclasses import dataclass, field
 from ..machine.vmconfig import (
     DEFAULT_MEM_SIZE, MAX_DRIVES, MAX_GUEST_CID, MAX_ID_LEN, MAX_IOPS, MAX_IOTHREADS, MAX_MEM_SIZE, MAX_NETS,
     MAX_PATH_LEN, MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MAX_VCPUS, MIN_GUEST_CID, MIN_MEM_SIZE, MIN_RNG_BYTES_PER_SEC,
-    BalloonConfig, BlockDeviceConfig, BootSource, ChardevConfig, ConsoleConfig, IothreadConfig, MachineConfig, NetDeviceConfig,
-    RngConfig, SerialConfig, VmConfig, VsockConfig,
+    BalloonConfig, BlockDeviceConfig, BootSource, ChardevConfig, ConsoleConfig, Dialect, IncomingConfig, IothreadConfig,
+    MachineConfig, NetDeviceConfig, RngConfig, SerialConfig, VmConfig, VsockConfig,
 )
 from ..memory.layout import CMDLINE_MAX
 from ..virtio.block_backend import DriveConfig
@@ -77,19 +80,52 @@ def check_kernel_cmdline(cmdline: str) -> None:
         raise ConfigError(f"The kernel command line is longer than {CMDLINE_MAX} bytes.")
 
 
+def new_drive_backend(id: str, path: str, read_only: bool, direct: bool, iops: int | None) -> DriveConfig:
+    """A disk image (a 2.x ``-drive``, or the backend half of a 0.x one), its fields checked."""
+    check_id(id, "drive device id")
+    check_path(path, "drive device path")
+    if iops is not None and not 0 <= iops <= MAX_IOPS:
+        raise range_error("iops of block device", 0, MAX_IOPS)
+    return DriveConfig(id, path, read_only=read_only, direct=direct, iops=iops)
+
+
+def new_block_device(id: str, drive: str, serial: str | None, iothread: str | None) -> BlockDeviceConfig:
+    """A disk on the backend ``drive`` (a 2.x ``-device virtio-blk-device``), its fields checked."""
+    check_id(id, "drive device id")
+    if serial is not None:
+        check_len(serial, "drive serial number", MAX_SERIAL_LEN)
+    if iothread is not None:
+        check_id(iothread, "iothread name")
+    return BlockDeviceConfig(id, drive, serial=serial, iothread=iothread)
+
+
 def new_drive(id: str, path: str, read_only: bool, direct: bool, serial: str | None, iothread: str | None,
               iops: int | None) -> tuple[DriveConfig, BlockDeviceConfig]:
     """An early-dialect drive: the disk image and the disk that puts it in the next block slot."""
     check_id(id, "drive device id")
     check_path(path, "drive device path")
-    if serial is not None:
-        check_len(serial, "drive serial number", MAX_SERIAL_LEN)
+    disk = new_block_device(id, id, serial, iothread)
+    return new_drive_backend(id, path, read_only, direct, iops), disk
+
+
+def new_netdev_backend(id: str, ifname: str | None, fds: list[int], vhost: bool,
+                       vhost_fds: list[int]) -> NetdevConfig:
+    """A tap by name or by inherited descriptors (a 2.x ``-netdev``, or half a 0.x one), checked."""
+    check_id(id, "iface id")
+    if ifname is not None:
+        check_id(ifname, "host tap name")
+    return NetdevConfig(id, ifname=ifname, fds=tuple(str(fd) for fd in fds), vhost=vhost,
+                        vhostfds=tuple(str(fd) for fd in vhost_fds))
+
+
+def new_net_device(id: str, netdev: str, mac: str | None, iothread: str | None) -> NetDeviceConfig:
+    """A NIC on the backend ``netdev`` (a 2.x ``-device virtio-net-device``), its fields checked."""
+    check_id(id, "iface id")
+    if mac is not None:
+        check_mac(mac)
     if iothread is not None:
         check_id(iothread, "iothread name")
-    if iops is not None and not 0 <= iops <= MAX_IOPS:
-        raise range_error("iops of block device", 0, MAX_IOPS)
-    return (DriveConfig(id, path, read_only=read_only, direct=direct, iops=iops),
-            BlockDeviceConfig(id, id, serial=serial, iothread=iothread))
+    return NetDeviceConfig(id, netdev, mac=mac, iothread=iothread)
 
 
 def new_net(id: str, tap: str, mac: str | None, vhost: bool, tap_fds: list[int], vhost_fds: list[int],
@@ -97,13 +133,8 @@ def new_net(id: str, tap: str, mac: str | None, vhost: bool, tap_fds: list[int],
     """An early-dialect NIC: the tap and the NIC that puts it in the next net slot."""
     check_id(id, "iface id")
     check_id(tap, "host tap name")
-    if mac is not None:
-        check_mac(mac)
-    if iothread is not None:
-        check_id(iothread, "iothread name")
-    return (NetdevConfig(id, ifname=tap, fds=tuple(str(fd) for fd in tap_fds), vhost=vhost,
-                         vhostfds=tuple(str(fd) for fd in vhost_fds)),
-            NetDeviceConfig(id, id, mac=mac, iothread=iothread))
+    nic = new_net_device(id, id, mac, iothread)
+    return new_netdev_backend(id, tap, tap_fds, vhost, vhost_fds), nic
 
 
 def new_console(id: str, socket_path: str) -> tuple[ChardevConfig, ConsoleConfig]:
@@ -188,6 +219,9 @@ class Draft:
     pidfile: str | None = None
     log_file: str | None = None
     disable_seccomp: bool = False
+    dialect: Dialect = Dialect.V0
+    uuid: str | None = None
+    incoming: IncomingConfig | None = None
 
     # -- adding devices (ids are checked as they come, from either source) ---------------------
 
@@ -214,6 +248,13 @@ class Draft:
         if chardev.path is not None and any(c.path == chardev.path for c in self.chardevs):
             raise ConfigError(f"The console socket path '{chardev.path}' is used more than once.")
         self.chardevs.append(chardev)
+
+    def take_chardev(self, chardev_id: str) -> ChardevConfig | None:
+        """Remove and return the chardev ``chardev_id`` (a 2.x ``-serial chardev:<id>`` uses it up)."""
+        for i, chardev in enumerate(self.chardevs):
+            if chardev.id == chardev_id:
+                return self.chardevs.pop(i)
+        return None
 
     def add_console(self, chardev: ChardevConfig, console: ConsoleConfig) -> None:
         """An early-dialect console: its chardev and the port on it."""
@@ -264,9 +305,19 @@ class Draft:
         if self.rng is not None:
             _stat(self.rng.random_file, "rng random file")
 
+        registrations = len(self.drives) + len(self.netdevs)
+        if registrations > MAX_DRIVES + MAX_NETS:
+            raise ConfigError(f"A maximum of {MAX_DRIVES + MAX_NETS} drives and netdevs together are supported "
+                              f"(one per replaceable slot), but {registrations} are given.")
+        self._check_fds_unique()
+
         serial_stdio = self.serial is not None and self.serial.stdio
-        if serial_stdio and self.daemonize:
-            raise ConfigError("Serial with stdio and daemonize can't be set together")
+        stdio_users = int(serial_stdio) + sum(c.backend == "stdio" for c in self.chardevs)
+        if stdio_users > 1:
+            raise ConfigError("Can't set multiple devices redirected to stdio")
+        if stdio_users and self.daemonize:
+            raise ConfigError("Serial with stdio and daemonize can't be set together" if self.dialect is Dialect.V0
+                              else "Device redirected to stdio and daemonize can't be set together")
         if self.pidfile is not None:
             if not self.daemonize:
                 raise ConfigError("-pidfile must be used with -daemonize together.")
@@ -274,6 +325,10 @@ class Draft:
         if self.qmp_socket is not None:
             _check_absent(self.qmp_socket, f"The QMP socket path '{self.qmp_socket}' already exists; "
                                            "StratoVirt does not remove it, so remove it first.")
+        if self.incoming is not None:
+            mode = _stat(self.incoming.path, "snapshot directory").st_mode
+            if not stat.S_ISDIR(mode):
+                raise ConfigError(f"The snapshot directory '{self.incoming.path}' is not a directory.")
 
         return VmConfig(
             boot=boot, name=name, machine=machine, drives=list(self.drives), netdevs=list(self.netdevs),
@@ -283,10 +338,26 @@ class Draft:
             daemonize=self.daemonize, pidfile=self.pidfile, log_file=self.log_file,
             disable_seccomp=self.disable_seccomp,
             extract_payload=True if self.extract_payload is None else self.extract_payload,
+            dialect=self.dialect, uuid=self.uuid, incoming=self.incoming,
         )
+
+    def _check_fds_unique(self) -> None:
+        """A descriptor the VMM inherited can back one thing only: each user closes it."""
+        users: dict[str, str] = {}
+        named = [(ref, f"fds= of netdev '{n.id}'") for n in self.netdevs for ref in n.fds]
+        named += [(ref, f"vhostfds= of netdev '{n.id}'") for n in self.netdevs for ref in n.vhostfds]
+        if self.vsock is not None and self.vsock.vhost_fd is not None:
+            named.append((str(self.vsock.vhost_fd), f"vhostfd= of vsock '{self.vsock.id}'"))
+        for ref, user in named:
+            if ref in users:
+                raise ConfigError(f"File descriptor {ref} is given twice ({users[ref]} and {user}); "
+                                  "pass each descriptor to one user.")
+            users[ref] = user
 
     def _finish_boot(self) -> BootSource:
         if self.kernel is None:
+            if self.dialect is Dialect.V2:
+                raise ConfigError("No kernel image is given: use -kernel.")
             raise ConfigError("No kernel image is given: use -kernel, or 'kernel_image_path' in the "
                               "'boot-source' of the -config file.")
         check_path(self.kernel, "kernel image path")
@@ -313,7 +384,7 @@ class Draft:
             mem_prealloc=self.mem_prealloc,
         )
 
-    @staticmethod
-    def _check_iothread(name: str | None, owner: str, known: set[str]) -> None:
+    def _check_iothread(self, name: str | None, owner: str, known: set[str]) -> None:
         if name is not None and name not in known:
-            raise ConfigError(f"The iothread '{name}' of {owner} is not defined; add it with -iothread id={name}.")
+            option = "-iothread id=" if self.dialect is Dialect.V0 else "-object iothread,id="
+            raise ConfigError(f"The iothread '{name}' of {owner} is not defined; add it with {option}{name}.")

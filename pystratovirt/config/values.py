@@ -1,8 +1,8 @@
 """Scalar value syntax shared by the command line and the JSON file.
 
 Owns: ``key=value[,key=value...]`` sub-option lists (StratoVirt's ``CmdParser``), booleans
-(``on|off|true|false|yes|no``), unsigned integers, memory sizes (``256M``, ``1G`` or a bare number
-of bytes that must be 1 MiB aligned) and the length limits, which — like StratoVirt's Rust
+(``on|off|true|false|yes|no``), unsigned integers, memory sizes (``256M``, ``1G`` or a bare number:
+bytes that must be 1 MiB aligned in the 0.x dialect, MiB in 2.x) and the length limits, which — like StratoVirt's Rust
 ``str::len`` — count UTF-8 bytes, not characters.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from ..machine.vmconfig import MAX_MEM_SIZE, MIN_MEM_SIZE
+from ..machine.vmconfig import MAX_MEM_SIZE, MIN_MEM_SIZE, Dialect
 from ..memory.layout import GiB, MiB
 
 from .errors import ConfigError
@@ -38,12 +38,13 @@ def check_not_empty(text: str, what: str) -> None:
         raise ConfigError(f"The {what} must not be empty.")
 
 
-def parse_kv(text: str, option: str, keys: tuple[str, ...]) -> dict[str, str]:
+def parse_kv(text: str, option: str, keys: tuple[str, ...], flags: tuple[str, ...] = ()) -> dict[str, str]:
     """Split ``a=1,b=2,word`` into ``{"a": "1", "b": "2", "": "word"}``; "" in ``keys`` allows one bare word.
 
     StratoVirt's rules: no leading/trailing comma, no item that starts or ends with '=', the value
     is everything after the first '=', an unknown key (or an unexpected bare word) is
-    ``Invalid parameter '<k>'``, and a key may appear only once.
+    ``Invalid parameter '<k>'``, and a key may appear only once. A bare word named in ``flags``
+    (2.x's ``server``, ``nowait``) is that key with the value "" and takes no value.
     """
     if text.startswith(",") or text.endswith(","):
         raise ConfigError(f"Invalid parameter '{text}'")
@@ -52,9 +53,12 @@ def parse_kv(text: str, option: str, keys: tuple[str, ...]) -> dict[str, str]:
         if item.startswith("=") or item.endswith("="):
             raise ConfigError(f"Invalid parameter '{item}'")
         key, sep, value = item.partition("=")
-        if not sep:
+        if key in flags:
+            if sep:
+                raise ConfigError(f"No parameter needed for {key}")
+        elif not sep:
             key, value = "", item
-        if key not in keys:
+        if key not in keys and key not in flags:
             raise ConfigError(f"Invalid parameter '{key if sep else item}'")
         if key in result:
             if not key:
@@ -88,13 +92,15 @@ def parse_fd(raw: str, key: str) -> int:
     return value
 
 
-def parse_mem_size(raw: str) -> int:
-    """``256M``/``256m``/``1G``/``1g`` or a bare number of bytes (1 MiB aligned), checked against the range."""
+def parse_mem_size(raw: str, dialect: Dialect = Dialect.V0) -> int:
+    """``256M``/``256m``/``1G``/``1g`` or a bare number, checked against the range: bytes (1 MiB
+    aligned) in the 0.x dialect, MiB in 2.x (StratoVirt >= 2.0), each with its version's errors."""
     match = _SIZE.fullmatch(raw)
     if not match:
-        raise ConfigError(f"Unable to parse memory size '{raw}'; use bytes or a number with an M or G suffix.")
+        bare = "bytes" if dialect is Dialect.V0 else "MiB"
+        raise ConfigError(f"Unable to parse memory size '{raw}'; use {bare} or a number with an M or G suffix.")
     number, unit = int(match.group(1)), match.group(2).upper()
-    if unit == "M":
+    if unit == "M" or (not unit and dialect is Dialect.V2):
         size = number * MiB
     elif unit == "G":
         size = number * GiB
@@ -103,6 +109,9 @@ def parse_mem_size(raw: str) -> int:
         if size % MiB:
             raise ConfigError(f"Input value {size} is unaligned with {MiB} for memory.")
     if not MIN_MEM_SIZE <= size <= MAX_MEM_SIZE:
+        if dialect is Dialect.V2:
+            raise ConfigError("Memory size must >= 128MiB and <= 512GiB, default unit: MiB, current memory "
+                              f"size: {size} bytes.")
         raise ConfigError(MEM_RANGE_ERROR)
     return size
 

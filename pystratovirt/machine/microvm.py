@@ -69,6 +69,8 @@ def _refuse_unsupported(cfg: VmConfig) -> None:
         raise rq.MachineError("-device vsock (vhost-vsock) is not supported yet.")
     if cfg.rng is not None:
         raise rq.MachineError("-rng (virtio-rng) is not supported yet.")
+    if cfg.incoming is not None:
+        raise rq.MachineError("-incoming (starting from a snapshot) is not supported yet.")
     for drive in cfg.drives:
         if drive.iops is not None:
             raise rq.MachineError(f"iops= on drive '{drive.id}' (I/O throttling) is not supported yet.")
@@ -108,6 +110,8 @@ class MicroVm:
     def build(self) -> None:
         cfg = self.config
         mcfg = cfg.machine
+        # StratoVirt's first line; hydropper measures start-up from it to the last "Vcpu" line.
+        log.info("VmConfig is %r", cfg)
         _refuse_unsupported(cfg)
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
@@ -409,7 +413,9 @@ class MicroVm:
 
     # -- qom-get / qom-set: the balloon's statistics, with QEMU's paths, names and error texts --
     def _qom_balloon(self, path: str) -> VirtioBalloon:
-        if path != rq.BALLOON_QOM_PATH or self.balloon is None:
+        balloon_id = self.config.balloon.id if self.config.balloon is not None else None
+        own_path = rq.BALLOON_QOM_PATH if balloon_id is None else f"/machine/peripheral/{balloon_id}"
+        if path != own_path or self.balloon is None:
             raise rq.MachineError(f"Device '{path}' not found", rq.ErrorClass.DEVICE_NOT_FOUND)
         return self.balloon
 

@@ -77,6 +77,8 @@ class VcpuThread(threading.Thread):
     def run(self) -> None:
         self.host_thread_id = threading.get_native_id()
         self.native_id_ready.set()
+        # StratoVirt's wording: Kata and hydropper find each vCPU's start by ":INFO: Vcpu<N>".
+        log.info("Vcpu%d start running (thread id %d)", self.vcpu.index, self.host_thread_id)
         try:
             self._loop()
         except Exception as exc:  # a VMM bug must end the VM cleanly, not leave a stuck thread

@@ -17,12 +17,16 @@ exactly as a ``blockdev-add``/``netdev_add`` followed by a ``device_add``.
 Nothing here imports from above :mod:`pystratovirt.virtio` (whose backend specs these are), so
 the machine, the devices and the tests can build a ``VmConfig`` by hand without the parsers.
 
+Which command line a VM was started with is :class:`Dialect`: the parsers record it and the
+front ends (the QMP server's greeting) read it; the machine builds the same VM from either.
+
 Paths are kept exactly as the user wrote them (relative paths stay relative), because StratoVirt
 does not change directory when it daemonizes and neither do we.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from ..memory.layout import MEM_SIZE_MAX, MEM_SIZE_MIN, MiB
@@ -46,6 +50,20 @@ MIN_GUEST_CID = 3           # vsock: 0..2 are reserved (hypervisor, local, host)
 MAX_GUEST_CID = 0xFFFF_FFFF  # exclusive: u32::MAX is VMADDR_CID_ANY
 MIN_RNG_BYTES_PER_SEC = 64
 MAX_RNG_BYTES_PER_SEC = 1_000_000_000
+
+
+class Dialect(enum.Enum):
+    """The StratoVirt command line a VM was started with, and so the QMP dialect it speaks.
+
+    ``V0`` is early StratoVirt's (0.1-0.3: ``-api-channel``, ``-config`` JSON, ``-drive`` and
+    ``-netdev`` that each make a device, a bare ``-m`` in bytes, QMP greeting major 4); ``V2`` is
+    StratoVirt 2.x's, the one Kata Containers, Kuasar and hydropper send (``-qmp``, ``-object``,
+    ``-device <driver>`` on a ``-drive``/``-netdev`` backend, a bare ``-m`` in MiB, greeting
+    major 5). :mod:`pystratovirt.config.dialect` says which options pick which.
+    """
+
+    V0 = "0.x"
+    V2 = "2.x"
 
 
 @dataclass(frozen=True)
@@ -137,9 +155,12 @@ class SerialConfig:
 
 @dataclass(frozen=True)
 class BalloonConfig:
-    """A virtio-balloon; ``deflate_on_oom`` offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM."""
+    """A virtio-balloon; ``deflate_on_oom`` offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM. ``id`` (the
+    2.x ``-device virtio-balloon-device,id=``) names its QOM path ``/machine/peripheral/<id>``;
+    without one the path is ``/machine/peripheral/balloon``."""
 
     deflate_on_oom: bool = False
+    id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +181,14 @@ class RngConfig:
 
 
 @dataclass(frozen=True)
+class IncomingConfig:
+    """Start from the snapshot in directory ``path`` (``-incoming file:DIR``) instead of booting
+    the kernel afresh."""
+
+    path: str
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """Everything needed to build and run one micro-VM.
 
@@ -167,7 +196,9 @@ class VmConfig:
     stderr), otherwise a path. ``qmp_socket`` None = no management socket (StratoVirt requires
     one; pystratovirt makes it optional). ``extract_payload`` (``-machine kernel-extract=on|off``,
     our extension): for a bzImage, decompress the kernel payload on the host (True) or boot the
-    image's own decompressor (False).
+    image's own decompressor (False). ``dialect``: which command line the VM was started with
+    (the QMP server greets in the same dialect). ``uuid`` (``-uuid``): the VM's UUID in canonical
+    lower-case form. ``incoming``: restore from a snapshot instead of booting.
     """
 
     boot: BootSource
@@ -191,3 +222,6 @@ class VmConfig:
     log_file: str | None = None
     disable_seccomp: bool = False
     extract_payload: bool = True
+    dialect: Dialect = Dialect.V0
+    uuid: str | None = None
+    incoming: IncomingConfig | None = None

@@ -34,10 +34,10 @@ from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats,
                                 QueryCpus, QueryHotpluggableCpus, QueryStatus, QueryVersion, Quit,
                                 Request, ResumeEvent, ShutdownEvent, ShutdownReason, StatusInfo,
                                 Stop, StopEvent, VersionInfo)
-from .dialect import DIALECT_0X
+from .wire import WIRE_0X
 
 #: The QEMU version the default (0.x) dialect announces (``create_greeting(1, 0, 4)``).
-VERSION = DIALECT_0X.version
+VERSION = WIRE_0X.version
 
 #: The largest single message the server buffers (StratoVirt used 8 KiB; QEMU has no small limit).
 MAX_MESSAGE = 65536

@@ -13,7 +13,7 @@ Behaviour, after StratoVirt:
   exists, and removed by :meth:`QmpServer.close` if it is still ours.
 * One client at a time: while a client is connected the listening socket is not polled. A second
   client's ``connect`` succeeds (kernel backlog) and it is greeted when the first one leaves.
-* The :class:`~.dialect.Dialect` given at construction picks the greeting's version and the line
+* The :class:`~.wire.Wire` given at construction picks the greeting's version and the line
   end (0.x: the seed's bytes and ``\n``; 2.x: major 5 and ``\r\n``).
 * Events emitted while a command executes are written before that command's reply, which is what
   puts STOP/RESUME/DEVICE_DELETED/SHUTDOWN ahead of ``{"return":{}}``. With no client, events are
@@ -67,7 +67,7 @@ from ..errors import PyStratoVirtError
 from ..machine.requests import (CommandInfo, ErrorClass, Event, Executor, GetFd, MachineError,
                                 QmpCapabilities, QueryCommands, QueryVersion, Request)
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, EventLoop
-from .dialect import DIALECT_0X, Dialect
+from .wire import WIRE_0X, Wire
 from .framing import TOO_LONG, JsonSplitter
 from .schema import (MAX_MESSAGE, QmpError, command_names, decode, encode_error, encode_event,
                      encode_greeting, encode_return, parse_command)
@@ -155,15 +155,15 @@ class QmpServer:
     """
 
     def __init__(self, loop: EventLoop, path: str | os.PathLike[str], executor: Executor | None,
-                 *, dialect: Dialect = DIALECT_0X, max_message: int = MAX_MESSAGE,
+                 *, wire: Wire = WIRE_0X, max_message: int = MAX_MESSAGE,
                  max_output: int = MAX_OUTPUT, max_events: int = MAX_EVENTS,
                  stall_timeout: float = STALL_TIMEOUT,
                  clock_ns: Callable[[], int] = time.time_ns):
         self.executor = executor
         self.path = os.path.abspath(os.fspath(path))  # daemonizing may chdir("/") later
-        self.dialect = dialect
+        self.wire = wire
         self._loop = loop
-        self._greeting = encode_greeting(dialect.version, dialect.line_end)
+        self._greeting = encode_greeting(wire.version, wire.line_end)
         self._max_message = max_message
         self._max_output = max_output
         self._max_events = max_events
@@ -327,7 +327,7 @@ class QmpServer:
 
     def _answer(self, frame: _Frame) -> bytes:
         fds, frame.fds = frame.fds, []
-        line_end = self.dialect.line_end
+        line_end = self.wire.line_end
         try:
             if frame.message is TOO_LONG:
                 raise QmpError(f"Message is too long (limit {self._max_message} bytes)")
@@ -357,7 +357,7 @@ class QmpServer:
             case QmpCapabilities():
                 return None  # stateless, as in StratoVirt: other commands work without it
             case QueryVersion():
-                return self.dialect.version
+                return self.wire.version
             case QueryCommands():
                 return [CommandInfo(name) for name in command_names()]
         if self.executor is None:
@@ -457,7 +457,7 @@ class QmpServer:
             client.events_dropped += 1
             return
         data = encode_event(event, self._clock_ns() if timestamp_ns is None else timestamp_ns,
-                            self.dialect.line_end)
+                            self.wire.line_end)
         self._send(data)
         if self._client is client:
             self._update(client)

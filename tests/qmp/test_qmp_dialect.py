@@ -9,7 +9,7 @@ import pytest
 from helpers.decoders import (GO_CPU_INFO, GO_GREETING, GO_STATUS, DecodeError, go_decode,
                               serde_cpu_infos, serde_greeting, serde_status)
 from pystratovirt.machine.requests import RunState, StopEvent
-from pystratovirt.qmp.dialect import DIALECT_0X, DIALECT_2X
+from pystratovirt.qmp.wire import WIRE_0X, WIRE_2X
 from pystratovirt.qmp.schema import GREETING
 from pystratovirt.qmp.server import QmpServer
 
@@ -20,7 +20,7 @@ GREETING_2X = (b'{"QMP":{"version":{"qemu":{"micro":1,"minor":0,"major":5},'
 @pytest.fixture
 def server_2x(tmp_path, loop_thread, qmp_kit):
     machine = qmp_kit.FakeMachine()
-    server = QmpServer(loop_thread.loop, tmp_path / "q.sock", machine, dialect=DIALECT_2X)
+    server = QmpServer(loop_thread.loop, tmp_path / "q.sock", machine, wire=WIRE_2X)
     machine.server = server
     loop_thread.call(server.start)
     yield server
@@ -28,7 +28,7 @@ def server_2x(tmp_path, loop_thread, qmp_kit):
 
 
 def test_the_default_dialect_is_the_seeds(qmp, client):
-    assert qmp.server.dialect is DIALECT_0X
+    assert qmp.server.wire is WIRE_0X
     assert client.line() == GREETING
     assert client.ask(b'{"execute":"query-version"}') == \
         b'{"return":{"qemu":{"micro":1,"minor":0,"major":4},"package":""}}\n'
