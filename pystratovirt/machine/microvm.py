@@ -46,7 +46,6 @@ from .vmconfig import VmConfig
 log = logging.getLogger(__name__)
 
 PAUSE_TIMEOUT = 10.0   # seconds to wait for every vCPU to leave KVM_RUN
-SWAP_TIMEOUT = 60.0    # seconds a device may take to switch backends (after a batch of disk I/O)
 # qom-get/qom-set on the balloon: QEMU's type and property names.
 BALLOON_TYPE = "virtio-balloon-device"
 STATS_PROPERTY = "guest-stats"
@@ -97,6 +96,7 @@ class MicroVm:
         self.pvm_compat = False
         self.topology: Topology | None = None
         self._gate: PauseGate | None = None
+        self._pausing = False  # a stop is waiting for the vCPUs to park
         self._shutting_down = False
         self._on_shutdown: list[Callable[[], None]] = []
         # Descriptors inherited at start-up or passed with getfd; backends take them from here.
@@ -203,11 +203,12 @@ class MicroVm:
             self._blockdev_add(rq.BlockdevAdd(drive))
         for netdev in cfg.netdevs:
             self._netdev_add(rq.NetdevAdd(netdev))
+        # The I/O threads do not run yet, so each device switches at once.
         for slot, disk in enumerate(cfg.block_devices):
             self._device_add(rq.DeviceAdd(disk.id, "virtio-blk-mmio", addr=slot, drive=disk.drive,
-                                            serial=disk.serial))
+                                          serial=disk.serial)).result(0)
         for slot, nic in enumerate(cfg.net_devices):
-            self._device_add(rq.DeviceAdd(nic.id, "virtio-net-mmio", addr=slot, netdev=nic.netdev))
+            self._device_add(rq.DeviceAdd(nic.id, "virtio-net-mmio", addr=slot, netdev=nic.netdev)).result(0)
 
     def _close_devices(self) -> None:
         self.mmio_devices.close()
@@ -242,18 +243,40 @@ class MicroVm:
         self._on_shutdown.append(fn)
 
     # -- lifecycle (loop thread) ----------------------------------------------------------------
-    def pause(self) -> None:
+    def pause(self) -> "Future[None]":
+        """Stop every vCPU: the future completes once all are parked outside KVM_RUN, and fails
+        if they are not within PAUSE_TIMEOUT (they are released again). The state changes on
+        the loop thread when it completes; nothing blocks meanwhile."""
         gate = self._gate
+        assert gate is not None
         with gate.cond:
             gate.want_pause = True
         for vcpu in self.vcpus:
             vcpu.kick()
-        if not gate.wait_parked(len(self.threads_alive()), PAUSE_TIMEOUT):
+        parked = gate.when_parked(len(self.threads_alive()))
+        result: Future[None] = Future()
+        self._pausing = True
+
+        def timed_out() -> None:
+            if result.done():
+                return
             with gate.cond:
                 gate.want_pause = False
                 gate.cond.notify_all()
-            raise rq.MachineError("Failed to pause the vCPUs in time.")
-        self.state = rq.RunState.PAUSED
+            self._pausing = False
+            result.set_exception(rq.MachineError("Failed to pause the vCPUs in time."))
+
+        timer = self.loop.call_later(PAUSE_TIMEOUT, timed_out)
+
+        def all_parked() -> None:
+            if result.done():
+                return
+            timer.cancel()
+            self._pausing = False
+            self.state = rq.RunState.PAUSED
+            result.set_result(None)
+        parked.add_done_callback(lambda _f: self.loop.call_soon_threadsafe(all_parked))
+        return result
 
     def resume(self) -> None:
         gate = self._gate
@@ -308,9 +331,7 @@ class MicroVm:
     def teardown(self) -> None:
         gate = self._gate
         if gate is not None:
-            with gate.cond:
-                gate.stopping = True
-                gate.cond.notify_all()
+            gate.stop()
             for vcpu in self.vcpus:
                 vcpu.kick()
             for thread in self.threads:
@@ -345,13 +366,16 @@ class MicroVm:
                                    qom_path=QOM_PATH.format(i) if i < online else None)
                 for i in range(self.config.machine.max_vcpus)]
 
-    def _stop(self, _req) -> None:
+    def _stop(self, _req) -> "Future[None]":
+        if self._pausing:
+            raise rq.MachineError("The VM is being paused already.")
         if self.state is not rq.RunState.RUNNING:
             raise rq.MachineError(f"The VM is not running (it is {self.state.value}).")
-        self.pause()
-        self.emit(rq.StopEvent())
+        return self._after(self.pause(), lambda: self.emit(rq.StopEvent()))
 
     def _cont(self, _req) -> None:
+        if self._pausing:
+            raise rq.MachineError("The VM is being paused; resume it once stop has answered.")
         if self.state not in (rq.RunState.PAUSED, rq.RunState.PRELAUNCH):
             raise rq.MachineError(f"The VM is not paused (it is {self.state.value}).")
         self.resume()
@@ -387,13 +411,34 @@ class MicroVm:
     def _backend_del(self, req) -> None:
         self.slots.unregister(req.node_name if isinstance(req, rq.BlockdevDel) else req.id)
 
-    def _device_add(self, req: rq.DeviceAdd) -> None:
+    def _device_add(self, req: rq.DeviceAdd) -> "Future[None]":
+        """Answered once the device has switched to the backend (on its I/O thread)."""
         props = {"serial": req.serial} if "blk" in req.driver else {}
-        _wait(self.slots.attach(req.id, req.driver, req.slot, req.backend_id, **props))
+        return self.slots.attach(req.id, req.driver, req.slot, req.backend_id, **props)
 
-    def _device_del(self, req: rq.DeviceDel) -> None:
-        _wait(self.slots.detach(req.id))
-        self.emit(rq.DeviceDeletedEvent(device=req.id, path=req.id))
+    def _device_del(self, req: rq.DeviceDel) -> "Future[None]":
+        """DEVICE_DELETED, then the reply, once the slot is empty (after the request in flight)."""
+        return self._after(self.slots.detach(req.id),
+                           lambda: self.emit(rq.DeviceDeletedEvent(device=req.id, path=req.id)))
+
+    def _after(self, future: "Future[None]", then: Callable[[], None]) -> "Future[None]":
+        """A future that completes on the loop thread once ``future`` has and ``then()`` ran (not
+        run if ``future`` failed: its error passes through)."""
+        result: Future[None] = Future()
+
+        def on_loop() -> None:
+            exc = future.exception()
+            if exc is not None:
+                result.set_exception(exc)
+                return
+            try:
+                then()
+            except BaseException as err:
+                result.set_exception(err)
+            else:
+                result.set_result(None)
+        future.add_done_callback(lambda _f: self.loop.call_soon_threadsafe(on_loop))
+        return result
 
     def _balloon(self, req: rq.Balloon) -> None:
         # Only the guest's driver can act on a target: refuse until it is up (StratoVirt).
@@ -444,11 +489,6 @@ class MicroVm:
         if value > 0xFFFFFFFF:
             raise rq.MachineError("timer value is too big")
         balloon.set_stats_interval(value)
-
-
-def _wait(future: "Future[None]") -> None:
-    """Wait for a device to finish a backend swap on its I/O thread."""
-    future.result(SWAP_TIMEOUT)
 
 
 _HANDLERS = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
 from typing import Callable, Protocol
 
 from ..cpu import pvm
@@ -42,6 +43,7 @@ class PauseGate:
         self.stopping = False
         self.parked = 0
         self.nr_threads = nr_threads
+        self._waiters: list[tuple[int, Future[None]]] = []  # (count, completed once that many park)
 
     def park(self) -> bool:
         """Called by a vCPU thread that saw a request; returns False when the thread must end."""
@@ -52,15 +54,35 @@ class PauseGate:
                 return True
             self.parked += 1
             self.cond.notify_all()
+            self._wake_waiters()
             while self.want_pause and not self.stopping:
                 self.cond.wait()
             self.parked -= 1
             self.cond.notify_all()
             return not self.stopping
 
-    def wait_parked(self, count: int, timeout: float) -> bool:
+    def when_parked(self, count: int) -> "Future[None]":
+        """A future completed (on the vCPU thread that parks last) once ``count`` threads are
+        parked, or the machine is stopping; nobody has to block for it."""
+        future: Future[None] = Future()
         with self.cond:
-            return self.cond.wait_for(lambda: self.parked >= count or self.stopping, timeout)
+            self._waiters.append((count, future))
+            self._wake_waiters()
+        return future
+
+    def _wake_waiters(self) -> None:  # cond held
+        for count, future in list(self._waiters):
+            if self.parked >= count or self.stopping:
+                self._waiters.remove((count, future))
+                if not future.done():
+                    future.set_result(None)
+
+    def stop(self) -> None:
+        """Release every thread for good (the machine is tearing down)."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+            self._wake_waiters()
 
 
 class VcpuThread(threading.Thread):

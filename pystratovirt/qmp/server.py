@@ -36,6 +36,12 @@ gets there). A client whose socket accepts no byte for ``stall_timeout`` seconds
 pending is dropped, with a warning: it has stopped reading for good, and the next client is
 greeted.
 
+Replies that come later. A command the machine cannot finish at once (``stop`` waiting for the
+vCPUs to park, a hot-plug waiting for the device's I/O thread to switch backends) is answered
+with a ``concurrent.futures.Future``; the server then answers nothing else of that client until
+it completes (so replies stay in order), while the control loop goes on serving the console,
+timers and events. Events the machine emits on completion come before the reply, as always.
+
 Descriptors. The socket is read with ``recvmsg``; SCM_RIGHTS descriptors (at most
 :data:`MAX_FDS` per message, received close-on-exec; the kernel closes any beyond the buffer)
 belong to the command whose bytes they arrived with (govmm sends ``getfd`` and its descriptor in
@@ -60,6 +66,7 @@ import struct
 import termios
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Callable
 
@@ -119,6 +126,20 @@ class _Frame:
         self.fds = fds if fds is not None else []
 
 
+class _Later:
+    """A command whose reply comes when ``future`` completes."""
+
+    __slots__ = ("command", "future")
+
+    def __init__(self, command, future: Future):
+        self.command = command
+        self.future = future
+
+
+def _reraise(exc: BaseException):
+    raise exc
+
+
 class _Client:
     """One accepted connection: its socket, input splitter, queued commands and unsent output."""
 
@@ -136,6 +157,7 @@ class _Client:
         self.stall_timer = None
         self.events_dropped = 0
         self.answering = False  # a command is executing: its reply is still to come
+        self.later: Future | None = None  # a command whose reply comes when this completes
         self.warned_ctrunc = False
 
     def release_fds(self) -> None:
@@ -255,7 +277,10 @@ class QmpServer:
         if client.mask & EPOLLIN and mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             self._read(client)
         elif mask & (EPOLLHUP | EPOLLERR):
-            self._write(client)  # the peer is gone: this fails and drops it
+            # The peer is gone both ways (a half-closed peer gets EOF, not HUP): nobody can read
+            # what is still to come, and a level-triggered HUP must not spin the loop meanwhile.
+            self._drop(client)
+            return
         if self._client is client:
             self._pump(client)
 
@@ -312,20 +337,58 @@ class QmpServer:
         return fds
 
     def _pump(self, client: _Client) -> None:
-        """Answer queued commands while the output is below the bound, then poll accordingly."""
-        while client.frames and len(client.out) <= self._max_output:
+        """Answer queued commands while the output is below the bound and no reply is still to
+        come, then poll accordingly."""
+        while client.frames and client.later is None and len(client.out) <= self._max_output:
             frame = client.frames.popleft()
             client.answering = True
             try:
                 reply = self._answer(frame)
             finally:
                 client.answering = False
+            if isinstance(reply, _Later):
+                self._wait_for(client, reply)
+                break
             self._send(reply)
             if self._client is not client:
                 return  # dropped (or the server closed) while answering
         self._update(client)
 
-    def _answer(self, frame: _Frame) -> bytes:
+    def _wait_for(self, client: _Client, later: "_Later") -> None:
+        client.later = later.future
+
+        def completed(_future: Future) -> None:  # on whatever thread completed it
+            self._loop.call_soon_threadsafe(lambda: self._finish(client, later))
+        later.future.add_done_callback(completed)
+
+    def _finish(self, client: _Client, later: "_Later") -> None:
+        if self._client is not client:
+            return  # the client left while the command ran: nobody to tell
+        client.later = None
+        future = later.future
+        exc = future.exception()
+        if exc is None:
+            reply = self._encode_result(later.command, lambda: future.result())
+        else:
+            reply = self._encode_result(later.command, lambda: _reraise(exc))
+        self._send(reply)
+        if self._client is client:
+            self._pump(client)
+
+    def _encode_result(self, command, produce) -> bytes:
+        """The reply for ``command``: ``produce()``'s result, or the error it raises."""
+        line_end = self.wire.line_end
+        try:
+            return encode_return(produce(), command.id, line_end)
+        except PyStratoVirtError as err:
+            return encode_error(err.error_class, err.desc, command.id, line_end)
+        except Exception:  # a machine bug must cost one reply, not the VMM
+            log.exception("QMP command %r failed", command.request)
+            return encode_error(ErrorClass.GENERIC_ERROR,
+                                f"Internal error while executing {command.execute}", command.id,
+                                line_end)
+
+    def _answer(self, frame: _Frame) -> "bytes | _Later":
         fds, frame.fds = frame.fds, []
         line_end = self.wire.line_end
         try:
@@ -341,15 +404,18 @@ class QmpServer:
             return encode_error(err.error_class, err.desc, err.id, line_end)
         finally:
             _close_all(fds)  # whatever the command did not take
-        try:
-            return encode_return(self._execute(request), command.id, line_end)
-        except PyStratoVirtError as err:
-            return encode_error(err.error_class, err.desc, command.id, line_end)
-        except Exception:  # a machine bug must cost one reply, not the VMM
-            log.exception("QMP command %r failed", request)
-            return encode_error(ErrorClass.GENERIC_ERROR,
-                                f"Internal error while executing {command.execute}", command.id,
-                                line_end)
+        if request is not command.request:
+            command = replace(command, request=request)
+        result: object = None
+
+        def execute() -> object:
+            nonlocal result
+            result = self._execute(request)
+            return None if isinstance(result, Future) else result
+        reply = self._encode_result(command, execute)
+        if isinstance(result, Future):
+            return _Later(command, result)
+        return reply
 
     def _execute(self, request: Request) -> object:
         # Protocol-level commands are the server's own; the machine never sees them.
@@ -395,7 +461,7 @@ class QmpServer:
 
     def _update(self, client: _Client) -> None:
         """Poll for what the client still needs; hang up once it is done both ways."""
-        if not (client.reading or client.frames or client.out or client.answering):
+        if not (client.reading or client.frames or client.out or client.answering or client.later):
             self._drop(client)
             return
         # Input is read only when every command read so far is answered and there is room for
