@@ -22,8 +22,10 @@ from .kvm import KvmUnavailableError
 from .machine.console import StdioConsole
 from .machine.microvm import MachineBuildError, MicroVm
 from .machine.requests import ShutdownReason
+from .machine.seccomp_policy import POLICY as SECCOMP_POLICY
 from .machine.vmconfig import VmConfig
 from .qmp.server import QmpServer, QmpSocketError
+from .util import seccomp
 from .util.eventloop import EventLoop
 
 log = logging.getLogger("pystratovirt")
@@ -135,9 +137,19 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
             machine.add_shutdown_hook(qmp.close)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: machine.host_signal())
+        loop.wake_on_signals()
+        if not config.disable_seccomp:
+            try:
+                seccomp.activate(SECCOMP_POLICY)  # each thread machine.start() makes installs its filter
+            except seccomp.SeccompError as exc:
+                raise StartupError(str(exc)) from None
         machine.start()
         if on_ready is not None:
             on_ready()
+        try:
+            seccomp.install(seccomp.ThreadKind.CONTROL)  # last: every other thread exists by now
+        except seccomp.SeccompError as exc:
+            machine.fatal_error(str(exc))
         code = machine.run()
         if machine.shutdown_reason is not None:
             log.info("exiting with code %d after %s", code, machine.shutdown_reason.value)

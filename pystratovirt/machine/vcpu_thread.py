@@ -17,6 +17,7 @@ from ..devices.bus import Bus
 from ..kvm import exits
 from ..kvm.vcpu import Vcpu
 from ..memory import GuestMemory
+from ..util import seccomp
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class VcpuThread(threading.Thread):
         self.host_thread_id = threading.get_native_id()
         self.native_id_ready.set()
         try:
+            seccomp.install(seccomp.ThreadKind.VCPU)  # before the first KVM_RUN
             self._loop()
         except Exception as exc:  # a VMM bug must end the VM cleanly, not leave a stuck thread
             log.exception("vCPU %d failed", self.vcpu.index)

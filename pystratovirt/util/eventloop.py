@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import select
+import signal
 import threading
 import time
 from collections import deque
@@ -90,6 +91,17 @@ class EventLoop:
         timer = Timer(time.monotonic() + max(0.0, delay), next(self._seq), fn)
         heapq.heappush(self._timers, timer)
         return timer
+
+    def wake_on_signals(self) -> None:
+        """Make every signal with a Python handler wake the loop (main thread only).
+
+        The kernel may deliver a process-directed signal such as SIGTERM to any thread (it
+        prefers the main thread, but not while that one is stopped or already has a signal
+        pending). Python runs the handler only on the main thread, and only once it returns to
+        Python code; with the loop asleep in epoll_wait that could be never. The C-level handler
+        writes the signal number to this wake-up pipe from whichever thread took the signal.
+        """
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
     def in_loop_thread(self) -> bool:
         return threading.get_ident() == self.thread_id

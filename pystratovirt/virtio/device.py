@@ -28,6 +28,7 @@ import threading
 from typing import Callable, Sequence
 
 from ..memory.guest import GuestMemory
+from ..util import seccomp
 from .queue import SplitQueue
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,12 @@ class VirtioDevice:
         if self.active and interrupt is not None:
             interrupt.signal_config()
 
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the device's own threads, if it has any (the transport calls this from its
+        ``start``, on the main thread, before the machine installs its seccomp filter: a thread
+        created later would inherit that filter)."""
+
     # -- lifecycle (lock held) -------------------------------------------------------------------
     def activate(self, mem: GuestMemory, queues: Sequence[SplitQueue | None], interrupt: Interrupt,
                  features: int) -> None:
@@ -251,6 +258,7 @@ class IoThread:
     def _run(self, epoll: select.epoll) -> None:
         index_of = dict(self._fds)
         try:
+            seccomp.install(seccomp.ThreadKind.IO)  # before the first epoll_wait
             while True:
                 try:
                     events = epoll.poll()

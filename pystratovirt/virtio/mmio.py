@@ -164,8 +164,9 @@ class VirtioMmio:
         vm.irqfd(self.irq_eventfd, irq, deassign=True)
 
     def start(self) -> None:
-        """Start the device's I/O thread."""
+        """Start the device's I/O thread (and the device's own threads)."""
         self._io.start()
+        self.device.start()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop and join the I/O thread (requests in flight complete first)."""

@@ -78,6 +78,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from ..memory.guest import GuestMemory
+from ..util import seccomp
 from .device import EFD_FLAGS, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, bit
 from .queue import DescChain, QueueError, SplitQueue, read_buffers, write_buffers
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN, Tap
@@ -239,6 +240,7 @@ class _TapPoller:
             self._mask = mask
 
     def _run(self) -> None:
+        seccomp.install(seccomp.ThreadKind.IO)  # before the first epoll_wait
         while True:
             try:
                 events = self._epoll.poll()
@@ -388,6 +390,9 @@ class VirtioNet(VirtioDevice):
         self._poller.watch(-1, 0)
         tap.close()
         self._set_link(False)
+
+    def start(self) -> None:
+        self._poller.start()
 
     # -- lifecycle (lock held) -------------------------------------------------------------------
     def activate(self, mem: GuestMemory, queues: Sequence[SplitQueue | None], interrupt: Interrupt,
