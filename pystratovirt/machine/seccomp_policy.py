@@ -94,7 +94,10 @@ _CONTROL = [
     # The loop: epoll and its wake-up pipe; the console's stdin.
     *allow("epoll_wait", "epoll_pwait", "epoll_ctl", "read"),
     # QMP: new clients, their bytes, and descriptors passed with SCM_RIGHTS (recvmsg/sendmsg).
-    *allow("accept4", "recvfrom", "sendto", "recvmsg", "sendmsg", "getsockname", "shutdown"),
+    *allow("accept4", "recvfrom", "sendto", "recvmsg", "sendmsg", "shutdown"),
+    # A socket object's repr (built for the ResourceWarning of one collected unclosed, even
+    # when the warning is filtered out) and its creation from an accepted fd ask for addresses.
+    *allow("getsockname", "getpeername"),
     # Hot-plug: look at and open a disk image or /dev/net/tun; size a backend; O_DIRECT probe
     # reads; make a tap non-blocking; flush a disk being unplugged or hot-replaced.
     *allow("openat", "newfstatat", "fstat", "lseek", "fcntl", "preadv", "preadv2", "fdatasync"),

@@ -170,9 +170,7 @@ class Lifecycle:
 
     def quit(self, timeout: float = 60) -> int:
         self.qmp.execute("quit")
-        code = self.vm.wait_exit(timeout)
-        assert self.root.read_bytes()[100 * SECTOR:102 * SECTOR] == b"\x5a" * (2 * SECTOR)
-        return code
+        return self.vm.wait_exit(timeout)
 
     def vmm_pid(self) -> int:
         """The VMM's own pid: the launched process, or (under a prefix such as strace that
