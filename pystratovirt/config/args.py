@@ -66,6 +66,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("pidfile", VALUE, "write PID to 'file'", "pidfile path"),
     Option("daemonize", FLAG, "daemonize StratoVirt after initializing"),
     Option("disable-seccomp", FLAG, "not use seccomp sandbox for StratoVirt"),
+    Option("run-with", VALUE, "after set-up, chroot to 'dir' and run as 'uid:gid' (QEMU's option)",
+           "chroot=dir[,user=uid:gid][,caps=CAP_X:CAP_Y]"),
     Option("freeze", FLAG, "Freeze CPU at startup", aliases=("S",)),
     Option("iothread", VALUES, "configure a iothread ID 'str'", "id=str", multiple=True),
     Option("balloon", OPTIONAL, "add balloon device", "deflate-on-oom=bool"),

@@ -19,7 +19,7 @@ from pystratovirt.machine.vmconfig import (
     DEFAULT_MEM_SIZE, MAX_DRIVES, MAX_GUEST_CID, MAX_ID_LEN, MAX_IOPS, MAX_IOTHREADS, MAX_MEM_SIZE, MAX_NETS,
     MAX_PATH_LEN, MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MAX_VCPUS, MIN_GUEST_CID, MIN_MEM_SIZE, MIN_RNG_BYTES_PER_SEC,
     BalloonConfig, BootSource, ConsoleConfig, DriveConfig, IothreadConfig, MachineConfig, NetConfig, RngConfig,
-    SerialConfig, VmConfig, VsockConfig,
+    RunWithConfig, SerialConfig, VmConfig, VsockConfig,
 )
 from pystratovirt.memory.layout import CMDLINE_MAX
 
@@ -177,6 +177,7 @@ class Draft:
     pidfile: str | None = None
     log_file: str | None = None
     disable_seccomp: bool = False
+    run_with: RunWithConfig | None = None
 
     # -- adding devices (ids are checked as they come, from either source) ---------------------
 
@@ -255,7 +256,7 @@ class Draft:
             consoles=list(self.consoles), vsock=self.vsock, serial=self.serial, iothreads=list(self.iothreads),
             balloon=self.balloon, rng=self.rng, qmp_socket=self.qmp_socket, freeze=self.freeze,
             daemonize=self.daemonize, pidfile=self.pidfile, log_file=self.log_file,
-            disable_seccomp=self.disable_seccomp,
+            disable_seccomp=self.disable_seccomp, run_with=self.run_with,
             extract_payload=True if self.extract_payload is None else self.extract_payload,
         )
 
