@@ -196,4 +196,11 @@ class Lifecycle:
         if self.qmp is not None:
             self.qmp.close()
         if self.vm is not None:
+            if self.prefix and self.vm.proc.poll() is None:
+                # Under a prefix such as strace, killing the launched process would leave the
+                # VMM itself running (detached): end it first.
+                try:
+                    os.kill(self.vmm_pid(), signal.SIGKILL)
+                except (AssertionError, ProcessLookupError):
+                    pass
             self.vm.kill()
