@@ -48,15 +48,16 @@ class _Stream:
 
 class VmProcess:
     def __init__(self, args: list[str], *, env: dict | None = None, cwd: str | None = None,
-                 prefix: list[str] | None = None):
+                 prefix: list[str] | None = None, program: list[str] | None = None):
         full_env = dict(os.environ)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         if env:
             full_env.update(env)
         self.args = args
         self.started = time.monotonic()
-        # ``prefix`` runs the VMM under another command, e.g. ``ip netns exec NS``.
-        self.proc = subprocess.Popen((prefix or []) + STRATOVIRT + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        # ``prefix`` runs the VMM under another command, e.g. ``ip netns exec NS``; ``program``
+        # replaces the VMM command itself (e.g. ``ozone ... --``, which starts the VMM).
+        self.proc = subprocess.Popen((prefix or []) + (program or STRATOVIRT) + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=full_env, cwd=cwd)
         self.out = _Stream(self.proc.stdout)
         self.err = _Stream(self.proc.stderr)
