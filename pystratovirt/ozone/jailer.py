@@ -48,6 +48,7 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+PR_SET_PDEATHSIG = 1
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -142,7 +143,13 @@ def vmm_argv(args: OzoneArgs, jail: str) -> list[str]:
 
 
 def _init(argv: list[str], jail: str, report_fd: int) -> None:
-    """PID 1 of the new PID namespace: start the VMM, forward signals, reap, report."""
+    """PID 1 of the new PID namespace: start the VMM, forward signals, reap, report.
+
+    While ozone waits, the init dies with it (PR_SET_PDEATHSIG), and with the init the kernel
+    ends every process of the namespace: killing ozone never leaves a VM behind. Once the VMM's
+    first process has exited and others live on (it daemonized), the init lets ozone go.
+    """
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "tie the namespace to ozone")
     pid = os.fork()
     if pid == 0:
         try:
@@ -168,6 +175,7 @@ def _init(argv: list[str], jail: str, report_fd: int) -> None:
             continue
         if child == pid:
             status = os.waitstatus_to_exitcode(raw)
+            _libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)  # a daemonized VMM outlives ozone
             os.write(report_fd, f"{status}\n".encode())
             os.close(report_fd)
     os._exit(status if status is not None and status >= 0 else 1)

@@ -15,6 +15,7 @@ import itertools
 import shutil
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -188,6 +189,18 @@ def test_sigterm_to_ozone_reaches_the_vmm(jail):
         assert not (jail.dir / "qmp.sock").exists()  # removed by the VMM from inside its jail
     assert jail.clean().returncode == 0
     assert not jail.dir.exists()
+
+
+def test_killing_ozone_ends_the_vm(jail):
+    with jail.start() as vm:
+        pid = vmm_pid(vm.pid)
+        vm.proc.kill()  # SIGKILL: ozone cannot forward anything
+        vm.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}"), "the VMM outlived its jailer"
+    assert jail.clean().returncode == 0
 
 
 def test_ozone_refuses_an_existing_jail_and_bad_input(jail):
