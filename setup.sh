@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything pystratovirt and its tests need: Debian packages (compiler for the probe
 # guest, kernel build tools and source for the lean Linux guest, busybox for its initramfs,
-# e2fsprogs for disk images, iproute2 for network tests) and the Python package with test extras.
+# e2fsprogs for disk images, iproute2 for network tests, libseccomp2 for the seccomp filters,
+# strace for bench/syscalls.py) and the Python package with test extras.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(
     build-essential binutils bc flex bison libelf-dev libssl-dev
     linux-source-6.1 busybox-static e2fsprogs cpio lz4 zstd xz-utils kmod
-    iproute2 iputils-ping python3-venv acpica-tools
+    iproute2 iputils-ping python3-venv acpica-tools libseccomp2 strace
 )
 
 SUDO=""

@@ -30,9 +30,11 @@ from .machine.console import StdioConsole
 from .machine.fds import claim_inherited
 from .machine.microvm import MicroVm
 from .machine.requests import ShutdownReason
+from .machine.seccomp_policy import POLICY as SECCOMP_POLICY
 from .machine.vmconfig import VmConfig
 from .qmp.server import QmpServer
 from .qmp.wire import wire_of
+from .util import jail, seccomp
 from .util.eventloop import EventLoop
 from .util.logformat import StratoVirtFormatter, install_ns_clock
 
@@ -115,6 +117,22 @@ def _remove(path: str | None) -> None:
             pass
 
 
+def _enter_jail(config: VmConfig, qmp: QmpServer | None, pidfile: str | None) -> str | None:
+    """chroot and drop privileges (``-run-with``); returns where the pidfile is seen from inside
+    (None: outside the jail, so it stays behind). The QMP socket file is re-pointed the same
+    way, so both are still removed at exit."""
+    run_with = config.run_with
+    root = os.path.realpath(run_with.chroot) if run_with.chroot else None
+    jail.enter(run_with.chroot, run_with.uid, run_with.gid, run_with.keep_caps)
+    log.info("running in %s as uid %s gid %s, capabilities kept: %s", root or "/", run_with.uid,
+             run_with.gid, ", ".join(run_with.keep_caps) or "none")
+    if root is None:
+        return pidfile
+    if qmp is not None:
+        qmp.path = jail.inside(root, qmp.path) or qmp.path
+    return jail.inside(root, pidfile)
+
+
 def run_vm(config: VmConfig, on_ready=None) -> int:
     """Build and run one VM; ``on_ready()`` is called once its vCPUs have started."""
     loop = EventLoop()
@@ -124,10 +142,11 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
     machine = MicroVm(config, loop, serial_sink=console.write if console else None)
     qmp = None
     pidfile_written = False
+    pidfile_path = os.path.abspath(config.pidfile) if config.pidfile else None
     try:
         try:
-            if config.pidfile:
-                _write_pidfile(config.pidfile)
+            if pidfile_path:
+                _write_pidfile(pidfile_path)
                 pidfile_written = True
             machine.build()
             if config.qmp_socket:
@@ -141,11 +160,20 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
             machine.add_shutdown_hook(console.close)
         if qmp is not None:
             machine.add_shutdown_hook(qmp.close)
+        if not config.disable_seccomp:
+            seccomp.activate(SECCOMP_POLICY)  # each thread machine.start() makes installs its filter
+        if config.run_with is not None:  # everything is open: lock the process in before any thread starts
+            pidfile_path = _enter_jail(config, qmp, pidfile_path)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: machine.host_signal())
+        loop.wake_on_signals()
         machine.start()
         if on_ready is not None:
             on_ready()
+        try:
+            seccomp.install(seccomp.ThreadKind.CONTROL)  # last: every other thread exists by now
+        except seccomp.SeccompError as exc:
+            machine.fatal_error(str(exc))
         code = machine.run()
         if machine.shutdown_reason is not None:
             log.info("exiting with code %d after %s", code, machine.shutdown_reason.value)
@@ -156,7 +184,7 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
         if qmp is not None:
             qmp.close()
         if pidfile_written:
-            _remove(config.pidfile)
+            _remove(pidfile_path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,6 +80,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("pidfile", VALUE, "write PID to 'file'", "pidfile path"),
     Option("daemonize", FLAG, "daemonize StratoVirt after initializing"),
     Option("disable-seccomp", FLAG, "not use seccomp sandbox for StratoVirt"),
+    Option("run-with", VALUE, "after set-up, chroot to 'dir' and run as 'uid:gid' (QEMU's option)",
+           "chroot=dir[,user=uid:gid][,caps=CAP_X:CAP_Y]"),
     Option("freeze", FLAG, "Freeze CPU at startup", aliases=("S",)),
     Option("incoming", VALUE, "start from the snapshot in DIR (2.x)", "file:DIR"),
     Option("iothread", VALUES, "configure a iothread ID 'str' (0.x)", "id=str", multiple=True),

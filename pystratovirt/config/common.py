@@ -24,7 +24,8 @@ Choices:
 
 from __future__ import annotations
 
-from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS
+from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, RunWithConfig
+from ..util.jail import capability_number
 from . import args as A
 from .draft import Draft, check_machine_type, check_path, check_socket_path, check_vcpus
 from .errors import ConfigError
@@ -74,6 +75,8 @@ def apply_common(draft: Draft, parsed: A.Parsed) -> None:
     draft.mem_prealloc = draft.mem_prealloc or bool(parsed.all("mem-prealloc"))
     draft.disable_seccomp = draft.disable_seccomp or bool(parsed.all("disable-seccomp"))
     draft.freeze = draft.freeze or bool(parsed.all("freeze"))
+    if (run_with := value_of(parsed, "run-with")) is not None:
+        draft.run_with = parse_run_with(run_with)
 
 
 def missing(field: str, device: str) -> ConfigError:
@@ -139,3 +142,45 @@ def parse_socket(value: str, option: str) -> str:
             raise ConfigError(f"Invalid parameter '{flag}'")
     check_socket_path(path, "QMP socket path")
     return path
+
+
+MAX_ID = 0xFFFF_FFFE  # uid_t/gid_t; (uid_t)-1 means "unchanged" to the kernel
+
+
+def parse_run_with(text: str) -> RunWithConfig:
+    """``chroot=DIR[,user=UID:GID|NAME][,caps=CAP_X:CAP_Y]`` (QEMU's -run-with; caps is ours)."""
+    kv = parse_kv(text, "run-with", ("chroot", "user", "caps"))
+    if "chroot" not in kv and "user" not in kv:
+        raise ConfigError("-run-with needs chroot=DIR, user=UID:GID, or both.")
+    chroot = kv.get("chroot")
+    if chroot is not None:
+        check_path(chroot, "chroot directory")
+    uid = gid = None
+    if "user" in kv:
+        uid, gid = _parse_user(kv["user"])
+    caps: list[str] = []
+    if "caps" in kv:
+        for name in kv["caps"].split(":"):
+            number = capability_number(name)
+            if number is None:
+                raise ConfigError(f"Unknown capability '{name}' in -run-with caps (use names such as CAP_NET_ADMIN).")
+            canonical = name.upper() if name.upper().startswith("CAP_") else "CAP_" + name.upper()
+            if canonical not in caps:
+                caps.append(canonical)
+    return RunWithConfig(chroot=chroot, uid=uid, gid=gid, keep_caps=tuple(caps))
+
+
+def _parse_user(text: str) -> tuple[int, int]:
+    """``UID:GID`` (numbers) or a user name from the password database (its uid and primary gid)."""
+    if ":" in text:
+        uid_text, _, gid_text = text.partition(":")
+        uid, gid = parse_uint(uid_text, "user id"), parse_uint(gid_text, "group id")
+        if uid > MAX_ID or gid > MAX_ID:
+            raise ConfigError(f"The user and group ids in -run-with must be at most {MAX_ID}.")
+        return uid, gid
+    import pwd
+    try:
+        entry = pwd.getpwnam(text)
+    except (KeyError, ValueError):
+        raise ConfigError(f"Unknown user '{text}' in -run-with (give a name or UID:GID).") from None
+    return entry.pw_uid, entry.pw_gid

@@ -22,7 +22,7 @@ from ..machine.vmconfig import (
     DEFAULT_MEM_SIZE, MAX_DRIVES, MAX_GUEST_CID, MAX_ID_LEN, MAX_IOPS, MAX_IOTHREADS, MAX_MEM_SIZE, MAX_NETS,
     MAX_PATH_LEN, MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MAX_VCPUS, MIN_GUEST_CID, MIN_MEM_SIZE, MIN_RNG_BYTES_PER_SEC,
     BalloonConfig, BlockDeviceConfig, BootSource, ChardevConfig, ConsoleConfig, Dialect, IncomingConfig, IothreadConfig,
-    MachineConfig, NetDeviceConfig, RngConfig, SerialConfig, VmConfig, VsockConfig,
+    MachineConfig, NetDeviceConfig, RngConfig, RunWithConfig, SerialConfig, VmConfig, VsockConfig,
 )
 from ..memory.layout import CMDLINE_MAX
 from ..virtio.block_backend import DriveConfig
@@ -222,6 +222,7 @@ class Draft:
     dialect: Dialect = Dialect.V0
     uuid: str | None = None
     incoming: IncomingConfig | None = None
+    run_with: RunWithConfig | None = None
 
     # -- adding devices (ids are checked as they come, from either source) ---------------------
 
@@ -336,7 +337,7 @@ class Draft:
             chardevs=list(self.chardevs), consoles=list(self.consoles), vsock=self.vsock, serial=self.serial, iothreads=list(self.iothreads),
             balloon=self.balloon, rng=self.rng, qmp_socket=self.qmp_socket, freeze=self.freeze,
             daemonize=self.daemonize, pidfile=self.pidfile, log_file=self.log_file,
-            disable_seccomp=self.disable_seccomp,
+            disable_seccomp=self.disable_seccomp, run_with=self.run_with,
             extract_payload=True if self.extract_payload is None else self.extract_payload,
             dialect=self.dialect, uuid=self.uuid, incoming=self.incoming,
         )

@@ -31,6 +31,7 @@ from ..devices.serial import SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, Seri
 from ..kvm import Kvm
 from ..kvm.vcpu import install_kick_signal
 from ..memory import GuestMemory, layout
+from ..util import seccomp
 from ..virtio.balloon import VirtioBalloon
 from ..virtio.blk import VirtioBlk
 from ..virtio.block_backend import FileBackend
@@ -176,7 +177,8 @@ class MicroVm:
         exactly as QMP's blockdev-add/netdev_add followed by device_add would."""
         cfg = self.config
         self.mmio_devices = MmioDevices(self.vm, self.memory, self.mmio_bus,
-                                        iothreads=[t.id for t in cfg.iothreads])
+                                        iothreads=[t.id for t in cfg.iothreads],
+                                        on_thread_start=lambda: seccomp.install(seccomp.ThreadKind.IO))
         self.add_shutdown_hook(self._close_devices)
         drives = {d.id: d for d in cfg.drives}
         block_devices = []

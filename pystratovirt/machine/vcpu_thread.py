@@ -18,6 +18,7 @@ from ..devices.bus import Bus
 from ..kvm import exits
 from ..kvm.vcpu import Vcpu
 from ..memory import GuestMemory
+from ..util import seccomp
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class VcpuThread(threading.Thread):
         # StratoVirt's wording: Kata and hydropper find each vCPU's start by ":INFO: Vcpu<N>".
         log.info("Vcpu%d start running (thread id %d)", self.vcpu.index, self.host_thread_id)
         try:
+            seccomp.install(seccomp.ThreadKind.VCPU)  # before the first KVM_RUN
             self._loop()
         except Exception as exc:  # a VMM bug must end the VM cleanly, not leave a stuck thread
             log.exception("vCPU %d failed", self.vcpu.index)

@@ -189,6 +189,18 @@ class IncomingConfig:
 
 
 @dataclass(frozen=True)
+class RunWithConfig:
+    """``-run-with chroot=DIR,user=UID:GID[,caps=NAME:NAME]`` (QEMU's option; ``caps`` is ours):
+    once the VM is built and its files, /dev/kvm and sockets are open, the VMM chroots into
+    ``chroot``, becomes ``uid``/``gid`` and keeps only ``keep_caps`` (none by default)."""
+
+    chroot: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    keep_caps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """Everything needed to build and run one micro-VM.
 
@@ -221,6 +233,7 @@ class VmConfig:
     pidfile: str | None = None
     log_file: str | None = None
     disable_seccomp: bool = False
+    run_with: RunWithConfig | None = None
     extract_payload: bool = True
     dialect: Dialect = Dialect.V0
     uuid: str | None = None

@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import select
+import signal
 import threading
 import time
 from collections import deque
@@ -73,6 +74,7 @@ class EventLoop:
         self._running = False
         self._thread: threading.Thread | None = None  # set by start()
         self._closed = False
+        self._signal_pipe: tuple[int, int] | None = None  # see wake_on_signals
         self.thread_id: int | None = None
 
     # -- registration ---------------------------------------------------------------------------
@@ -115,6 +117,29 @@ class EventLoop:
         if first and not self.in_loop_thread():
             self._kick()  # the loop may be sleeping past this timer's deadline
         return timer
+
+    def wake_on_signals(self) -> None:
+        """Make every signal with a Python handler wake the loop (main thread only).
+
+        The kernel may deliver a process-directed signal such as SIGTERM to any thread (it
+        prefers the main thread, but not while that one is stopped or already has a signal
+        pending). Python runs the handler only on the main thread, and only once it returns to
+        Python code; with the loop asleep in epoll_wait that could be never. The C-level handler
+        writes the signal number to this wake-up pipe from whichever thread took the signal.
+        """
+        if self._signal_pipe is not None:
+            return
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # the handler writes one byte
+        self._signal_pipe = (read_fd, write_fd)
+
+        def drain(_mask: int) -> None:
+            try:
+                while os.read(read_fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        self.register(read_fd, EPOLLIN, drain)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
 
     def in_loop_thread(self) -> bool:
         return threading.get_ident() == self.thread_id
@@ -220,5 +245,10 @@ class EventLoop:
         """Release the loop's own descriptors (after it has stopped). Idempotent."""
         if not self._closed:
             self._closed = True
+            if self._signal_pipe is not None:
+                signal.set_wakeup_fd(-1)
+                for fd in self._signal_pipe:
+                    os.close(fd)
+                self._signal_pipe = None
             self._epoll.close()
             os.close(self._wake)

@@ -48,17 +48,20 @@ class _Stream:
 
 class VmProcess:
     def __init__(self, args: list[str], *, env: dict | None = None, cwd: str | None = None,
-                 prefix: list[str] | None = None, pass_fds: tuple[int, ...] = ()):
+                 prefix: list[str] | None = None, pass_fds: tuple[int, ...] = (),
+                 program: list[str] | None = None):
         full_env = dict(os.environ)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         if env:
             full_env.update(env)
         self.args = args
         self.started = time.monotonic()
-        # ``prefix`` runs the VMM under another command, e.g. ``ip netns exec NS``; ``pass_fds`` are
-        # inherited under the same numbers, as Kata passes tap and vhost descriptors.
-        self.proc = subprocess.Popen((prefix or []) + STRATOVIRT + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=full_env, cwd=cwd, pass_fds=pass_fds)
+        # ``prefix`` runs the VMM under another command, e.g. ``ip netns exec NS``; ``program``
+        # replaces the VMM command itself (e.g. ``ozone ... --``, which starts the VMM);
+        # ``pass_fds`` are inherited under the same numbers, as Kata passes tap and vhost descriptors.
+        self.proc = subprocess.Popen((prefix or []) + (program or STRATOVIRT) + args, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd,
+                                     pass_fds=pass_fds)
         self.out = _Stream(self.proc.stdout)
         self.err = _Stream(self.proc.stderr)
         self._pos = 0  # how far command() has consumed the serial output

@@ -1,0 +1,5 @@
+import sys
+
+from .jailer import main
+
+sys.exit(main())
