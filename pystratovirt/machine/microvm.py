@@ -88,7 +88,11 @@ def _check_consoles(cfg: VmConfig) -> None:
         if console.chardev in used:
             raise rq.MachineError(f"Chardev '{console.chardev}' is used by more than one console.")
         used.add(console.chardev)
-    stdio = [c.id for c in cfg.chardevs if c.id in used and c.backend == "stdio"]
+    for chardev in cfg.chardevs:
+        if chardev.id not in used:   # never accepted and ignored
+            raise rq.MachineError(f"Chardev '{chardev.id}' is not used: only a virtconsole can use a "
+                                  "chardev in this VMM.")
+    stdio = [c.id for c in cfg.chardevs if c.backend == "stdio"]
     if stdio and cfg.serial is not None and cfg.serial.stdio:
         raise rq.MachineError(f"Chardev '{stdio[0]}' and -serial both want stdio; only one can have it.")
     if len(stdio) > 1:

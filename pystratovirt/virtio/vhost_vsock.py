@@ -53,8 +53,8 @@ class VhostVsockError(PyStratoVirtError):
     """vhost-vsock cannot be used; the message is one sentence for the user."""
 
 
-def describe(st: os.stat_result) -> str:
-    """What kind of file ``st`` is, in words (for the refusal sentences)."""
+def describe(st: os.stat_result, fd: int | None = None) -> str:
+    """What kind of file ``st`` (of descriptor ``fd``) is, in words, for the refusal sentences."""
     mode = st.st_mode
     if stat.S_ISCHR(mode):
         major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
@@ -65,6 +65,11 @@ def describe(st: os.stat_result) -> str:
                        (stat.S_ISSOCK, "a socket"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISBLK, "a block device")):
         if test(mode):
             return name
+    if fd is not None:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}")   # e.g. anon_inode:[eventfd]
+        except OSError:
+            pass
     return "an unknown kind of file"
 
 
@@ -77,7 +82,7 @@ def check_vhost_vsock_fd(fd: int, what: str) -> int:
         if err.errno == errno.EBADF:
             raise VhostVsockError(f"{what} is not an open file descriptor.") from None
         raise VhostVsockError(f"{what} cannot be used: {err.strerror or err}.") from None
-    kind = describe(st)
+    kind = describe(st, fd)
     features = ctypes.c_uint64(0)
     try:
         fcntl.ioctl(fd, VHOST_GET_FEATURES, features)

@@ -46,18 +46,31 @@ class _Stream:
             return self.data.decode(errors="replace")
 
 
+def vmconfig_entry(config, path: str | Path) -> list[str]:
+    """The command that runs a hand-built VmConfig in a process of its own (pickled to ``path``;
+    see helpers/run_vmconfig.py), for :class:`VmProcess`'s ``entry``."""
+    import pickle
+    Path(path).write_bytes(pickle.dumps(config))
+    return [sys.executable, "-m", "helpers.run_vmconfig", str(path)]
+
+
 class VmProcess:
     def __init__(self, args: list[str], *, env: dict | None = None, cwd: str | None = None,
-                 prefix: list[str] | None = None):
+                 prefix: list[str] | None = None, entry: list[str] | None = None, pass_fds=()):
         full_env = dict(os.environ)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         if env:
             full_env.update(env)
         self.args = args
         self.started = time.monotonic()
-        # ``prefix`` runs the VMM under another command, e.g. ``ip netns exec NS``.
-        self.proc = subprocess.Popen((prefix or []) + STRATOVIRT + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=full_env, cwd=cwd)
+        # ``prefix`` runs the VMM under another command, e.g. ``ip netns exec NS``; ``entry``
+        # replaces the ``stratovirt`` command (e.g. :func:`vmconfig_entry`).
+        if entry is not None:   # helpers.run_vmconfig lives in tests/; the package in the cwd
+            tests_dir = str(Path(__file__).resolve().parent.parent)
+            full_env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), tests_dir, full_env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen((prefix or []) + (entry or STRATOVIRT) + args, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd,
+                                     pass_fds=pass_fds)
         self.out = _Stream(self.proc.stdout)
         self.err = _Stream(self.proc.stderr)
         self._pos = 0  # how far command() has consumed the serial output

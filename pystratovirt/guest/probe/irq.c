@@ -217,6 +217,27 @@ void delay_us(uint64_t us)
 	wait_us(us, 0);
 }
 
+uint64_t tsc_per_us(void)
+{
+	/* A delay can only come out too long (an exit or a host that runs another thread for a
+	 * while in the middle of it), never too short: the least of a few is the best estimate. */
+	static uint64_t rate;
+	if (!rate) {
+		uint64_t best = ~0ull;
+		for (int i = 0; i < 5; i++) {
+			uint64_t t0 = rdtsc();
+			delay_us(10000);
+			uint64_t dt = rdtsc() - t0;
+			if (dt < best)
+				best = dt;
+		}
+		rate = best / 10000;
+		if (!rate)
+			rate = 1;
+	}
+	return rate;
+}
+
 static const char *const exception_names[32] = {
 	"#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow",
 	"#BR bound range", "#UD invalid opcode", "#NM device not available", "#DF double fault",

@@ -136,6 +136,8 @@ void timer_start_idle_tick(void);
 void delay_us(uint64_t us);
 /* The same, ending early once done() returns nonzero; returns whether it did. */
 int wait_us(uint64_t us, int (*done)(void));
+/* TSC ticks per microsecond, measured once against the LAPIC timer (the guest's clock). */
+uint64_t tsc_per_us(void);
 
 /* -- SMP (smp.c) --------------------------------------------------------------------------- */
 extern volatile unsigned cpus_online;
