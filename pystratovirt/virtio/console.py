@@ -124,6 +124,10 @@ class VirtioConsole(VirtioDevice):
             self._closed = True
             self._rx_chains.clear()
         self.chardev.close()
+        s, c = self._stats, self.chardev.stats
+        log.info("%s: guest sent %d bytes (%d beyond a chain's limit), received %d; chardev %s took "
+                 "%d, dropped %d", self.name, s.tx_bytes, s.tx_dropped, s.rx_bytes, self.chardev.id,
+                 c.bytes_out, c.dropped)
 
     # -- guest notifications (I/O thread, lock held) ---------------------------------------------
     def process_queue(self, index: int) -> bool:
