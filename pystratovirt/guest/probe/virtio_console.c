@@ -254,7 +254,7 @@ const char *cmd_console(int argc, char **argv, const char *args)
 			chains++;
 		}
 		printf("console: flood bytes=%lu chains=%lu us=%lu\n", sent, chains,
-		       (rdtsc() - t0) / tsc_per_us());
+		       tsc_to_us(rdtsc() - t0));
 		return 0;
 	}
 	return CONSOLE_USAGE;

@@ -1,7 +1,7 @@
 /* virtio_rng.c: owns the probe's virtio-rng driver (virtio 1.x §5.4) and the `rng` command:
  * reading N random bytes and reporting what came (count, requests, CRC-32, how many distinct
  * byte values, the first bytes), and timing such a read by the guest's own clock (the TSC,
- * calibrated against the LAPIC timer) to see the device's rate limit from inside.
+ * scaled by kvmclock; see tsc_to_us) to see the device's rate limit from inside.
  *
  * Requests are synchronous, one at a time: one device-writable buffer of at most RNG_CHUNK
  * bytes from .bss per request. A device may fill less than the buffer (a rate limit's edge);
@@ -60,7 +60,7 @@ static const char *rng_read(struct virtio_dev *d, uint64_t n, struct rng_result 
 		}
 		res->bytes += len;
 	}
-	res->us = (rdtsc() - t0) / tsc_per_us();
+	res->us = tsc_to_us(rdtsc() - t0);
 	return 0;
 }
 
