@@ -19,8 +19,10 @@ turns -- and resumes from the timer. The budget belongs to the device, not to th
 driver reset does not refill it (otherwise a guest could reset its way past the limit).
 
 A source that would block (``/dev/random`` before the host's pool is ready, a FIFO) is watched
-on the I/O thread and serving resumes when it is readable; a regular file used as a source that
-reaches its end stops serving for good (logged once): recycling its bytes would not be random.
+on the I/O thread and serving resumes when it is readable; one whose read fails (a broken
+``/dev/hwrng``) is tried again every second; a source that reaches its end (a regular file, a
+FIFO whose writer left) stops serving for good (logged once): recycling bytes would not be
+random.
 
 Threading (see device.py): everything runs on the device's I/O thread -- the queue (``self.lock``
 held, from the transport), the period timer and the source watch (which take the lock). Only
@@ -51,6 +53,7 @@ QUEUE_SIZE = 256
 #: Bytes put into one chain at most, whatever its buffers claim.
 MAX_REQUEST = 64 * 1024
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+RETRY_AFTER_ERROR = 1.0   # seconds before a source that failed a read is tried again
 
 
 class RngError(PyStratoVirtError):
@@ -132,6 +135,7 @@ class VirtioRng(VirtioDevice):
         self._period_timer: Timer | None = None
         self._pending: deque[DescChain] = deque()   # popped, waiting for bytes
         self._source_watched = False
+        self._retry_timer: Timer | None = None
         self._exhausted = False
         self._stats = RngStats()
         self._logged: set[str] = set()
@@ -165,9 +169,10 @@ class VirtioRng(VirtioDevice):
     def close(self) -> None:
         """Close the source (the I/O thread is already stopped)."""
         with self.lock:
-            if self._period_timer is not None:
-                self._period_timer.cancel()
-                self._period_timer = None
+            for timer in (self._period_timer, self._retry_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._period_timer = self._retry_timer = None
             self._pending.clear()
             self._watch_source(False)
             self.source.close()
@@ -228,9 +233,11 @@ class VirtioRng(VirtioDevice):
             self._watch_source(True)
             return None
         except OSError as exc:
-            self._once("read-error", "%s: reading %s failed (%s); requests wait", self.name,
-                       self.source.path, exc.strerror or exc)
-            self._watch_source(True)
+            # A failing source (a broken /dev/hwrng) is tried again a second later, never in a
+            # loop: it would be "readable" to epoll at once.
+            self._once("read-error", "%s: reading %s failed (%s); requests wait, retried every "
+                       "second", self.name, self.source.path, exc.strerror or exc)
+            self._retry_later(RETRY_AFTER_ERROR)
             return None
         finally:
             for v in views:
@@ -266,8 +273,8 @@ class VirtioRng(VirtioDevice):
         if on:
             try:
                 io.register(self.source.fd, EPOLLIN, self._source_ready)
-            except PermissionError:   # a regular file is always readable: retry soon
-                io.call_later(self.period if self.max_bytes else 0.1, self._source_ready_retry)
+            except PermissionError:   # cannot be polled (a regular file never blocks anyway)
+                self._retry_later(RETRY_AFTER_ERROR)
                 return
         else:
             io.unregister(self.source.fd)
@@ -278,8 +285,13 @@ class VirtioRng(VirtioDevice):
             self._watch_source(False)
             self._resume()
 
-    def _source_ready_retry(self) -> None:
+    def _retry_later(self, delay: float) -> None:  # lock held
+        if self._retry_timer is None and self.io is not None:
+            self._retry_timer = self.io.call_later(delay, self._retry)
+
+    def _retry(self) -> None:
         with self.lock:
+            self._retry_timer = None
             self._resume()
 
     def _once(self, key: str, msg: str, *args) -> None:

@@ -193,3 +193,38 @@ def test_limits_that_are_not_limits(kw):
             VirtioRng(source, **kw)
     finally:
         source.close()
+
+
+class FlakySource(RngSource):
+    """/dev/urandom whose reads fail with EIO while ``broken`` (a failing /dev/hwrng)."""
+
+    def __init__(self):
+        super().__init__("/dev/urandom")
+        self.broken = True
+        self.attempts = 0
+
+    def readv(self, views):
+        self.attempts += 1
+        if self.broken:
+            raise OSError(5, "Input/output error")
+        return super().readv(views)
+
+
+def test_a_failing_source_is_retried_each_second_not_in_a_loop(mem, caplog):
+    source = FlakySource()
+    dev = VirtioRng(source)
+    t = VirtioMmio(dev, mem)
+    t.start()
+    try:
+        drv = VirtioDriver(t, mem, data_size=0x100_0000)
+        drv.initialize()
+        head, _ = request(drv, 32)
+        drv.notify(0)
+        with pytest.raises(DriverError):
+            drv.wait_used(0, 1, timeout=1.5)
+        assert 1 <= source.attempts <= 3, source.attempts
+        assert "retried every second" in caplog.text
+        source.broken = False
+        assert drv.wait_used(0, 1, timeout=3) == [(head, 32)]
+    finally:
+        t.close(timeout=5)
