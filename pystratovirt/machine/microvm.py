@@ -25,13 +25,13 @@ from ..boot.acpi import write_acpi_tables
 from ..cpu import CpuModel, Topology, configure_vcpu, pvm
 from ..devices.acpi_pm import AcpiPm
 from ..devices.bus import Bus
+from ..devices.chardev import open_chardev
 from ..devices.i8042 import I8042
 from ..devices.irq import IrqLine
 from ..devices.serial import SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, Serial
 from ..kvm import Kvm
 from ..kvm.vcpu import install_kick_signal
 from ..memory import GuestMemory, layout
-from ..devices.chardev import open_chardev
 from ..virtio.balloon import VirtioBalloon
 from ..virtio.blk import VirtioBlk
 from ..virtio.block_backend import FileBackend
