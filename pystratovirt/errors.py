@@ -18,6 +18,9 @@ The hierarchy (each module documents its own class)::
      +-- BackendError          virtio/block_backend.py  a disk image cannot be used
      +-- TapError              virtio/tap.py     a tap cannot be used
      +-- VhostNetError         virtio/vhost_net.py  vhost-net cannot be used
+     +-- VhostVsockError       virtio/vhost_vsock.py  vhost-vsock cannot be used
+     +-- RngError              virtio/rng.py     the random source or the rate limit is unusable
+     +-- ChardevError          devices/chardev.py  a chardev cannot be created
      +-- MachineError          machine/requests.py  a management request the machine refused
      +-- ConfigError           config/errors.py  the command line or JSON file is invalid
      +-- QmpError              qmp/schema.py     a QMP message the protocol layer refused

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import sys
 from concurrent.futures import Future
 from typing import Callable
@@ -25,6 +26,7 @@ from ..boot.acpi import write_acpi_tables
 from ..cpu import CpuModel, Topology, configure_vcpu, pvm
 from ..devices.acpi_pm import AcpiPm
 from ..devices.bus import Bus
+from ..devices.chardev import open_chardev
 from ..devices.i8042 import I8042
 from ..devices.irq import IrqLine
 from ..devices.serial import SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, Serial
@@ -35,11 +37,14 @@ from ..util import seccomp
 from ..virtio.balloon import VirtioBalloon
 from ..virtio.blk import VirtioBlk
 from ..virtio.block_backend import FileBackend
+from ..virtio.console import VirtioConsole
 from ..virtio.net import VirtioNet
+from ..virtio.rng import RngSource, VirtioRng
 from ..virtio.tap import Tap
+from ..virtio.vhost_vsock import open_vhost_vsock
 from . import requests as rq
 from .fds import Descriptors
-from .mmio_devices import BALLOON_WINDOW, MmioDevices, window_index
+from .mmio_devices import BALLOON_WINDOW, EXTRA_WINDOWS, MmioDevices, window_index
 from .slots import BLOCK_SLOTS, NET_SLOTS, ReplaceableSlots, SlotKind
 from .vcpu_thread import PauseGate, VcpuThread
 from .vmconfig import VmConfig
@@ -61,19 +66,44 @@ def _refuse_unsupported(cfg: VmConfig) -> None:
     sentence, never accepted and ignored."""
     if cfg.machine.mem_path:
         raise rq.MachineError("-mem-path (file-backed guest memory) is not supported yet.")
-    if cfg.machine.mem_share:
-        raise rq.MachineError("mem-share=on (guest RAM shared with other processes) is not supported yet.")
-    if cfg.consoles:
-        raise rq.MachineError("-chardev (a virtio console) is not supported yet.")
-    if cfg.vsock is not None:
-        raise rq.MachineError("-device vsock (vhost-vsock) is not supported yet.")
-    if cfg.rng is not None:
-        raise rq.MachineError("-rng (virtio-rng) is not supported yet.")
     if cfg.incoming is not None:
         raise rq.MachineError("-incoming (starting from a snapshot) is not supported yet.")
     for drive in cfg.drives:
         if drive.iops is not None:
             raise rq.MachineError(f"iops= on drive '{drive.id}' (I/O throttling) is not supported yet.")
+
+
+def _check_consoles(cfg: VmConfig) -> None:
+    """What this machine can build of the consoles and the devices after the fixed slots."""
+    chardevs = {c.id: c for c in cfg.chardevs}
+    used: set[str] = set()
+    for console in cfg.consoles:
+        if console.nr != 0:
+            raise rq.MachineError(f"Console '{console.id}' asks for port nr={console.nr}: only port 0 "
+                                  "is supported (one console per virtio-console device, no multiport).")
+        if console.chardev not in chardevs:
+            raise rq.MachineError(f"Console '{console.id}' names chardev '{console.chardev}', which "
+                                  "is not defined.")
+        if console.chardev in used:
+            raise rq.MachineError(f"Chardev '{console.chardev}' is used by more than one console.")
+        used.add(console.chardev)
+    for chardev in cfg.chardevs:
+        if chardev.id not in used:   # never accepted and ignored
+            raise rq.MachineError(f"Chardev '{chardev.id}' is not used: only a virtconsole can use a "
+                                  "chardev in this VMM.")
+    stdio = [c.id for c in cfg.chardevs if c.backend == "stdio"]
+    if stdio and cfg.serial is not None and cfg.serial.stdio:
+        raise rq.MachineError(f"Chardev '{stdio[0]}' and -serial both want stdio; only one can have it.")
+    if len(stdio) > 1:
+        raise rq.MachineError(f"Chardevs '{stdio[0]}' and '{stdio[1]}' both want stdio; only one can have it.")
+    if stdio and cfg.daemonize:
+        raise rq.MachineError(f"Chardev '{stdio[0]}' uses stdio, which a daemon does not have.")
+    extra = [what for what, present in (("a balloon", cfg.balloon is not None), ("an rng", cfg.rng is not None))
+             if present] + [f"console '{c.id}'" for c in cfg.consoles]
+    if len(extra) > EXTRA_WINDOWS:
+        raise rq.MachineError(f"Too many devices: besides the disk and net slots the micro-VM has room "
+                              f"for {EXTRA_WINDOWS} (its virtio-mmio IRQs are 5-15), but "
+                              f"{len(extra)} are configured ({', '.join(extra)}).")
 
 
 class MicroVm:
@@ -106,14 +136,28 @@ class MicroVm:
         self.mmio_devices: MmioDevices | None = None
         self.slots: ReplaceableSlots | None = None
         self.balloon: VirtioBalloon | None = None
+        self.rng: VirtioRng | None = None
+        self.consoles: list[VirtioConsole] = []
 
     # -- building -------------------------------------------------------------------------------
     def build(self) -> None:
+        """Build the VM; on failure, release what was created (sockets, files, threads) and
+        raise the error."""
+        try:
+            self._build()
+        except BaseException:
+            self.teardown()
+            raise
+
+    def _build(self) -> None:
         cfg = self.config
         mcfg = cfg.machine
         # StratoVirt's first line; hydropper measures start-up from it to the last "Vcpu" line.
         log.info("VmConfig is %r", cfg)
         _refuse_unsupported(cfg)
+        if cfg.vsock is not None:
+            self._refuse_vsock(cfg.vsock)
+        _check_consoles(cfg)
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(layout.TSS_ADDR)
@@ -121,7 +165,8 @@ class MicroVm:
         self.vm.create_irqchip()
         self.vm.create_pit2(speaker_dummy=True)
 
-        self.memory = GuestMemory(mcfg.mem_size)
+        # mem-share=on: RAM in a memfd mapped shared (what a vhost-user back end would map).
+        self.memory = GuestMemory.shared(mcfg.mem_size) if mcfg.mem_share else GuestMemory(mcfg.mem_size)
         if mcfg.mem_prealloc:
             self.memory.populate()
         if not mcfg.dump_guest_core:
@@ -200,6 +245,19 @@ class MicroVm:
                                          report_interval=BALLOON_EVENT_INTERVAL,
                                          on_actual_changed=self._balloon_changed)
             self.mmio_devices.add(BALLOON_WINDOW, self.balloon)
+        if cfg.rng is not None:
+            source = RngSource(cfg.rng.random_file)
+            try:
+                self.rng = VirtioRng(source, max_bytes=cfg.rng.max_bytes, period_ms=cfg.rng.period_ms)
+            except BaseException:
+                source.close()
+                raise
+            self.mmio_devices.add_next(self.rng)
+        chardevs = {c.id: c for c in cfg.chardevs}
+        for index, console in enumerate(cfg.consoles):
+            device = VirtioConsole(open_chardev(chardevs[console.chardev]), name=f"console{index}")
+            self.mmio_devices.add_next(device)
+            self.consoles.append(device)
         self.slots = ReplaceableSlots(block_devices, net_devices)
         for drive in cfg.drives:
             self._blockdev_add(rq.BlockdevAdd(drive))
@@ -212,9 +270,22 @@ class MicroVm:
         for slot, nic in enumerate(cfg.net_devices):
             self._device_add(rq.DeviceAdd(nic.id, "virtio-net-mmio", addr=slot, netdev=nic.netdev)).result(0)
 
+    def _refuse_vsock(self, vsock) -> None:
+        """Check Kata's vhost-vsock descriptor (or /dev/vhost-vsock) for real, then refuse: the
+        device is not implemented (see virtio/vhost_vsock.py). A passed descriptor is taken
+        from the store like any other, and closed since nothing will use it."""
+        fd = self.fds.take(str(vsock.vhost_fd)) if vsock.vhost_fd is not None else None
+        try:
+            open_vhost_vsock(vsock.guest_cid, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
     def _close_devices(self) -> None:
-        self.mmio_devices.close()
-        self.slots.close()
+        if self.mmio_devices is not None:
+            self.mmio_devices.close()
+        if self.slots is not None:
+            self.slots.close()
 
     # -- running --------------------------------------------------------------------------------
     def start(self) -> None:

@@ -2,9 +2,12 @@
 lifetime.
 
 Layout (StratoVirt's): window ``i`` is at 0xF0100000 + i * 0x200 with IRQ 5 + i. The block slots
-come first, then the net slots, then the balloon (:func:`window_index`; the slot counts are
-:mod:`.slots`'), whether or not a slot is filled, so a guest always finds a device at the same
-address. The guest learns about them two ways: one ``virtio_mmio.device=512@0x...:IRQ`` kernel
+come first, then the net slots (:func:`window_index`; the slot counts are :mod:`.slots`'), whether
+or not a slot is filled, so a guest always finds a disk or NIC at the same address. The devices
+a configuration may or may not have follow in the windows after them (:meth:`MmioDevices.add_next`):
+the balloon first (so it is always at :data:`BALLOON_WINDOW` when there is one), then the rng,
+then the consoles. IRQs 5-15 make :data:`WINDOW_COUNT` windows, so :data:`EXTRA_WINDOWS` of those
+devices fit (StratoVirt's limit too: ``IRQ number exhausted``). The guest learns about them two ways: one ``virtio_mmio.device=512@0x...:IRQ`` kernel
 parameter per window (StratoVirt's way, for kernels built with VIRTIO_MMIO_CMDLINE_DEVICES) and
 one ACPI device (``LNRO0005``) per window in the DSDT.
 
@@ -20,7 +23,7 @@ from typing import Callable
 
 from ..devices.bus import Bus
 from ..memory import GuestMemory
-from ..memory.layout import VIRTIO_MMIO_SIZE
+from ..memory.layout import VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE
 from ..util.eventloop import EventLoop
 from ..virtio.device import VirtioDevice
 from ..virtio.mmio import VirtioMmio, cmdline_entry, slot_resources
@@ -28,7 +31,10 @@ from .slots import BLOCK_SLOTS, NET_SLOTS, SlotKind
 
 log = logging.getLogger(__name__)
 
-BALLOON_WINDOW = BLOCK_SLOTS + NET_SLOTS
+FIRST_EXTRA_WINDOW = BLOCK_SLOTS + NET_SLOTS
+BALLOON_WINDOW = FIRST_EXTRA_WINDOW
+WINDOW_COUNT = VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1
+EXTRA_WINDOWS = WINDOW_COUNT - FIRST_EXTRA_WINDOW
 
 
 def window_index(kind: SlotKind, slot: int) -> int:
@@ -71,6 +77,14 @@ class MmioDevices:
         self.windows.append(window)
         self.windows.sort(key=lambda w: w.index)
         return window
+
+    def add_next(self, device: VirtioDevice, iothread: str | None = None) -> MmioWindow:
+        """Put ``device`` in the first free window after the replaceable slots."""
+        used = {w.index for w in self.windows}
+        for index in range(FIRST_EXTRA_WINDOW, WINDOW_COUNT):
+            if index not in used:
+                return self.add(index, device, iothread)
+        raise ValueError(f"no virtio-mmio window is left for {device.name}")
 
     def cmdline(self) -> str:
         return " ".join(cmdline_entry(w.base, w.irq) for w in self.windows)

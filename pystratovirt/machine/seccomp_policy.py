@@ -87,6 +87,12 @@ _IO = [
     # A tap that fails is checked for detachment (TUNGETIFF) before the NIC gives it up; a tap
     # hot-plugged into an active NIC gets the offloads its driver accepted (the swap runs here).
     *allow_ioctls(tap.TUNGETIFF, tap.TUNSETOFFLOAD),
+    # virtio-rng: the random source is read with read (above). virtio-console: a socket chardev
+    # accepts its one client here, makes it non-blocking (FIONBIO) and moves the bytes with
+    # recv/send (recvfrom/sendto); the accepted socket's object asks for its address; pty, stdio
+    # and file chardevs use read/write (above).
+    *allow("accept4", "getsockname", "recvfrom", "sendto"),
+    *allow_ioctls(termios.FIONBIO),
     # A backend swap (device_add/device_del) closes the old disk image or tap on this thread,
     # after its last request (close is allowed above, with the interpreter's calls).
     # The balloon returns pages with madvise(MADV_DONTNEED) (allowed above).

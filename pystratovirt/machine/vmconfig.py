@@ -12,7 +12,9 @@ Disks and NICs come in two parts, as in StratoVirt 2.x and QEMU: a *backend* (th
 ``netdev_add`` carry) and a *device* that puts a backend into the next replaceable slot
 (:class:`BlockDeviceConfig`, :class:`NetDeviceConfig`, what QMP's ``device_add`` does). The early
 command line's ``-drive``/``-netdev`` give both at once; the machine builds every boot disk and NIC
-exactly as a ``blockdev-add``/``netdev_add`` followed by a ``device_add``.
+exactly as a ``blockdev-add``/``netdev_add`` followed by a ``device_add``. Consoles are the same
+pair: a chardev (:class:`~pystratovirt.devices.chardev.ChardevConfig`, opened next to its
+backends) and a :class:`ConsoleConfig` port on it.
 
 Nothing here imports from above :mod:`pystratovirt.virtio` (whose backend specs these are), so
 the machine, the devices and the tests can build a ``VmConfig`` by hand without the parsers.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ..devices.chardev import ChardevConfig
 from ..memory.layout import MEM_SIZE_MAX, MEM_SIZE_MIN, MiB
 from ..virtio.block_backend import DriveConfig
 from ..virtio.tap import NetdevConfig
@@ -113,17 +116,6 @@ class NetDeviceConfig:
     netdev: str
     mac: str | None = None
     iothread: str | None = None
-
-
-@dataclass(frozen=True)
-class ChardevConfig:
-    """A host character device (``-chardev``): where a virtio console's bytes go. ``backend``:
-    "socket" (a UNIX socket at ``path`` the VMM listens on), "pty" (a new pseudo-terminal),
-    "stdio" (the VMM's own stdin/stdout) or "file" (output appended to ``path``)."""
-
-    id: str
-    backend: str = "socket"
-    path: str | None = None
 
 
 @dataclass(frozen=True)

@@ -286,5 +286,12 @@ class VirtioDevice:
             io.call_soon_threadsafe(run)
         return future
 
+    def attach_io(self, io: EventLoop) -> None:
+        """The transport gives the device its I/O thread (before that thread runs). A device
+        with descriptors that must be watched from the start, whatever the driver does (a
+        console's chardev: its socket accepts clients before the guest's driver is up),
+        extends this to register them on ``io``."""
+        self.io = io
+
     def close(self) -> None:
         """Release host resources (the I/O thread is already stopped)."""

@@ -134,7 +134,7 @@ class VirtioMmio:
             q.reset()
         self._own_io = io is None
         self.io = EventLoop(f"virtio-{self.name}") if io is None else io
-        device.io = self.io
+        device.attach_io(self.io)
         self._notify_fds = [os.eventfd(0, EFD_FLAGS) for _ in self._queues]
         for index, fd in enumerate(self._notify_fds):
             self.io.register(fd, EPOLLIN, lambda _mask, fd=fd, index=index: self._on_notify(fd, index))

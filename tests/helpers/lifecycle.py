@@ -1,6 +1,7 @@
 """One whole life cycle of a probe-guest VM, driven as a user and a management client would:
-boot with a disk, a NIC and a balloon; guest disk and network I/O; disk and NIC hot-plug and
-unplug over QMP; balloon inflate, statistics and deflate; stop/cont; then ``quit`` or SIGTERM.
+boot with a disk, a NIC, a balloon, an rng and a console on a socket; guest disk and network
+I/O, random bytes, console lines both ways; disk and NIC hot-plug and unplug over QMP; balloon
+inflate, statistics and deflate; stop/cont; then ``quit`` or SIGTERM.
 
 Shared by the seccomp integration test (which proves the filters allow all of it) and by
 ``bench/syscalls.py`` (which traces it to measure what each thread kind calls). Every step
@@ -75,6 +76,7 @@ class Lifecycle:
         self.extra = extra_args or []
         self.env = env
         self.sock = self.dir / "qmp.sock"
+        self.console = self.dir / "console.sock"
         self.root = self.dir / "root.img"
         self.extra_disk = self.dir / "extra.img"
         self.vm: VmProcess | None = None
@@ -89,7 +91,8 @@ class Lifecycle:
                 "-smp", "2", "-api-channel", f"unix:{self.sock}",
                 "-drive", f"file={self.root},id=rootfs,direct=off",
                 "-netdev", f"id=net0,netdev=tap0,mac={GUEST_MAC}",
-                "-balloon", "deflate-on-oom=true", *self.extra]
+                "-balloon", "deflate-on-oom=true", "-rng", "random_file=/dev/urandom,bytes_per_sec=65536",
+                "-chardev", f"id=console0,path={self.console}", *self.extra]
         self.vm = VmProcess(args, prefix=["ip", "netns", "exec", self.ns.name] + self.prefix, env=self.env)
         self.vm.wait_for(r"(?m)^ready\r?$", timeout)
         wait_for_path(self.sock, timeout)
@@ -117,6 +120,23 @@ class Lifecycle:
             assert f"crc32=0x{zlib.crc32(frame):08x}" in vm.command("net 0 recv 5000", timeout)[0]
         finally:
             peer.close()
+
+        # Random bytes (rate-limited), and a console line each way over the socket chardev.
+        assert "bytes=1024" in " ".join(vm.command("rng read 1024", timeout))
+        console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        console.settimeout(timeout)
+        try:
+            console.connect(str(self.console))
+            time.sleep(0.2)  # accepted on the console's I/O thread
+            vm.command("console write lifecycle says hello", timeout)
+            got = b""
+            while b"\n" not in got:
+                got += console.recv(4096)
+            assert got == b"lifecycle says hello\n"
+            console.sendall(b"host says hello\r\n")
+            assert "console: line 15 bytes: host says hello" in vm.command("console read 5000", timeout)
+        finally:
+            console.close()
 
         # Disk hot-plug into slot 1, guest I/O on it, unplug.
         extra = self.extra_disk.read_bytes()

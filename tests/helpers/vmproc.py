@@ -46,6 +46,14 @@ class _Stream:
             return self.data.decode(errors="replace")
 
 
+def vmconfig_entry(config, path: str | Path) -> list[str]:
+    """The command that runs a hand-built VmConfig in a process of its own (pickled to ``path``;
+    see helpers/run_vmconfig.py), for :class:`VmProcess`'s ``entry``."""
+    import pickle
+    Path(path).write_bytes(pickle.dumps(config))
+    return [sys.executable, "-m", "helpers.run_vmconfig", str(path)]
+
+
 class VmProcess:
     def __init__(self, args: list[str], *, env: dict | None = None, cwd: str | None = None,
                  prefix: list[str] | None = None, pass_fds: tuple[int, ...] = (),
@@ -57,8 +65,12 @@ class VmProcess:
         self.args = args
         self.started = time.monotonic()
         # ``prefix`` runs the VMM under another command, e.g. ``ip netns exec NS``; ``program``
-        # replaces the VMM command itself (e.g. ``ozone ... --``, which starts the VMM);
-        # ``pass_fds`` are inherited under the same numbers, as Kata passes tap and vhost descriptors.
+        # replaces the VMM command itself (``ozone ... --``, which starts the VMM, or
+        # :func:`vmconfig_entry`, which lives in tests/); ``pass_fds`` are inherited under the
+        # same numbers, as Kata passes tap and vhost descriptors.
+        if program is not None:  # test helpers it may run live in tests/; the package in the cwd
+            tests_dir = str(Path(__file__).resolve().parent.parent)
+            full_env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), tests_dir, full_env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen((prefix or []) + (program or STRATOVIRT) + args, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd,
                                      pass_fds=pass_fds)

@@ -37,9 +37,11 @@ def test_whole_life_cycle_with_seccomp_on(probe_elf, ns, tmp_path):
     try:
         life.boot()
         threads = thread_status(life.vmm_pid())
-        # Two vCPUs, the I/O threads of the six disks, the two NICs (queues and tap) and the balloon.
-        assert {"vcpu", "virtio-blk", "virtio-net", "virtio-balloon"} <= kinds(threads), threads
-        assert len(threads) == 1 + 2 + 6 + 2 + 1, threads  # a NIC and its tap share one I/O thread
+        # Two vCPUs, the I/O threads of the six disks, the two NICs (queues and tap), the balloon,
+        # the rng and the console (queues and chardev).
+        assert {"vcpu", "virtio-blk", "virtio-net", "virtio-balloon", "virtio-rng",
+                "virtio-console"} <= kinds(threads), threads
+        assert len(threads) == 1 + 2 + 6 + 2 + 1 + 1 + 1, threads  # a NIC and its tap share one
         assert all(t == {"Seccomp": "2", "NoNewPrivs": "1"} for t in threads.values()), threads
         life.exercise()
         assert life.quit() == 0
@@ -65,7 +67,7 @@ def test_disable_seccomp_runs_without_filters(probe_elf, ns, tmp_path):
     try:
         life.boot()
         threads = thread_status(life.vmm_pid())
-        assert len(threads) == 12 and {"vcpu", "virtio-blk"} <= kinds(threads), threads
+        assert len(threads) == 14 and {"vcpu", "virtio-blk"} <= kinds(threads), threads
         assert all(t["Seccomp"] == "0" for t in threads.values()), threads
         assert life.quit() == 0
     finally:

@@ -63,6 +63,8 @@ static const struct command commands[] = {
 	{"blk", "<n> info|read <sector> <count>|write <sector> <count> <hexbyte|pattern> [force]|flush|discard <sector> <count>|zeroes <sector> <count> [unmap]|wait-config <timeout_ms>", "virtio-blk n (0-based among blk devices); pattern: byte i of sector s = (s*7 + i) & 0xff", cmd_blk},
 	{"net", "<n> info|send <dst-mac> <ethertype-hex> <len> <fill-hexbyte>|recv <timeout_ms>|drain", "virtio-net n (0-based among net devices); len is the whole frame without FCS", cmd_net},
 	{"balloon", "info|run <timeout_ms>|stats <timeout_ms>", "virtio-balloon: show num_pages/actual; inflate or deflate toward num_pages until the timeout; answer a statistics request", cmd_balloon},
+	{"rng", "info|read <bytes>|rate <bytes>", "virtio-rng: read random bytes and report count, crc32, distinct values; or time the read by the guest's clock", cmd_rng},
+	{"console", "info|write <text>|read <timeout_ms>|recv <bytes> <timeout_ms>|flood <bytes>", "virtio-console port 0: write a line to the host; read a line or a byte count the host sent; write many bytes", cmd_console},
 };
 
 #define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))

@@ -217,6 +217,84 @@ void delay_us(uint64_t us)
 	wait_us(us, 0);
 }
 
+/* kvmclock (KVM's paravirtual clock, what Linux guests use): KVM publishes the exact TSC to
+ * nanoseconds scale in this structure once MSR_KVM_SYSTEM_TIME_NEW names it. */
+#define MSR_KVM_SYSTEM_TIME_NEW 0x4b564d01
+#define KVM_CPUID_SIGNATURE 0x40000000
+#define KVM_CPUID_FEATURES 0x40000001
+#define KVM_FEATURE_CLOCKSOURCE2 3
+
+struct pvclock_time_info {
+	volatile uint32_t version;
+	uint32_t pad0;
+	volatile uint64_t tsc_timestamp;
+	volatile uint64_t system_time;
+	volatile uint32_t tsc_to_system_mul;
+	volatile int8_t tsc_shift;
+	volatile uint8_t flags;
+	uint8_t pad[2];
+} __attribute__((packed));
+
+static struct pvclock_time_info pvclock __attribute__((aligned(64)));
+static int pvclock_state; /* 0 unknown, 1 on, -1 not offered */
+
+static int pvclock_on(void)
+{
+	if (!pvclock_state) {
+		uint32_t a, b, c, d;
+		cpuid(KVM_CPUID_SIGNATURE, &a, &b, &c, &d);
+		int kvm = b == 0x4b4d564b && c == 0x564b4d56 && d == 0x4d; /* "KVMKVMKVM\0\0\0" */
+		pvclock_state = -1;
+		if (kvm && a >= KVM_CPUID_FEATURES) {
+			cpuid(KVM_CPUID_FEATURES, &a, &b, &c, &d);
+			if (a & (1u << KVM_FEATURE_CLOCKSOURCE2)) {
+				wrmsr(MSR_KVM_SYSTEM_TIME_NEW, (uint64_t)&pvclock | 1);
+				pvclock_state = 1;
+			}
+		}
+	}
+	return pvclock_state > 0 && pvclock.tsc_to_system_mul;
+}
+
+uint64_t tsc_to_us(uint64_t delta)
+{
+	if (pvclock_on()) {
+		uint32_t v, mul;
+		int8_t shift;
+		do {
+			v = pvclock.version;
+			__asm__ volatile("" : : : "memory");
+			mul = pvclock.tsc_to_system_mul;
+			shift = pvclock.tsc_shift;
+			__asm__ volatile("" : : : "memory");
+		} while ((v & 1) || v != pvclock.version);
+		uint64_t d = shift >= 0 ? delta << shift : delta >> -shift;
+		return (uint64_t)(((unsigned __int128)d * mul) >> 32) / 1000;
+	}
+	return delta / tsc_per_us();
+}
+
+uint64_t tsc_per_us(void)
+{
+	/* A delay can only come out too long (an exit or a host that runs another thread for a
+	 * while in the middle of it), never too short: the least of a few is the best estimate. */
+	static uint64_t rate;
+	if (!rate) {
+		uint64_t best = ~0ull;
+		for (int i = 0; i < 5; i++) {
+			uint64_t t0 = rdtsc();
+			delay_us(10000);
+			uint64_t dt = rdtsc() - t0;
+			if (dt < best)
+				best = dt;
+		}
+		rate = best / 10000;
+		if (!rate)
+			rate = 1;
+	}
+	return rate;
+}
+
 static const char *const exception_names[32] = {
 	"#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow",
 	"#BR bound range", "#UD invalid opcode", "#NM device not available", "#DF double fault",

@@ -136,6 +136,11 @@ void timer_start_idle_tick(void);
 void delay_us(uint64_t us);
 /* The same, ending early once done() returns nonzero; returns whether it did. */
 int wait_us(uint64_t us, int (*done)(void));
+/* TSC ticks per microsecond, measured once against the LAPIC timer (for deadlines). */
+uint64_t tsc_per_us(void);
+/* A TSC interval in microseconds by the guest's clock: KVM's kvmclock scale when the host
+ * offers it (exact), else tsc_per_us(). For measurements the tests compare with the host's. */
+uint64_t tsc_to_us(uint64_t delta);
 
 /* -- SMP (smp.c) --------------------------------------------------------------------------- */
 extern volatile unsigned cpus_online;

@@ -26,7 +26,7 @@ static const char PROBLEM_VERSION[] = "bad version";
 /* The rings: one 1 KiB slot per queue, from a page-aligned area of .bss (so below 4 GiB and
  * inside the probe's own image). With VIRTQ_SIZE 16 a slot holds the descriptor table (256 B,
  * 16-aligned) at 0, the driver area (38 B, 2-aligned) at 256 and the device area (134 B,
- * 4-aligned) at 512. 12 queues cover 6 blk + 2 net + a balloon. */
+ * 4-aligned) at 512. 16 queues cover 6 blk + 2 net + a balloon + an rng + a console. */
 #define RING_SLOT 1024
 #define RING_SLOTS 24
 #define RING_AVAIL_OFF 256
@@ -45,6 +45,8 @@ static const struct virtio_driver *const drivers[] = {
 	&virtio_blk_driver,
 	&virtio_net_driver,
 	&virtio_balloon_driver,
+	&virtio_rng_driver,
+	&virtio_console_driver,
 };
 
 /* The handler's names for the irqs command, one per distinct irq line. */

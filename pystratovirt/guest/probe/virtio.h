@@ -1,6 +1,6 @@
 /* virtio.h: owns the probe's virtio-mmio interface: the register map (virtio 1.x §4.2.2), the
  * status and feature bits, split virtqueues (§2.7), the per-slot device state shared by the
- * common layer (virtio.c) and the blk, net and balloon drivers, and the drivers' command
+ * common layer (virtio.c) and the blk, net, balloon, rng and console drivers, and the drivers' command
  * handlers that commands.c puts in its table. */
 #ifndef VIRTIO_H
 #define VIRTIO_H
@@ -62,6 +62,8 @@
 /* Device ids (§5). */
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_CONSOLE 3
+#define VIRTIO_ID_RNG 4
 #define VIRTIO_ID_BALLOON 5
 
 /* -- split virtqueues (§2.7) --------------------------------------------------------------- */
@@ -211,15 +213,19 @@ void virtio_print_features(const char *label, uint64_t features,
 			   const char *(*name_of)(unsigned bit));
 const char *virtio_common_feature_name(unsigned bit);
 
-/* The drivers (virtio_blk.c, virtio_net.c, virtio_balloon.c). */
+/* The drivers (virtio_blk.c, virtio_net.c, virtio_balloon.c, virtio_rng.c, virtio_console.c). */
 extern const struct virtio_driver virtio_blk_driver;
 extern const struct virtio_driver virtio_net_driver;
 extern const struct virtio_driver virtio_balloon_driver;
+extern const struct virtio_driver virtio_rng_driver;
+extern const struct virtio_driver virtio_console_driver;
 
 /* Command handlers (command_fn, see probe.h). */
 const char *cmd_virtio(int argc, char **argv, const char *args);
 const char *cmd_blk(int argc, char **argv, const char *args);
 const char *cmd_net(int argc, char **argv, const char *args);
 const char *cmd_balloon(int argc, char **argv, const char *args);
+const char *cmd_rng(int argc, char **argv, const char *args);
+const char *cmd_console(int argc, char **argv, const char *args);
 
 #endif

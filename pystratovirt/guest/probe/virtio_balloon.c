@@ -331,20 +331,6 @@ static int deflate(struct virtio_dev *d, uint64_t want, const char **err)
 	return *err ? -1 : (int)n;
 }
 
-/* TSC ticks per microsecond, measured once against the LAPIC timer delay_us() uses. */
-static uint64_t tsc_per_us(void)
-{
-	static uint64_t rate;
-	if (!rate) {
-		uint64_t t0 = rdtsc();
-		delay_us(10000);
-		rate = (rdtsc() - t0) / 10000;
-		if (!rate)
-			rate = 1;
-	}
-	return rate;
-}
-
 static const char *balloon_run(struct virtio_dev *d, uint64_t ms)
 {
 	uint64_t end = rdtsc() + ms * 1000 * tsc_per_us();
