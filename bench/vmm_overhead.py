@@ -164,9 +164,17 @@ class Vmm:
 
 
 class Pystratovirt(Vmm):
-    def __init__(self) -> None:
+    def __init__(self, pycache: Path | None) -> None:
+        """``pycache``: where the child keeps its .pyc files (as an installed package has them);
+        None compiles every module from source at every start (PYTHONDONTWRITEBYTECODE)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        if pycache is None:
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
+            env.pop("PYTHONPYCACHEPREFIX", None)
+        else:
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = str(pycache)
         super().__init__(PSTV, env)
 
     def frozen_argv(self, kernel, cmdline, mem_mib, sock):
@@ -352,8 +360,9 @@ def booted_run(vmm: Vmm, guests: Guests, args, workdir: Path, notes: dict) -> di
                     break
                 time.sleep(0.25)
             lines = [ln for ln in bytes(run.console).decode(errors="replace").splitlines() if ln.strip()]
-            if lines:
-                state += f"; last console line: {lines[-1].strip()[:70]!r}"
+            if lines:   # without the printk timestamp, so the runs' notes merge
+                last = re.sub(r"^\[\s*[0-9.]+\]\s*", "", lines[-1].strip())
+                state += f"; last console line: {last[:70]!r}"
         notes.setdefault(vmm.name, set()).add(state)
         rss = vm_rss(run.proc.pid)
         guest = guest_ram_rss(run.proc.pid, args.mem_mib * MiB)
@@ -463,28 +472,31 @@ def main() -> int:
     ap.add_argument("--no-booted", action="store_true", help="skip the booted-guest overhead rows")
     ap.add_argument("--boot-timeout", type=float, default=90.0, help="seconds a booted guest gets (default 90)")
     ap.add_argument("--no-qemu", action="store_true", help="pystratovirt rows only")
+    ap.add_argument("--no-bytecode", action="store_true",
+                    help="pystratovirt compiles its modules at every start (no .pyc files); by default "
+                    "the warm-up start writes them to a private PYTHONPYCACHEPREFIX")
     ap.add_argument("--png", help="write a chart to this PNG (needs matplotlib)")
     args = ap.parse_args()
     if args.runs < 1 or args.rtt < 1 or args.pipelined < 1 or args.mem_mib < 128:
         ap.error("--runs, --rtt and --pipelined must be positive and --mem-mib at least 128")
 
     notes: list[str] = []
-    vmms: list[Vmm] = [Pystratovirt()]
+    workdir = Path(tempfile.mkdtemp(prefix="vmmbench-"))
+    vmms: list[Vmm] = [Pystratovirt(None if args.no_bytecode else workdir / "pycache")]
     qemu_bin = None if args.no_qemu else shutil.which(QEMU)
     if qemu_bin:
         vmms.append(Qemu(qemu_bin))
         version = subprocess.run([qemu_bin, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     elif not args.no_qemu:
         notes.append(f"QEMU rows skipped: {QEMU} is not installed (apt-get install qemu-system-x86).")
-    guests = find_guests()
     names = [v.name for v in vmms]
     results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     booted_notes: dict[str, set] = {}
 
-    workdir = Path(tempfile.mkdtemp(prefix="vmmbench-"))
     # A stray VMM would keep cores busy for the other benchmarks: SIGTERM ends the run cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
+        guests = find_guests()
         for vmm in vmms:
             frozen_run(vmm, guests, args, workdir)     # warm-up: page cache, .pyc files, payload cache
         for i in range(args.runs):
@@ -506,7 +518,8 @@ def main() -> int:
 
     print(f"\nVMM overhead, {args.runs} interleaved runs, {time.strftime('%Y-%m-%d %H:%M')}, "
           f"Python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
-    print(f"kernel {guests.bzimage}, {args.mem_mib} MiB, started with -S, QMP on a unix socket")
+    print(f"kernel {guests.bzimage}, {args.mem_mib} MiB, started with -S, QMP on a unix socket; "
+          f"pystratovirt {'compiling from source at each start' if args.no_bytecode else 'with .pyc files'}")
     if qemu_bin:
         print(f"QEMU: {version}: {' '.join(QEMU_MACHINE)}")
     print()
