@@ -16,11 +16,13 @@ and are started frozen (``-S``). QEMU 7.2 runs as ``-M microvm -enable-kvm -cpu 
 
 Then "VMM overhead with a booted guest": RSS minus the guest RAM mapping's resident pages, with a
 guest that has run. pystratovirt boots the probe guest (``-smp 1``) to its ``ready`` line. QEMU
-cannot run the probe guest (an ELF without a PVH note) and, on a host whose KVM emulates guest
-ring 0 (PVM), cannot boot Linux either: it runs the lean kernel (with the same guest command line
-pystratovirt would give it there) until KVM stops it with an internal error at the first
-instruction the emulator lacks (``int3`` in the kernel's alternatives patching, ~6 s of guest
-time) or until ``Run /init`` on a host where it can; the table's note says which state it reached.
+cannot load the probe guest ("Error loading uncompressed kernel without PVH ELF Note") and, on a
+host whose KVM emulates guest ring 0 (PVM), cannot boot Linux either: it runs the lean kernel
+(with the same guest command line pystratovirt would give it there) until KVM stops it with an
+internal error at the first instruction the emulator lacks (the kernel's first ``int3``, ~6 s
+into its boot; pystratovirt finishes those itself), or until ``Run /init`` on a host where it can;
+the table's note says which state it reached. The two guests differ, so only the overhead
+(RSS minus guest pages) gets a ratio.
 
 Runs are interleaved (A, B, A, B, ...) after one untimed warm-up start of each, and every figure is
 reported as min / median / max with the ratio of the medians (pystratovirt / QEMU). QEMU rows are
@@ -164,10 +166,13 @@ class Vmm:
 
 
 class Pystratovirt(Vmm):
-    def __init__(self, pycache: Path | None) -> None:
+    def __init__(self, pycache: Path | None, payload_cache: Path | None, name: str = PSTV) -> None:
         """``pycache``: where the child keeps its .pyc files (as an installed package has them);
-        None compiles every module from source at every start (PYTHONDONTWRITEBYTECODE)."""
+        None compiles every module from source at every start (PYTHONDONTWRITEBYTECODE).
+        ``payload_cache``: the extracted-payload cache directory, private to this run (the warm-up
+        start fills it); None turns the cache off."""
         env = dict(os.environ)
+        env["PYSTRATOVIRT_PAYLOAD_CACHE"] = str(payload_cache) if payload_cache else "off"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         if pycache is None:
             env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -175,7 +180,7 @@ class Pystratovirt(Vmm):
         else:
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(pycache)
-        super().__init__(PSTV, env)
+        super().__init__(name, env)
 
     def frozen_argv(self, kernel, cmdline, mem_mib, sock):
         return [sys.executable, "-m", "pystratovirt", "-kernel", kernel, "-append", cmdline,
@@ -419,14 +424,19 @@ def ratio_text(a: list[float], b: list[float], higher_better: bool) -> str:
 
 
 def table(results: dict[str, dict[str, list[float]]], vmms: list[str]) -> list[str]:
-    cols = ["figure", "unit"] + [f"{v} median (min-max)" for v in vmms] + (["ratio"] if len(vmms) == 2 else [])
+    ours = [v for v in vmms if v != QEMU_NAME]
+    qemu = QEMU_NAME in vmms
+    cols = ["figure", "unit"] + [f"{v} median (min-max)" for v in vmms]
+    if qemu:
+        cols += ["ratio" if len(ours) == 1 else f"ratio, {v}" for v in ours]
     rows = []
     for key, label, unit, higher in FIGURES:
         if not all(results[v].get(key) for v in vmms):
             continue
         row = [label, unit] + [spread(results[v][key], unit) for v in vmms]
-        if len(vmms) == 2:
-            row.append("-" if key in NO_RATIO else ratio_text(results[vmms[0]][key], results[vmms[1]][key], higher))
+        if qemu:
+            row += ["-" if key in NO_RATIO else ratio_text(results[v][key], results[QEMU_NAME][key], higher)
+                    for v in ours]
         rows.append(row)
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |",
@@ -450,7 +460,9 @@ def chart(results: dict[str, dict[str, list[float]]], vmms: list[str], path: str
         med = [statistics.median(results[v][key]) for v in vmms]
         lo = [m - min(results[v][key]) for m, v in zip(med, vmms)]
         hi = [max(results[v][key]) - m for m, v in zip(med, vmms)]
-        ax.bar(vmms, med, yerr=[lo, hi], capsize=4, color=["tab:blue", "tab:orange"][:len(vmms)])
+        ours = iter(["tab:blue", "tab:cyan", "tab:green"])
+        colours = ["tab:orange" if v == QEMU_NAME else next(ours) for v in vmms]
+        ax.bar([v.replace(", ", "\n") for v in vmms], med, yerr=[lo, hi], capsize=4, color=colours)
         ax.set_title(label.strip() + (" (higher is better)" if higher else ""), fontsize=8)
         ax.set_ylabel(unit)
         ax.tick_params(labelsize=8)
@@ -475,6 +487,9 @@ def main() -> int:
     ap.add_argument("--no-bytecode", action="store_true",
                     help="pystratovirt compiles its modules at every start (no .pyc files); by default "
                     "the warm-up start writes them to a private PYTHONPYCACHEPREFIX")
+    ap.add_argument("--payload-cache", choices=["on", "off", "both"], default="on",
+                    help="pystratovirt's extracted-payload cache (a directory private to the run, "
+                    "filled by the warm-up start); 'both' adds a column without it (default on)")
     ap.add_argument("--png", help="write a chart to this PNG (needs matplotlib)")
     args = ap.parse_args()
     if args.runs < 1 or args.rtt < 1 or args.pipelined < 1 or args.mem_mib < 128:
@@ -482,7 +497,10 @@ def main() -> int:
 
     notes: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="vmmbench-"))
-    vmms: list[Vmm] = [Pystratovirt(None if args.no_bytecode else workdir / "pycache")]
+    pycache = None if args.no_bytecode else workdir / "pycache"
+    vmms: list[Vmm] = [Pystratovirt(pycache, None if args.payload_cache == "off" else workdir / "payload")]
+    if args.payload_cache == "both":
+        vmms.append(Pystratovirt(pycache, None, name=f"{PSTV}, no payload cache"))
     qemu_bin = None if args.no_qemu else shutil.which(QEMU)
     if qemu_bin:
         vmms.append(Qemu(qemu_bin))
@@ -528,7 +546,8 @@ def main() -> int:
     print()
     for name, states in booted_notes.items():
         print(f"booted guest, {name}: {'; '.join(sorted(states))}")
-    notes.append("ratio = pystratovirt median / QEMU median; 'better' says which way that points.")
+    if qemu_bin:
+        notes.append("ratio = pystratovirt median / QEMU median; 'better' says which way that points.")
     for note in notes:
         print(note)
     if args.png:
