@@ -414,13 +414,14 @@ def load_kernel(mem, kernel, cmdline: str, initrd=None, nr_cpus: int = 1,
     mptable = build_mptable(nr_cpus, max_cpus)
 
     cache, cache_notes = _payload_cache(payload_cache) if extract_payload else (None, [])
+    seen = len(cache.notes) if cache is not None else 0
     kfile = _KernelFile(kernel, mem.size)
     try:
         k = _prepare_kernel(mem, kfile, extract_payload, cache)
     finally:
         kfile.close()
     if cache is not None:
-        cache_notes += cache.notes
+        cache_notes += cache.notes[seen:]     # this load's, when a caller reuses one cache
     cmdline_raw = _cmdline_bytes(cmdline, k.header)
 
     initrd_file = None

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from .payload import SUPPORTED
+
 ENV_DIR = "PYSTRATOVIRT_PAYLOAD_CACHE"
 DISABLED_VALUES = ("off", "0", "no", "none", "false")
 DEFAULT_MAX_BYTES = 256 << 20       # the lean kernel's entry is 11.5 MiB, a distribution kernel's ~40
@@ -218,6 +220,10 @@ class PayloadCache:
                 bad = "it belongs to another image"
             elif data_len != size - _ENTRY.size or data_len == 0:
                 bad = f"it holds {size - _ENTRY.size} bytes where its header says {data_len}"
+            elif size > self.max_bytes:
+                bad = f"it is larger than the cache's bound of {self.max_bytes} bytes"
+            elif codec.rstrip(b"\0").decode("ascii", "replace") not in SUPPORTED:
+                bad = "its codec is unknown"
         if bad is None:
             # A private anonymous buffer, populated in one call (cheaper than faulting page by
             # page); the file is not mapped, so a file truncated under us cannot raise SIGBUS.

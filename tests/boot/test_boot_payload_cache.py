@@ -349,3 +349,25 @@ def test_concurrent_first_starts_of_one_kernel(tmp_path, write_file):
         images = pool.map(_boot_once, [(str(tmp_path / "c"), path)] * 8)
     assert len(set(images)) == 1
     assert len(entries(tmp_path / "c")) == 1
+
+
+def test_entry_over_the_bound_or_with_an_unknown_codec_is_ignored(tmp_path):
+    cache = PayloadCache(tmp_path / "c", max_bytes=4096)
+    cache.put(b"\1" * 32, "lz4", 100, b"x" * 100)
+    cache.put(b"\2" * 32, "bzip2", 100, b"y" * 100)      # not a codec the host decodes
+    cache.max_bytes = 150                                 # as if the bound had shrunk since
+    assert cache.get(b"\1" * 32) is None and cache.get(b"\2" * 32) is None
+    assert any("larger than the cache's bound" in n for n in cache.notes)
+    cache.max_bytes = 4096
+    assert cache.get(b"\1" * 32).elf[:] == b"x" * 100
+    assert cache.get(b"\2" * 32) is None and any("codec is unknown" in n for n in cache.notes)
+
+
+def test_a_reused_cache_reports_each_load_its_own_notes(mem, write_file, tmp_path):
+    cache = PayloadCache(tmp_path / "c")
+    path = write_file(bzimage())
+    load_kernel(mem, path, "", payload_cache=cache)
+    [entry] = entries(tmp_path / "c")
+    entry.write_bytes(entry.read_bytes()[:100])
+    assert any("ignored" in n for n in load_kernel(mem, path, "", payload_cache=cache).notes)
+    assert not any("ignored" in n for n in load_kernel(mem, path, "", payload_cache=cache).notes)
