@@ -112,9 +112,12 @@ class PayloadCache:
         return cls(directory), None
 
     # -- the directory -------------------------------------------------------------------------
-    def _usable(self) -> bool:
-        """Create the directory if needed and check that it is private; decided once."""
+    def _usable(self, create: bool = True) -> bool:
+        """Create the directory if needed and check that it is private; decided once. A reader
+        (``create`` False) finds nothing in a directory that does not exist, and creates none."""
         if self._ready is None:
+            if not create and not os.path.isdir(self.directory):
+                return False
             self._ready = False
             try:
                 self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -163,7 +166,7 @@ class PayloadCache:
     # -- the stat index ------------------------------------------------------------------------
     def digest_for(self, st: os.stat_result) -> bytes | None:
         """The image hash recorded for a file with exactly this stat, if any."""
-        if not self._usable():
+        if not self._usable(create=False):
             return None
         fd = self._open_own(self._index_path(st))
         if fd is None:
@@ -192,7 +195,7 @@ class PayloadCache:
     # -- entries -------------------------------------------------------------------------------
     def get(self, digest: bytes) -> CachedPayload | None:
         """The verified entry for the image with SHA-256 ``digest``, or None (a miss, or a bad entry)."""
-        if not self._usable():
+        if not self._usable(create=False):
             return None
         path = self.entry_path(digest)
         fd = self._open_own(path)

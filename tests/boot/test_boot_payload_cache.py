@@ -371,3 +371,11 @@ def test_a_reused_cache_reports_each_load_its_own_notes(mem, write_file, tmp_pat
     entry.write_bytes(entry.read_bytes()[:100])
     assert any("ignored" in n for n in load_kernel(mem, path, "", payload_cache=cache).notes)
     assert not any("ignored" in n for n in load_kernel(mem, path, "", payload_cache=cache).notes)
+
+
+def test_kernels_without_a_payload_leave_no_cache_directory(mem, write_file, payload_cache_dir):
+    load_kernel(mem, write_file(KERNEL_ELF), "")                     # an ELF vmlinux
+    load_kernel(mem, write_file(make_bzimage(compress("bzip2", KERNEL_ELF))), "")  # not host-decoded
+    assert not payload_cache_dir.exists()
+    load_kernel(mem, write_file(bzimage()), "")
+    assert len(entries(payload_cache_dir)) == 1
