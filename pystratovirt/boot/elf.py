@@ -130,3 +130,33 @@ def load_elf(mem, image: ElfImage, data: bytes | memoryview) -> None:
             mem.write(s.paddr, view[s.offset:s.offset + s.filesz])
         if s.memsz > s.filesz:
             mem.fill(s.paddr + s.filesz, s.memsz - s.filesz, 0)
+
+
+def compact(data: bytes | memoryview) -> bytes:
+    """The same kernel as a smaller ELF: its header, one program header per loadable segment
+    (those :func:`parse_elf` loads) and their file bytes back to back.
+
+    A vmlinux pads its segments to 2 MiB file offsets and carries section headers the loader never
+    reads (the lean kernel: 16.7 MiB of file, 11.5 MiB of segment bytes); the payload cache keeps
+    this form. ``parse_elf`` of the result yields the same entry point and segments (but offsets).
+    """
+    parse_elf(data)                  # everything below indexes validated headers
+    view = memoryview(data).cast("B")
+    (_ident, _type, _machine, _version, _entry, e_phoff, _shoff, _flags, _ehsize,
+     e_phentsize, e_phnum, _shentsize, _shnum, _shstrndx) = _EHDR.unpack_from(view, 0)
+    kept = []
+    for i in range(e_phnum):
+        phdr = _PHDR.unpack_from(view, e_phoff + i * e_phentsize)
+        if phdr[0] == PT_LOAD and phdr[6] != 0:
+            kept.append(phdr)
+    header = bytearray(view[:_EHDR.size])
+    # e_phoff right after the ELF header, no section headers (e_shoff, e_shnum, e_shstrndx = 0)
+    struct.pack_into("<QQ", header, 32, _EHDR.size, 0)
+    struct.pack_into("<HHHHH", header, 54, _PHDR.size, len(kept), 64, 0, 0)
+    offset = _EHDR.size + _PHDR.size * len(kept)
+    phdrs, blobs = [], []
+    for p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align in kept:
+        phdrs.append(_PHDR.pack(p_type, p_flags, offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align))
+        blobs.append(view[p_offset:p_offset + p_filesz])
+        offset += p_filesz
+    return b"".join([bytes(header), *phdrs, *blobs])

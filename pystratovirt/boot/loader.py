@@ -6,8 +6,11 @@ RIP = BootInfo.entry and RSI = BootInfo.boot_params (the Linux 64-bit boot proto
 Kernel formats, detected in this order:
   * bzImage ("HdrS" at 0x202). With extract_payload, a gzip/xz/lz4/zstd payload is decompressed on
     the host and its vmlinux ELF loaded at its physical addresses, skipping the in-guest
-    decompressor (which is slow when the guest's CPU is emulated). Anything that goes wrong there
-    falls back to loading the bzImage as is and entering its startup_64, with a note saying why.
+    decompressor (which is slow when the guest's CPU is emulated). The result is kept in the
+    extracted-payload cache (:mod:`.payload_cache`), so the next start of the same image reads it
+    instead of decompressing (and, when the file's stat is unchanged, reads only the image's setup
+    header). Anything that goes wrong there falls back to loading the bzImage as is and entering its
+    startup_64, with a note saying why.
   * ELF64 vmlinux: PT_LOAD segments at p_paddr, entered at e_entry made physical.
   * anything else: a flat binary (objcopy -O binary vmlinux) loaded and entered at
     layout.VMLINUX_LOAD_ADDR, as early StratoVirt does.
@@ -19,6 +22,7 @@ guest memory untouched except when the initrd file changes under us while it is 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import stat
 import time
@@ -29,6 +33,7 @@ from ..memory.layout import (CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, GDT_ADDR, HI
                              IDT_ADDR, INITRD_ADDR_MAX, MiB, PAGE_SIZE, VMLINUX_LOAD_ADDR,
                              ZERO_PAGE_ADDR)
 from . import elf, payload
+from .payload_cache import CachedPayload, PayloadCache
 from .bootparams import (BOOT_FLAG, CAN_USE_HEAP, HDRS_MAGIC, KASLR_FLAG, LOADED_HIGH,
                          LOADER_TYPE_UNDEFINED, BootParams, SetupHeader)
 from .bzimage import STARTUP_64_OFFSET, BzImage, looks_like_bzimage, parse_bzimage
@@ -44,6 +49,9 @@ DEFAULT_CMDLINE_SIZE = 2047
 FRESH_HEADER_VERSION = 0x020C
 BDA_EBDA_SEGMENT = 0x40E          # BIOS data area word: the EBDA's real-mode segment
 IDT_SIZE = 8                      # an "empty" IDT: one zero slot, smaller than any 16-byte gate
+
+# Enough of a bzImage for parse_bzimage: the boot sector and at most 255 setup sectors, plus a page.
+HEAD_BYTES = 256 * 512 + 4096
 
 # Magics of things that are plainly not a raw kernel binary (a compressed file or archive).
 _NOT_RAW = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x02\x21\x4c\x18", b"BZh", b"\x89LZO",
@@ -97,20 +105,55 @@ def _open_regular(path, what: str):
     return f, os.fstat(f.fileno()).st_size, fspath
 
 
-def _read_kernel(path, limit: int) -> tuple[bytes, str]:
-    f, size, name = _open_regular(path, "kernel")
-    with f:
+class _KernelFile:
+    """The opened kernel file; reads its head or all of it, whichever the chosen path needs."""
+
+    def __init__(self, path, limit: int):
+        self.file, size, self.name = _open_regular(path, "kernel")
+        self.limit = limit
+        self.stat = os.fstat(self.file.fileno())
+        self._data: bytes | None = None
+        self.unchanged = False           # the same stat before and after data() read the file
         if size > limit:
-            raise BootError(f"the kernel {name!r} ({size / MiB:.1f} MiB) is larger than guest RAM")
+            self.close()
+            raise BootError(f"the kernel {self.name!r} ({size / MiB:.1f} MiB) is larger than guest RAM")
+
+    def _read(self, offset: int, count: int) -> bytes:
         try:
-            data = f.read(limit + 1)
+            return os.pread(self.file.fileno(), count, offset)
         except OSError as exc:
-            raise BootError(f"cannot read the kernel {name!r}: {exc.strerror or exc}") from None
-    if not data:
-        raise BootError(f"the kernel {name!r} is empty")
-    if len(data) > limit:
-        raise BootError(f"the kernel {name!r} is larger than guest RAM")
-    return data, name
+            raise BootError(f"cannot read the kernel {self.name!r}: {exc.strerror or exc}") from None
+
+    def head(self) -> bytes:
+        return self._data[:HEAD_BYTES] if self._data is not None else self._read(0, HEAD_BYTES)
+
+    def data(self) -> bytes:
+        if self._data is None:
+            chunks, got = [], 0
+            while got <= self.limit:
+                # the size fstat gave (+1 to see the end), then MiB steps if the file grew since
+                count = min(self.limit + 1 - got, max(self.stat.st_size + 1 - got, MiB))
+                chunk = self._read(got, count)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            data = b"".join(chunks)
+            if not data:
+                raise BootError(f"the kernel {self.name!r} is empty")
+            if len(data) > self.limit:
+                raise BootError(f"the kernel {self.name!r} is larger than guest RAM")
+            self.unchanged = len(data) == self.stat.st_size and self.still_unchanged()
+            self._data = data
+        return self._data
+
+    def still_unchanged(self) -> bool:
+        after = os.fstat(self.file.fileno())
+        return (after.st_mtime_ns, after.st_ctime_ns, after.st_size) == \
+            (self.stat.st_mtime_ns, self.stat.st_ctime_ns, self.stat.st_size)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 # -- kernel formats --------------------------------------------------------------------------------
@@ -141,35 +184,102 @@ def _prepare_raw(mem, data: bytes) -> _Kernel:
                           f"{VMLINUX_LOAD_ADDR:#x}"])
 
 
-def _try_extract(mem, bz: BzImage) -> tuple[_Kernel | None, str]:
+def _entry_note(kernel: _Kernel) -> str:
+    return (f"entering the vmlinux ELF at {kernel.entry:#x} (no KASLR: the kernel runs at its "
+            f"link-time address)")
+
+
+def _from_cache(mem, bz: BzImage, entry: CachedPayload, t0: float) -> tuple[_Kernel | None, str]:
+    """The cached vmlinux as a loadable kernel, or (None, why not) exactly as a fresh extraction
+    of the same image would have said (the entry's checks make its content that extraction's)."""
+    if entry.decompressed_len > mem.size:
+        return None, f"the {entry.codec} payload decompresses to more than {mem.size} bytes"
+    try:
+        kernel = _prepare_elf(mem, entry.elf, f"bzimage-extracted:{entry.codec}", [])
+    except BootError as exc:
+        return None, f"the decompressed payload is not a loadable vmlinux ({exc})"
+    ms = (time.perf_counter() - t0) * 1000
+    kernel.header, kernel.header_len = bz.header, bz.header_len
+    kernel.notes.append(f"the {entry.codec.upper()} payload's vmlinux came from the payload cache "
+                        f"({entry.path}, {len(entry.elf) / MiB:.1f} MiB) in {ms:.0f} ms; "
+                        f"{_entry_note(kernel)}")
+    return kernel, ""
+
+
+def _from_stat_index(mem, kfile: _KernelFile, cache: PayloadCache) -> _Kernel | None:
+    """The cached kernel of an image whose stat matches the index, reading only its setup header;
+    None sends the loader down the full path (read, hash, cache or decompress)."""
+    t0 = time.perf_counter()
+    digest = cache.digest_for(kfile.stat)
+    if digest is None:
+        return None
+    head = kfile.head()
+    if not looks_like_bzimage(head):
+        return None
+    try:
+        bz = parse_bzimage(head)
+    except BootError:
+        return None
+    entry = cache.get(digest)
+    if entry is None:
+        return None
+    if not kfile.still_unchanged():     # rewritten since the index matched: its head may be new
+        return None
+    kernel, _why = _from_cache(mem, bz, entry, t0)
+    return kernel
+
+
+def _try_extract(mem, bz: BzImage, kfile: _KernelFile,
+                 cache: PayloadCache | None) -> tuple[_Kernel | None, str]:
     """The bzImage's payload as a loadable ELF kernel, or (None, why not)."""
     try:
         compressed = bz.payload()
     except BootError as exc:
         return None, str(exc)
     t0 = time.perf_counter()
+    digest = None
+    if cache is not None and payload.detect_codec(compressed) in payload.SUPPORTED:
+        digest = hashlib.sha256(kfile.data()).digest()
+        entry = cache.get(digest)
+        if entry is not None:
+            kernel, why = _from_cache(mem, bz, entry, t0)
+            if kfile.unchanged:
+                cache.remember(kfile.stat, digest)
+            return kernel, why
     try:
         codec, vmlinux = payload.decompress(compressed, limit=mem.size)
-        kernel = _prepare_elf(mem, vmlinux, f"bzimage-extracted:{codec}", [])
+        image = elf.parse_elf(vmlinux)
     except payload.PayloadError as exc:
         return None, str(exc)
     except BootError as exc:
         return None, f"the decompressed payload is not a loadable vmlinux ({exc})"
     ms = (time.perf_counter() - t0) * 1000
+    cached = ""
+    if digest is not None and cache.put(digest, codec, len(vmlinux), elf.compact(vmlinux)) is not None:
+        cached = " (kept in the payload cache)"
+        if kfile.unchanged:
+            cache.remember(kfile.stat, digest)
+    try:
+        elf.check_placement(image, mem)
+    except BootError as exc:
+        return None, f"the decompressed payload is not a loadable vmlinux ({exc})"
+    kernel = _Kernel(kind=f"bzimage-extracted:{codec}", entry=image.entry, kernel_end=image.end,
+                     header=bz.header, header_len=bz.header_len,
+                     write=lambda: elf.load_elf(mem, image, vmlinux), notes=[])
     kernel.notes.append(
         f"extracted a {len(vmlinux) / MiB:.1f} MiB {codec.upper()} payload "
-        f"({len(compressed) / MiB:.1f} MiB compressed) on the host in {ms:.0f} ms; entering the "
-        f"vmlinux ELF at {kernel.entry:#x} (no KASLR: the kernel runs at its link-time address)")
+        f"({len(compressed) / MiB:.1f} MiB compressed) on the host in {ms:.0f} ms{cached}; "
+        f"{_entry_note(kernel)}")
     return kernel, ""
 
 
-def _prepare_bzimage(mem, data: bytes, extract_payload: bool) -> _Kernel:
-    bz = parse_bzimage(data)
+def _prepare_bzimage(mem, kfile: _KernelFile, extract_payload: bool,
+                     cache: PayloadCache | None) -> _Kernel:
+    bz = parse_bzimage(kfile.data())
     why = "host extraction is disabled"
     if extract_payload:
-        kernel, why = _try_extract(mem, bz)
+        kernel, why = _try_extract(mem, bz, kfile, cache)
         if kernel is not None:
-            kernel.header, kernel.header_len = bz.header, bz.header_len
             return kernel
     if not bz.has_64bit_entry:
         raise BootError(f"the bzImage (boot protocol {bz.protocol_str}) has no 64-bit entry point "
@@ -187,9 +297,14 @@ def _prepare_bzimage(mem, data: bytes, extract_payload: bool) -> _Kernel:
                    header_len=bz.header_len, write=write, notes=notes)
 
 
-def _prepare_kernel(mem, data: bytes, extract_payload: bool) -> _Kernel:
+def _prepare_kernel(mem, kfile: _KernelFile, extract_payload: bool, cache: PayloadCache | None) -> _Kernel:
+    if extract_payload and cache is not None:
+        kernel = _from_stat_index(mem, kfile, cache)
+        if kernel is not None:
+            return kernel
+    data = kfile.data()
     if looks_like_bzimage(data):
-        kernel = _prepare_bzimage(mem, data, extract_payload)
+        kernel = _prepare_bzimage(mem, kfile, extract_payload, cache)
         if kernel.kind == "bzimage":
             kernel.header.code32_start = kernel.entry - STARTUP_64_OFFSET
         return kernel
@@ -271,9 +386,23 @@ def _zero_page(kernel: _Kernel, initrd: tuple[int, int] | None, e820) -> BootPar
 
 
 # -- the entry point -------------------------------------------------------------------------------
+def _payload_cache(choice) -> tuple[PayloadCache | None, list[str]]:
+    if isinstance(choice, PayloadCache):
+        return choice, []
+    if choice is False:
+        return None, []
+    cache, why = PayloadCache.from_environment()
+    return cache, [why] if why else []
+
+
 def load_kernel(mem, kernel, cmdline: str, initrd=None, nr_cpus: int = 1,
-                max_cpus: int | None = None, extract_payload: bool = True) -> BootInfo:
-    """Load ``kernel`` (+ ``initrd``) into ``mem`` and write every boot structure; see the module doc."""
+                max_cpus: int | None = None, extract_payload: bool = True,
+                payload_cache: PayloadCache | bool = True) -> BootInfo:
+    """Load ``kernel`` (+ ``initrd``) into ``mem`` and write every boot structure; see the module doc.
+
+    ``payload_cache``: True uses the cache the environment names (:mod:`.payload_cache`), False
+    none, or a :class:`PayloadCache`.
+    """
     if max_cpus is None:
         max_cpus = nr_cpus
     if not isinstance(nr_cpus, int) or not isinstance(max_cpus, int) or not 1 <= nr_cpus <= max_cpus:
@@ -284,8 +413,15 @@ def load_kernel(mem, kernel, cmdline: str, initrd=None, nr_cpus: int = 1,
     e820 = build_e820(mem.regions)
     mptable = build_mptable(nr_cpus, max_cpus)
 
-    data, _name = _read_kernel(kernel, mem.size)
-    k = _prepare_kernel(mem, data, extract_payload)
+    cache, cache_notes = _payload_cache(payload_cache) if extract_payload else (None, [])
+    seen = len(cache.notes) if cache is not None else 0
+    kfile = _KernelFile(kernel, mem.size)
+    try:
+        k = _prepare_kernel(mem, kfile, extract_payload, cache)
+    finally:
+        kfile.close()
+    if cache is not None:
+        cache_notes += cache.notes[seen:]     # this load's, when a caller reuses one cache
     cmdline_raw = _cmdline_bytes(cmdline, k.header)
 
     initrd_file = None
@@ -335,7 +471,7 @@ def load_kernel(mem, kernel, cmdline: str, initrd=None, nr_cpus: int = 1,
         if initrd_file is not None:
             initrd_file.close()
 
-    notes = list(k.notes)
+    notes = list(k.notes) + cache_notes
     if initrd_info is not None:
         notes.append(f"initrd of {initrd_info[1] / MiB:.1f} MiB at {initrd_info[0]:#x}")
     return BootInfo(entry=k.entry, boot_params=ZERO_PAGE_ADDR, kind=k.kind, kernel_end=k.kernel_end,

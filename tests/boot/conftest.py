@@ -1,9 +1,11 @@
-"""Fixtures for the boot tests: guest memories of common sizes and a writer for kernel files."""
+"""Fixtures for the boot tests: guest memories of common sizes, a writer for kernel files, and a
+payload cache of each test's own (never the user's)."""
 
 from __future__ import annotations
 
 import pytest
 
+from pystratovirt.boot.payload_cache import ENV_DIR
 from pystratovirt.memory import GuestMemory
 from pystratovirt.memory.layout import MiB
 
@@ -25,3 +27,11 @@ def write_file(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def payload_cache_dir(tmp_path, monkeypatch):
+    """load_kernel's default payload cache, private to the test."""
+    path = tmp_path / "payload-cache"
+    monkeypatch.setenv(ENV_DIR, str(path))
+    return path

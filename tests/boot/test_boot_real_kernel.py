@@ -67,3 +67,21 @@ def test_load_kernel_both_ways(kernel):
         assert plain.kind == "bzimage" and plain.entry % 0x1000 == 0x200
     finally:
         mem.close()
+
+
+def test_payload_cache_loads_what_extraction_loads(kernel, payload_cache_dir):
+    bz = _parse(kernel)
+    if payload.detect_codec(bz.payload()) not in payload.SUPPORTED:
+        pytest.skip("the kernel's payload is not decoded on the host")
+    images = []
+    for _ in range(2):          # a miss that fills the cache, then a hit
+        mem = GuestMemory(512 * MiB)
+        try:
+            info = load_kernel(mem, kernel, "console=ttyS0")
+            images.append((info.kind, info.entry, info.kernel_end,
+                           mem.read(0, 1 * MiB), mem.read(info.entry, info.kernel_end - info.entry)))
+        finally:
+            mem.close()
+        assert info.kind.startswith("bzimage-extracted:")
+    assert any("came from the payload cache" in n for n in info.notes)
+    assert images[0] == images[1]
