@@ -355,17 +355,17 @@ class MicroVm:
 
     def _blockdev_add(self, req: rq.BlockdevAdd) -> None:
         self.slots.check_register(req.drive.id)
-        self._register(req.drive.id, SlotKind.BLOCK, FileBackend.open(req.drive))
+        self._register(req.drive.id, SlotKind.BLOCK, FileBackend.open(req.drive), req.drive)
 
     def _netdev_add(self, req: rq.NetdevAdd) -> None:
         # The tap is opened (and held) now, as StratoVirt checks it here: a missing or busy tap
         # is reported by netdev_add, not by the device_add after it.
         self.slots.check_register(req.netdev.id)
-        self._register(req.netdev.id, SlotKind.NET, Tap.from_config(req.netdev, self._take_fd))
+        self._register(req.netdev.id, SlotKind.NET, Tap.from_config(req.netdev, self._take_fd), req.netdev)
 
-    def _register(self, reg_id: str, kind: SlotKind, backend) -> None:
+    def _register(self, reg_id: str, kind: SlotKind, backend, spec) -> None:
         try:
-            self.slots.register(reg_id, kind, backend)
+            self.slots.register(reg_id, kind, backend, spec)
         except BaseException:
             backend.close()
             raise
