@@ -1,7 +1,9 @@
-"""cpu layer: the guest CPU model (CPUID, topology), initial vCPU state, and ring-0-emulation compat.
+"""cpu layer: the guest CPU model (CPUID, topology), initial vCPU state, ring-0-emulation compat,
+and the saved state of vCPUs and in-kernel devices (``state``).
 
 Sits above ``pystratovirt.kvm``, ``pystratovirt.memory`` and ``pystratovirt.boot``, below the
-machine: it decides what each vCPU looks like and how the boot vCPU starts, but runs nothing.
+machine: it decides what each vCPU looks like, how the boot vCPU starts, and what KVM state a
+snapshot holds, but runs nothing.
 """
 
 from .cpuid import MAX_VCPUS, CpuModel, Topology

@@ -10,6 +10,7 @@ completing an IN / MMIO read means writing into the mapping before the next :met
 from __future__ import annotations
 
 import enum
+import typing
 from dataclasses import dataclass, field
 
 from . import structs as s
@@ -78,7 +79,10 @@ class SystemEventType(enum.IntEnum):
     SEV_TERM = 6
 
 
-def _enum_or_int(enum_type, value: int):
+_E = typing.TypeVar("_E", bound=enum.IntEnum)
+
+
+def _enum_or_int(enum_type: type[_E], value: int) -> _E | int:
     try:
         return enum_type(value)
     except ValueError:
@@ -166,7 +170,7 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class SystemEvent:
-    type: "SystemEventType | int"
+    type: SystemEventType | int
     flags: int
     data: tuple[int, ...] = ()
 
@@ -175,7 +179,7 @@ class SystemEvent:
 class InternalError:
     """KVM could not go on; for an emulation failure ``insn_bytes`` may hold the instruction."""
 
-    suberror: "InternalSuberror | int"
+    suberror: InternalSuberror | int
     ndata: int
     data: tuple[int, ...]
     insn_bytes: bytes | None = None  # only with KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
@@ -219,7 +223,7 @@ class Debug:
 class Unknown:
     """Any exit this VMM does not decode; ``hardware_exit_reason`` is valid for KVM_EXIT_UNKNOWN."""
 
-    reason: "ExitReason | int"
+    reason: ExitReason | int
     hardware_exit_reason: int = 0
 
 

@@ -15,6 +15,7 @@ import ctypes
 import enum
 import errno as _errno
 import os
+import typing
 
 from ..util.libc import LIBC
 from . import structs as s
@@ -35,13 +36,18 @@ _IOC_WRITE = 1
 _IOC_READ = 2
 
 
-def _size_of(size) -> int:
+if typing.TYPE_CHECKING:
+    # A byte count, or the ctypes type whose size the request encodes.
+    _Size = int | type[ctypes._CData]
+
+
+def _size_of(size: _Size) -> int:
     """The C macros take a type; accept a ctypes type or a plain byte count."""
     return size if isinstance(size, int) else ctypes.sizeof(size)
 
 
-def _IOC(direction: int, type_: int, nr: int, size) -> int:  # noqa: N802 (mirrors the C macro)
-    size = _size_of(size)
+def _IOC(direction: int, type_: int, nr: int, size_or_type: _Size) -> int:
+    size = _size_of(size_or_type)
     if not 0 <= direction < (1 << _IOC_DIRBITS):
         raise ValueError(f"ioctl direction {direction} out of range")
     if not 0 <= type_ < (1 << _IOC_TYPEBITS) or not 0 <= nr < (1 << _IOC_NRBITS):
@@ -51,19 +57,19 @@ def _IOC(direction: int, type_: int, nr: int, size) -> int:  # noqa: N802 (mirro
     return (direction << _IOC_DIRSHIFT) | (type_ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
 
 
-def _IO(type_: int, nr: int) -> int:  # noqa: N802
+def _IO(type_: int, nr: int) -> int:
     return _IOC(_IOC_NONE, type_, nr, 0)
 
 
-def _IOR(type_: int, nr: int, size) -> int:  # noqa: N802
+def _IOR(type_: int, nr: int, size: _Size) -> int:
     return _IOC(_IOC_READ, type_, nr, size)
 
 
-def _IOW(type_: int, nr: int, size) -> int:  # noqa: N802
+def _IOW(type_: int, nr: int, size: _Size) -> int:
     return _IOC(_IOC_WRITE, type_, nr, size)
 
 
-def _IOWR(type_: int, nr: int, size) -> int:  # noqa: N802
+def _IOWR(type_: int, nr: int, size: _Size) -> int:
     return _IOC(_IOC_READ | _IOC_WRITE, type_, nr, size)
 
 
@@ -86,10 +92,16 @@ KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, ctypes.c_uint64)
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_IRQ_LINE = _IOW(KVMIO, 0x61, s.kvm_irq_level)
+KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, s.kvm_irqchip)
+KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, s.kvm_irqchip)  # (sic) _IOR in the header, kept for the ABI
 KVM_IRQ_LINE_STATUS = _IOWR(KVMIO, 0x67, s.kvm_irq_level)
 KVM_IRQFD = _IOW(KVMIO, 0x76, s.kvm_irqfd)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, s.kvm_pit_config)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, s.kvm_ioeventfd)
+KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, s.kvm_clock_data)
+KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, s.kvm_clock_data)
+KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, s.kvm_pit_state2)
+KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, s.kvm_pit_state2)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, s.kvm_enable_cap)  # VM fd, and vCPU fd for vCPU caps
 
 # vCPU fd
@@ -110,10 +122,18 @@ KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, s.kvm_cpuid2)
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, s.kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, s.kvm_mp_state)
 KVM_NMI = _IO(KVMIO, 0x9A)
-KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, s.kvm_xsave)
-KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, s.kvm_xsave)
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, s.kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, s.kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, s.kvm_debugregs)
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, s.kvm_debugregs)
+KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)  # also on a VM fd (KVM_CAP_VM_TSC_CONTROL): the default
+KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, s.kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, s.kvm_xsave)
+KVM_GET_XCRS = _IOR(KVMIO, 0xA6, s.kvm_xcrs)
+KVM_SET_XCRS = _IOW(KVMIO, 0xA7, s.kvm_xcrs)
+KVM_KVMCLOCK_CTRL = _IO(KVMIO, 0xAD)
+KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, s.kvm_xsave)  # the size field says 4096 whatever KVM moves
 
 KVM_API_VERSION = 12
 
@@ -138,14 +158,22 @@ class Cap(enum.IntEnum):
     ADJUST_CLOCK = 39
     INTERNAL_ERROR_DATA = 40
     VCPU_EVENTS = 41
+    DEBUGREGS = 50
+    XSAVE = 55
+    XCRS = 56
+    TSC_CONTROL = 60
+    GET_TSC_KHZ = 61
     MAX_VCPUS = 66
     TSC_DEADLINE_TIMER = 72
+    KVMCLOCK_CTRL = 76
     READONLY_MEM = 81
     MAX_VCPU_ID = 128
     IMMEDIATE_EXIT = 136
     X86_DISABLE_EXITS = 143
     EXCEPTION_PAYLOAD = 164
     EXIT_ON_EMULATION_FAILURE = 204
+    XSAVE2 = 208
+    VM_TSC_CONTROL = 214
 
 
 # -- the system call -------------------------------------------------------------------------------
@@ -158,7 +186,7 @@ _ioctl = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_v
                           use_errno=True)(("ioctl", _LIBC))
 
 
-def ioctl(fd: int, request: int, arg=None) -> int:
+def ioctl(fd: int, request: int, arg: int | ctypes._CData | None = None) -> int:
     """Issue ``ioctl(fd, request, arg)`` and return its non-negative result, or raise OSError.
 
     ``arg`` is None (0), an int passed by value, or a ctypes object passed by address (the kernel
@@ -170,7 +198,7 @@ def ioctl(fd: int, request: int, arg=None) -> int:
         ptr = arg
     else:
         ptr = ctypes.addressof(arg)
-    ret = _ioctl(fd, request, ptr)
+    ret: int = _ioctl(fd, request, ptr)
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{os.strerror(err)} (ioctl {request:#x})")

@@ -4,8 +4,8 @@ Each Structure lists the kernel's fields in the kernel's order with the kernel's
 on ctypes' native alignment rules (identical to the C compiler's on x86_64); the tests compare
 every size and the interesting offsets against a C program built from the real headers.
 
-Flexible-array structures (kvm_msrs, kvm_cpuid2, kvm_msr_list) are built per call by the
-``*_with`` factories below, since ctypes arrays have a fixed length. Flag constants live next to
+Flexible-array structures (kvm_msrs, kvm_cpuid2, kvm_msr_list, kvm_xsave) are built per call by
+the ``*_with`` factories below, since ctypes arrays have a fixed length. Flag constants live next to
 the structure they belong to. :class:`CpuidEntry` is the plain-Python form of one CPUID entry
 that the CPU model (``pystratovirt.cpu``) works with.
 """
@@ -13,6 +13,7 @@ that the CPU model (``pystratovirt.cpu``) works with.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 u8 = ctypes.c_uint8
@@ -196,7 +197,7 @@ class CpuidEntry:
     ecx: int = 0
     edx: int = 0
 
-    def with_regs(self, **regs: int) -> "CpuidEntry":
+    def with_regs(self, **regs: int) -> CpuidEntry:
         return replace(self, **regs)
 
     def to_c(self) -> kvm_cpuid_entry2:
@@ -205,33 +206,83 @@ class CpuidEntry:
                                 self.ecx & 0xFFFF_FFFF, self.edx & 0xFFFF_FFFF)
 
     @classmethod
-    def from_c(cls, e: kvm_cpuid_entry2) -> "CpuidEntry":
+    def from_c(cls, e: kvm_cpuid_entry2) -> CpuidEntry:
         return cls(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
 
 
-def cpuid2_from_entries(entries) -> ctypes.Structure:
-    entries = list(entries)
-    cpuid = kvm_cpuid2_with(len(entries))
-    for i, entry in enumerate(entries):
+def cpuid2_from_entries(entries: Iterable[CpuidEntry]) -> ctypes.Structure:
+    listed = list(entries)
+    cpuid = kvm_cpuid2_with(len(listed))
+    for i, entry in enumerate(listed):
         cpuid.entries[i] = entry.to_c()
     return cpuid
 
 
-def entries_from_cpuid2(cpuid) -> list[CpuidEntry]:
+def entries_from_cpuid2(cpuid: ctypes.Structure) -> list[CpuidEntry]:
     return [CpuidEntry.from_c(cpuid.entries[i]) for i in range(cpuid.nent)]
+
+
+# -- XSAVE, XCRs, debug registers ----------------------------------------------------------------
+KVM_XSAVE_SIZE = 4096  # the fixed part of struct kvm_xsave; KVM_CAP_XSAVE2 may ask for more
+
+
+class kvm_xsave(ctypes.Structure):
+    """The XSAVE area as KVM_GET_XSAVE/KVM_SET_XSAVE exchange it (legacy FXSAVE layout first).
+
+    The header's struct ends in a flexible ``extra`` array: KVM_GET_XSAVE2 and KVM_SET_XSAVE move
+    as many bytes as KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) says on the VM fd (at least 4096, more
+    once a process enables a dynamic feature such as AMX). Use :func:`kvm_xsave_with` for those.
+    """
+
+    _fields_ = [("region", u32 * (KVM_XSAVE_SIZE // 4))]
+
+
+def kvm_xsave_with(size: int) -> ctypes.Structure:
+    """A zeroed struct kvm_xsave of ``size`` bytes (a multiple of 4, at least 4096)."""
+    if size < KVM_XSAVE_SIZE or size % 4:
+        raise ValueError(f"an XSAVE area of {size} bytes is not a multiple of 4 of at least "
+                         f"{KVM_XSAVE_SIZE}")
+
+    class _KvmXsave(ctypes.Structure):
+        _fields_ = [*kvm_xsave._fields_, ("extra", u32 * ((size - KVM_XSAVE_SIZE) // 4))]
+
+    return _KvmXsave()
+
+
+XSAVE_MXCSR_INDEX = 24 // 4  # MXCSR sits at byte 24 of the legacy region
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [
+        ("xcr", u32),
+        ("reserved", u32),
+        ("value", u64),
+    ]
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [
+        ("nr_xcrs", u32),
+        ("flags", u32),
+        ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+        ("padding", u64 * 16),
+    ]
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [
+        ("db", u64 * 4),
+        ("dr6", u64),
+        ("dr7", u64),
+        ("flags", u64),
+        ("reserved", u64 * 9),
+    ]
 
 
 # -- local APIC ----------------------------------------------------------------------------------
 KVM_APIC_REG_SIZE = 0x400
-
-
-class kvm_xsave(ctypes.Structure):
-    """The XSAVE area as KVM_GET_XSAVE/KVM_SET_XSAVE exchange it (legacy FXSAVE layout first)."""
-
-    _fields_ = [("region", ctypes.c_uint32 * 1024)]
-
-
-XSAVE_MXCSR_INDEX = 24 // 4  # MXCSR sits at byte 24 of the legacy region
 
 
 class kvm_lapic_state(ctypes.Structure):
@@ -252,6 +303,104 @@ class kvm_pit_config(ctypes.Structure):
     _fields_ = [
         ("flags", u32),
         ("pad", u32 * 15),
+    ]
+
+
+KVM_PIT_FLAGS_HPET_LEGACY = 1 << 0
+KVM_PIT_FLAGS_SPEAKER_DATA_ON = 1 << 1
+
+
+class kvm_pit_channel_state(ctypes.Structure):
+    _fields_ = [
+        ("count", u32),  # can be 65536
+        ("latched_count", u16),
+        ("count_latched", u8),
+        ("status_latched", u8),
+        ("status", u8),
+        ("read_state", u8),
+        ("write_state", u8),
+        ("write_latch", u8),
+        ("rw_mode", u8),
+        ("mode", u8),
+        ("bcd", u8),
+        ("gate", u8),
+        ("count_load_time", ctypes.c_int64),  # host ktime (ns) when count was loaded
+    ]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [
+        ("channels", kvm_pit_channel_state * 3),
+        ("flags", u32),
+        ("reserved", u32 * 9),
+    ]
+
+
+# KVM_GET_IRQCHIP / KVM_SET_IRQCHIP: which chip a struct kvm_irqchip holds.
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class kvm_pic_state(ctypes.Structure):
+    """One i8259 as KVM models it."""
+
+    _fields_ = [(name, u8) for name in (
+        "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll",
+        "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi",
+        "special_fully_nested_mode", "init4", "elcr", "elcr_mask")]
+
+
+KVM_IOAPIC_NUM_PINS = 24
+# Bits of one 64-bit IOAPIC redirection entry (the header's bit-field view of the same union).
+IOAPIC_REDIR_MASKED = 1 << 16
+IOAPIC_REDIR_LEVEL = 1 << 15
+IOAPIC_REDIR_DEST_SHIFT = 56
+
+
+class kvm_ioapic_state(ctypes.Structure):
+    """The IOAPIC; ``redirtbl`` holds each pin's 64-bit redirection entry as one integer."""
+
+    _fields_ = [
+        ("base_address", u64),
+        ("ioregsel", u32),
+        ("id", u32),
+        ("irr", u32),
+        ("pad", u32),
+        ("redirtbl", u64 * KVM_IOAPIC_NUM_PINS),
+    ]
+
+
+class _irqchip_union(ctypes.Union):
+    _fields_ = [
+        ("dummy", ctypes.c_char * 512),  # fixes the union's size
+        ("pic", kvm_pic_state),
+        ("ioapic", kvm_ioapic_state),
+    ]
+
+
+class kvm_irqchip(ctypes.Structure):
+    _fields_ = [
+        ("chip_id", u32),
+        ("pad", u32),
+        ("chip", _irqchip_union),
+    ]
+
+
+# KVM_GET_CLOCK / KVM_SET_CLOCK (KVM_CAP_ADJUST_CLOCK says which flags this host fills in).
+KVM_CLOCK_TSC_STABLE = 1 << 1
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+
+class kvm_clock_data(ctypes.Structure):
+    _fields_ = [
+        ("clock", u64),      # kvmclock, ns
+        ("flags", u32),
+        ("pad0", u32),
+        ("realtime", u64),   # host CLOCK_REALTIME at the same instant (KVM_CLOCK_REALTIME)
+        ("host_tsc", u64),   # host TSC at the same instant (KVM_CLOCK_HOST_TSC)
+        ("pad", u32 * 4),
     ]
 
 

@@ -28,6 +28,11 @@ class KvmUnavailableError(PyStratoVirtError):
     """This host cannot run KVM guests; str() is one sentence saying why."""
 
 
+def _reason(exc: OSError) -> str:
+    """The C library's words for an OSError's errno (without the ioctl detail)."""
+    return os.strerror(exc.errno) if exc.errno is not None else str(exc)
+
+
 def _open_error_sentence(path: str, exc: OSError) -> str:
     if exc.errno == errno.ENOENT:
         return (f"KVM is not available: {path} does not exist (is the kvm module loaded, "
@@ -38,7 +43,7 @@ def _open_error_sentence(path: str, exc: OSError) -> str:
     if exc.errno in (errno.ENXIO, errno.ENODEV):
         return (f"KVM is not available: {path} exists but no KVM driver answers it (load "
                 f"kvm_intel or kvm_amd, and check that virtualisation is enabled in the firmware).")
-    return f"KVM is not available: opening {path} failed ({os.strerror(exc.errno)})."
+    return f"KVM is not available: opening {path} failed ({_reason(exc)})."
 
 
 class Kvm:
@@ -56,7 +61,7 @@ class Kvm:
             except OSError as exc:
                 raise KvmUnavailableError(
                     f"KVM is not available: {path} is not a KVM device "
-                    f"(KVM_GET_API_VERSION failed: {os.strerror(exc.errno)}).") from None
+                    f"(KVM_GET_API_VERSION failed: {_reason(exc)}).") from None
             if version != k.KVM_API_VERSION:
                 raise KvmUnavailableError(
                     f"KVM is not available: {path} speaks KVM API version {version}, "
@@ -118,7 +123,7 @@ class Kvm:
         """Create a VM (see :class:`~.vm.Vm` for what ``exit_on_emulation_failure`` does)."""
         fd = k.ioctl(self.fd, k.KVM_CREATE_VM, 0)
         try:
-            vm = Vm(self, fd)
+            vm = Vm(fd, self.vcpu_mmap_size())
         except BaseException:
             os.close(fd)
             raise
@@ -136,13 +141,13 @@ class Kvm:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "Kvm":
+    def __enter__(self) -> Kvm:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):  # a best-effort fd release for objects dropped without close()
+    def __del__(self) -> None:  # a best-effort fd release for objects dropped without close()
         try:
             self.close()
         except Exception:

@@ -1,4 +1,10 @@
-"""One KVM vCPU: its fd, the shared kvm_run page, register/MSR/CPUID/LAPIC state, and KVM_RUN.
+"""One KVM vCPU: its fd, the shared kvm_run page, its state (registers, FPU/XSAVE, XCRs, debug
+registers, MSRs, CPUID, LAPIC, events, MP state, TSC rate), and KVM_RUN.
+
+Every state method is one ioctl and raises OSError when KVM refuses; what makes up the complete
+saved state of a vCPU, and the order it must be loaded in, is ``pystratovirt.cpu.state``'s
+business. A vCPU knows nothing of its VM: :meth:`~.vm.Vm.create_vcpu` hands it the values it
+needs.
 
 Kicking a vCPU out of KVM_RUN from another thread (to pause it, stop it, or make it look at a
 request) works like this:
@@ -20,11 +26,13 @@ does nothing; the signal's only job is to interrupt the system call.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import signal
 import threading
+import types
 import typing
 from dataclasses import dataclass
 
@@ -33,13 +41,10 @@ from . import structs as s
 from .exits import Exit, Interrupted, decode_exit
 from .structs import CpuidEntry
 
-if typing.TYPE_CHECKING:
-    from .vm import Vm
-
 KICK_SIGNAL = signal.SIGUSR1
 
 
-def _ignore_kick(signum, frame) -> None:
+def _ignore_kick(signum: int, frame: types.FrameType | None) -> None:
     """The kick signal's handler: nothing to do, the interrupted KVM_RUN is the point."""
 
 
@@ -54,7 +59,11 @@ def install_kick_signal() -> None:
 
 
 class MsrAccessError(OSError):
-    """KVM refused to read or write one MSR of a batch."""
+    """KVM refused to read or write one MSR of a batch; ``index`` says which."""
+
+    def __init__(self, errno_: int, message: str, *, index: int):
+        super().__init__(errno_, message)
+        self.index = index
 
 
 @dataclass(frozen=True)
@@ -75,11 +84,14 @@ class Vcpu:
     run; :meth:`kick` and :attr:`immediate_exit` are safe from any thread.
     """
 
-    def __init__(self, vm: "Vm", index: int, fd: int, mmap_size: int):
-        self.vm = vm
+    def __init__(self, index: int, fd: int, mmap_size: int, *, xsave2_size: int = 0):
         self.index = index
         self.fd = fd
-        self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM when this vCPU was made: 0 when the host
+        # has no KVM_GET_XSAVE2, else the bytes it and KVM_SET_XSAVE move (at least 4096).
+        self.xsave2_size = xsave2_size
+        self._map: mmap.mmap | None = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED,
+                                                mmap.PROT_READ | mmap.PROT_WRITE)
         self._run = s.kvm_run.from_buffer(self._map)
         self._page = memoryview(self._map)
         self._kick_lock = threading.Lock()
@@ -161,42 +173,110 @@ class Vcpu:
     def set_fpu(self, fpu: s.kvm_fpu) -> None:
         k.ioctl(self.fd, k.KVM_SET_FPU, fpu)
 
-    def get_mxcsr(self) -> int:
-        """MXCSR, read through the XSAVE area (KVM_GET_FPU does not report it)."""
+    # -- XSAVE area, XCRs, debug registers -----------------------------------------------------
+    @property
+    def xsave_size(self) -> int:
+        """Bytes of XSAVE area KVM_SET_XSAVE reads from its argument on this vCPU."""
+        return max(self.xsave2_size, s.KVM_XSAVE_SIZE)
+
+    def get_xsave(self) -> s.kvm_xsave:
+        """The 4096-byte XSAVE area (KVM_GET_XSAVE); KVM refuses once the area is larger."""
         xs = s.kvm_xsave()
         k.ioctl(self.fd, k.KVM_GET_XSAVE, xs)
-        return xs.region[s.XSAVE_MXCSR_INDEX]
+        return xs
+
+    def get_xsave2(self) -> ctypes.Structure:
+        """The whole XSAVE area, :attr:`xsave_size` bytes (KVM_GET_XSAVE2; needs KVM_CAP_XSAVE2)."""
+        if not self.xsave2_size:
+            raise OSError(errno.ENOTTY, "this host's KVM has no KVM_GET_XSAVE2 (KVM_CAP_XSAVE2)")
+        xs = s.kvm_xsave_with(self.xsave2_size)
+        k.ioctl(self.fd, k.KVM_GET_XSAVE2, xs)
+        return xs
+
+    def get_xsave_area(self) -> ctypes.Structure:
+        """The whole XSAVE area with the ioctl this host has: KVM_GET_XSAVE2, else KVM_GET_XSAVE."""
+        return self.get_xsave2() if self.xsave2_size else self.get_xsave()
+
+    def set_xsave(self, xsave: ctypes.Structure) -> None:
+        """Load an XSAVE area (KVM_SET_XSAVE). KVM reads :attr:`xsave_size` bytes from it, so a
+        shorter buffer is refused here rather than letting the kernel read past its end."""
+        if ctypes.sizeof(xsave) < self.xsave_size:
+            raise ValueError(f"an XSAVE area of {ctypes.sizeof(xsave)} bytes is shorter than the "
+                             f"{self.xsave_size} bytes KVM_SET_XSAVE reads on this host")
+        k.ioctl(self.fd, k.KVM_SET_XSAVE, xsave)
+
+    def get_mxcsr(self) -> int:
+        """MXCSR, read through the XSAVE area (KVM_GET_FPU does not report it)."""
+        value: int = self.get_xsave_area().region[s.XSAVE_MXCSR_INDEX]
+        return value
 
     def set_mxcsr(self, value: int) -> None:
         """Set MXCSR through the XSAVE area (KVM_SET_FPU ignores its mxcsr field)."""
-        xs = s.kvm_xsave()
-        k.ioctl(self.fd, k.KVM_GET_XSAVE, xs)
+        xs = self.get_xsave_area()
         xs.region[s.XSAVE_MXCSR_INDEX] = value & 0xFFFF_FFFF
-        k.ioctl(self.fd, k.KVM_SET_XSAVE, xs)
+        self.set_xsave(xs)
+
+    def get_xcrs(self) -> s.kvm_xcrs:
+        """The extended control registers (XCR0) (KVM_GET_XCRS)."""
+        xcrs = s.kvm_xcrs()
+        k.ioctl(self.fd, k.KVM_GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: s.kvm_xcrs) -> None:
+        """KVM_SET_XCRS; KVM checks XCR0 against the features the vCPU's CPUID offers."""
+        k.ioctl(self.fd, k.KVM_SET_XCRS, xcrs)
+
+    def get_debugregs(self) -> s.kvm_debugregs:
+        """DR0-DR3, DR6 and DR7 (KVM_GET_DEBUGREGS)."""
+        regs = s.kvm_debugregs()
+        k.ioctl(self.fd, k.KVM_GET_DEBUGREGS, regs)
+        return regs
+
+    def set_debugregs(self, regs: s.kvm_debugregs) -> None:
+        k.ioctl(self.fd, k.KVM_SET_DEBUGREGS, regs)
+
+    # -- TSC rate, kvmclock ----------------------------------------------------------------------
+    def get_tsc_khz(self) -> int:
+        """The guest TSC's frequency in kHz (KVM_GET_TSC_KHZ)."""
+        return k.ioctl(self.fd, k.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Run the guest TSC at ``khz`` (KVM_SET_TSC_KHZ). KVM accepts the host's own rate
+        (within 250 ppm) anywhere; other rates need TSC scaling (KVM_CAP_TSC_CONTROL), except
+        that a faster rate on a host without it is approximated by catching up on each entry."""
+        k.ioctl(self.fd, k.KVM_SET_TSC_KHZ, khz)
+
+    def kvmclock_ctrl(self) -> None:
+        """Tell a kvmclock guest it was paused (KVM_KVMCLOCK_CTRL): KVM sets PVCLOCK_GUEST_STOPPED
+        in the guest's pvclock page so its soft-lockup watchdog does not count the pause. Fails
+        with EINVAL while the guest has not enabled kvmclock on this vCPU."""
+        k.ioctl(self.fd, k.KVM_KVMCLOCK_CTRL)
 
     # -- MSRs ----------------------------------------------------------------------------------
     def get_msrs(self, indices: typing.Iterable[int]) -> list[tuple[int, int]]:
         """Read MSRs; raises :class:`MsrAccessError` naming the first one KVM refuses."""
-        indices = list(indices)
-        msrs = s.kvm_msrs_with(len(indices))
-        for i, index in enumerate(indices):
+        wanted = list(indices)
+        msrs = s.kvm_msrs_with(len(wanted))
+        for i, index in enumerate(wanted):
             msrs.entries[i].index = index
         done = k.ioctl(self.fd, k.KVM_GET_MSRS, msrs)
-        if done < len(indices):
-            raise MsrAccessError(errno.EINVAL, f"KVM cannot read MSR {indices[done]:#x}")
-        return [(msrs.entries[i].index, msrs.entries[i].data) for i in range(len(indices))]
+        if done < len(wanted):
+            raise MsrAccessError(errno.EINVAL, f"KVM cannot read MSR {wanted[done]:#x}",
+                                 index=wanted[done])
+        return [(msrs.entries[i].index, msrs.entries[i].data) for i in range(len(wanted))]
 
     def set_msrs(self, entries: typing.Iterable[tuple[int, int]]) -> None:
         """Write (index, value) pairs; raises :class:`MsrAccessError` naming the first refused."""
-        entries = list(entries)
-        msrs = s.kvm_msrs_with(len(entries))
-        for i, (index, value) in enumerate(entries):
+        pairs = list(entries)
+        msrs = s.kvm_msrs_with(len(pairs))
+        for i, (index, value) in enumerate(pairs):
             msrs.entries[i].index = index
             msrs.entries[i].data = value & 0xFFFF_FFFF_FFFF_FFFF
         done = k.ioctl(self.fd, k.KVM_SET_MSRS, msrs)
-        if done < len(entries):
-            index, value = entries[done]
-            raise MsrAccessError(errno.EINVAL, f"KVM refused to set MSR {index:#x} to {value:#x}")
+        if done < len(pairs):
+            index, value = pairs[done]
+            raise MsrAccessError(errno.EINVAL, f"KVM refused to set MSR {index:#x} to {value:#x}",
+                                 index=index)
 
     # -- CPUID ---------------------------------------------------------------------------------
     def set_cpuid2(self, entries: typing.Iterable[CpuidEntry]) -> None:
@@ -235,7 +315,7 @@ class Vcpu:
     def get_mp_state(self) -> int:
         state = s.kvm_mp_state()
         k.ioctl(self.fd, k.KVM_GET_MP_STATE, state)
-        return state.mp_state
+        return int(state.mp_state)
 
     def set_mp_state(self, mp_state: int) -> None:
         k.ioctl(self.fd, k.KVM_SET_MP_STATE, s.kvm_mp_state(mp_state))
@@ -263,7 +343,7 @@ class Vcpu:
         fd, self.fd = self.fd, -1
         os.close(fd)
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.close()
         except Exception:

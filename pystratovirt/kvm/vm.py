@@ -1,6 +1,9 @@
-"""One KVM virtual machine: its fd, memory slots, in-kernel devices, eventfd wiring, vCPUs.
+"""One KVM virtual machine: its fd, memory slots, in-kernel devices and their state, eventfd
+wiring, vCPUs.
 
-Create it with :meth:`pystratovirt.kvm.Kvm.create_vm`. When the host offers
+Create it with :meth:`pystratovirt.kvm.Kvm.create_vm`. The package's modules depend one way:
+``system`` (/dev/kvm) creates a :class:`Vm`, which creates :class:`~.vcpu.Vcpu` objects; a Vm
+gets what it needs from /dev/kvm (the kvm_run mapping size) as a value, not a back-reference. When the host offers
 KVM_CAP_EXIT_ON_EMULATION_FAILURE, ``create_vm`` enables it (``exit_on_emulation_failure``
 below records that). What the capability changes, per the KVM API documentation:
 
@@ -18,22 +21,18 @@ VMM step over the few instructions the emulator lacks.
 from __future__ import annotations
 
 import os
-import typing
 
 from . import ioctl as k
 from . import structs as s
 from .vcpu import Vcpu
 
-if typing.TYPE_CHECKING:
-    from .system import Kvm
-
 
 class Vm:
     """A KVM VM fd; every method is one ioctl and raises OSError when KVM refuses."""
 
-    def __init__(self, kvm: "Kvm", fd: int):
-        self.kvm = kvm
+    def __init__(self, fd: int, vcpu_mmap_size: int):
         self.fd = fd
+        self.vcpu_mmap_size = vcpu_mmap_size  # KVM_GET_VCPU_MMAP_SIZE of /dev/kvm
         self.exit_on_emulation_failure = False  # set by Kvm.create_vm once the cap is enabled
 
     def check_extension(self, cap: int) -> int:
@@ -78,6 +77,41 @@ class Vm:
         cfg = s.kvm_pit_config(flags=s.KVM_PIT_SPEAKER_DUMMY if speaker_dummy else 0)
         k.ioctl(self.fd, k.KVM_CREATE_PIT2, cfg)
 
+    # -- in-kernel device state (save/restore) -------------------------------------------------
+    def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
+        """One in-kernel interrupt controller's state (KVM_GET_IRQCHIP); ``chip_id`` is
+        structs.KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE or KVM_IRQCHIP_IOAPIC."""
+        chip = s.kvm_irqchip(chip_id=chip_id)
+        k.ioctl(self.fd, k.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: s.kvm_irqchip) -> None:
+        """Load the state of the controller named by ``chip.chip_id`` (KVM_SET_IRQCHIP)."""
+        k.ioctl(self.fd, k.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> s.kvm_pit_state2:
+        """The in-kernel PIT's three channels and flags (KVM_GET_PIT2)."""
+        state = s.kvm_pit_state2()
+        k.ioctl(self.fd, k.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state: s.kvm_pit_state2) -> None:
+        """Load PIT state (KVM_SET_PIT2). KVM reloads each channel's count as of now: the part
+        of the current period that had elapsed when the state was read starts over."""
+        k.ioctl(self.fd, k.KVM_SET_PIT2, state)
+
+    def get_clock(self) -> s.kvm_clock_data:
+        """The VM's kvmclock in ns, with host realtime/TSC at the same instant where the flags say
+        so (KVM_GET_CLOCK)."""
+        data = s.kvm_clock_data()
+        k.ioctl(self.fd, k.KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, data: s.kvm_clock_data) -> None:
+        """Set the kvmclock to ``data.clock`` (KVM_SET_CLOCK); with KVM_CLOCK_REALTIME in
+        ``data.flags`` KVM adds the host realtime that has passed since ``data.realtime``."""
+        k.ioctl(self.fd, k.KVM_SET_CLOCK, data)
+
     def irq_line(self, irq: int, level: int) -> None:
         """Drive GSI ``irq`` to ``level`` (0/1) on the in-kernel irqchip."""
         req = s.kvm_irq_level(level=level)
@@ -115,9 +149,11 @@ class Vm:
     # -- vCPUs ---------------------------------------------------------------------------------
     def create_vcpu(self, index: int) -> Vcpu:
         """Create vCPU ``index`` (also its initial APIC id) and map its kvm_run page."""
+        # The XSAVE area size KVM_GET_XSAVE2/KVM_SET_XSAVE move (0: no KVM_GET_XSAVE2 on this host).
+        xsave2_size = self.check_extension(k.Cap.XSAVE2)
         fd = k.ioctl(self.fd, k.KVM_CREATE_VCPU, index)
         try:
-            return Vcpu(self, index, fd, self.kvm.vcpu_mmap_size())
+            return Vcpu(index, fd, self.vcpu_mmap_size, xsave2_size=xsave2_size)
         except BaseException:
             os.close(fd)
             raise
@@ -127,13 +163,13 @@ class Vm:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "Vm":
+    def __enter__(self) -> Vm:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.close()
         except Exception:

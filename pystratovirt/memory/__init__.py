@@ -1,5 +1,6 @@
-"""memory layer: guest RAM regions, the guest physical layout, bounds-checked access."""
+"""memory layer: guest RAM regions and their host backing, the guest physical layout,
+bounds-checked access."""
 
-from .guest import GuestMemory, GuestMemoryError, Region
+from .guest import Backing, GuestMemory, GuestMemoryError, Region
 
-__all__ = ["GuestMemory", "GuestMemoryError", "Region"]
+__all__ = ["Backing", "GuestMemory", "GuestMemoryError", "Region"]

@@ -27,10 +27,16 @@ class LongModeVm:
         self.memory.close()
 
 
-def make_vm(kvm: Kvm, *, irqchip: bool = True, size: int = 4 << 20) -> LongModeVm:
-    """A VM with ``size`` bytes of RAM, the boot GDT and page tables identity-mapping 1 GiB."""
+def make_vm(kvm: Kvm, *, irqchip: bool = True, pit: bool = False, size: int = 4 << 20,
+            memory: GuestMemory | None = None) -> LongModeVm:
+    """A VM with ``size`` bytes of RAM, the boot GDT and page tables identity-mapping 1 GiB.
+
+    Given ``memory`` (say, RAM mapped from a saved file), the VM uses it as it is: the tables are
+    expected to be in it already.
+    """
     vm = kvm.create_vm()
-    memory = GuestMemory(size)
+    fresh = memory is None
+    memory = GuestMemory(size) if memory is None else memory
     for region in memory.regions:
         vm.set_user_memory_region(region.slot, region.gpa, region.size,
                                   memory.host_base + region.offset)
@@ -38,12 +44,28 @@ def make_vm(kvm: Kvm, *, irqchip: bool = True, size: int = 4 << 20) -> LongModeV
     vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
     if irqchip:
         vm.create_irqchip()
+    if pit:
+        vm.create_pit2(speaker_dummy=True)
+    if fresh:
+        write_boot_tables(memory)
+    return LongModeVm(vm, memory)
+
+
+def write_boot_tables(memory: GuestMemory) -> None:
+    """The boot GDT and page tables identity-mapping the first GiB."""
     memory.write(layout.GDT_ADDR, gdt.gdt_bytes())
     memory.write_u64(layout.PML4_ADDR, layout.PDPT_ADDR | 0x3)       # present, writable
     memory.write_u64(layout.PDPT_ADDR, layout.PD_ADDR | 0x3)
     for i in range(512):
         memory.write_u64(layout.PD_ADDR + 8 * i, (i << 21) | 0x83)  # 2 MiB page, present, RW
-    return LongModeVm(vm, memory)
+
+
+def map_lapic_page(memory: GuestMemory) -> None:
+    """Add the LAPIC's MMIO page (0xfee00000, uncached) to make_vm's page tables."""
+    pd = layout.PD_ADDR + 3 * 0x1000  # the page directory for the fourth GiB
+    memory.write_u64(layout.PDPT_ADDR + 3 * 8, pd | 0x3)
+    memory.write_u64(pd + 8 * ((layout.LAPIC_ADDR >> 21) & 0x1FF),
+                     (layout.LAPIC_ADDR & ~0x1F_FFFF) | 0x93)  # 2 MiB page, present, RW, PCD
 
 
 def idt_gate(handler: int, selector: int = gdt.CODE_SELECTOR) -> bytes:

@@ -32,6 +32,16 @@ int main(void)
 	SIZE(kvm_mp_state);
 	SIZE(kvm_debug_exit_arch);
 	SIZE(kvm_run);
+	SIZE(kvm_xsave);
+	SIZE(kvm_xcr);
+	SIZE(kvm_xcrs);
+	SIZE(kvm_debugregs);
+	SIZE(kvm_pic_state);
+	SIZE(kvm_ioapic_state);
+	SIZE(kvm_irqchip);
+	SIZE(kvm_pit_channel_state);
+	SIZE(kvm_pit_state2);
+	SIZE(kvm_clock_data);
 
 	OFF(kvm_userspace_memory_region, userspace_addr);
 	OFF(kvm_regs, rip);
@@ -110,6 +120,36 @@ int main(void)
 	OFF(kvm_run, kvm_valid_regs);
 	OFF(kvm_run, kvm_dirty_regs);
 	OFF(kvm_run, s);
+	OFF(kvm_xsave, extra);
+	OFF(kvm_xcr, value);
+	OFF(kvm_xcrs, flags);
+	OFF(kvm_xcrs, xcrs);
+	OFF(kvm_xcrs, padding);
+	OFF(kvm_debugregs, dr6);
+	OFF(kvm_debugregs, dr7);
+	OFF(kvm_debugregs, flags);
+	OFF(kvm_debugregs, reserved);
+	OFF(kvm_pic_state, imr);
+	OFF(kvm_pic_state, irq_base);
+	OFF(kvm_pic_state, elcr);
+	OFF(kvm_pic_state, elcr_mask);
+	OFF(kvm_ioapic_state, ioregsel);
+	OFF(kvm_ioapic_state, irr);
+	OFF(kvm_ioapic_state, redirtbl);
+	OFF(kvm_irqchip, chip);
+	OFF(kvm_irqchip, chip.pic.imr);
+	OFF(kvm_irqchip, chip.ioapic.redirtbl);
+	OFF(kvm_pit_channel_state, latched_count);
+	OFF(kvm_pit_channel_state, status);
+	OFF(kvm_pit_channel_state, mode);
+	OFF(kvm_pit_channel_state, gate);
+	OFF(kvm_pit_channel_state, count_load_time);
+	OFF(kvm_pit_state2, flags);
+	OFF(kvm_pit_state2, reserved);
+	OFF(kvm_clock_data, flags);
+	OFF(kvm_clock_data, realtime);
+	OFF(kvm_clock_data, host_tsc);
+	OFF(kvm_clock_data, pad);
 
 	VAL(KVM_GET_API_VERSION);
 	VAL(KVM_CREATE_VM);
@@ -148,6 +188,22 @@ int main(void)
 	VAL(KVM_NMI);
 	VAL(KVM_GET_VCPU_EVENTS);
 	VAL(KVM_SET_VCPU_EVENTS);
+	VAL(KVM_GET_XSAVE);
+	VAL(KVM_SET_XSAVE);
+	VAL(KVM_GET_XSAVE2);
+	VAL(KVM_GET_XCRS);
+	VAL(KVM_SET_XCRS);
+	VAL(KVM_GET_DEBUGREGS);
+	VAL(KVM_SET_DEBUGREGS);
+	VAL(KVM_GET_IRQCHIP);
+	VAL(KVM_SET_IRQCHIP);
+	VAL(KVM_GET_PIT2);
+	VAL(KVM_SET_PIT2);
+	VAL(KVM_GET_CLOCK);
+	VAL(KVM_SET_CLOCK);
+	VAL(KVM_GET_TSC_KHZ);
+	VAL(KVM_SET_TSC_KHZ);
+	VAL(KVM_KVMCLOCK_CTRL);
 	VAL(KVM_API_VERSION);
 
 	VAL(KVM_CAP_IRQCHIP);
@@ -175,6 +231,14 @@ int main(void)
 	VAL(KVM_CAP_MAX_VCPU_ID);
 	VAL(KVM_CAP_EXCEPTION_PAYLOAD);
 	VAL(KVM_CAP_EXIT_ON_EMULATION_FAILURE);
+	VAL(KVM_CAP_DEBUGREGS);
+	VAL(KVM_CAP_XSAVE);
+	VAL(KVM_CAP_XCRS);
+	VAL(KVM_CAP_TSC_CONTROL);
+	VAL(KVM_CAP_GET_TSC_KHZ);
+	VAL(KVM_CAP_KVMCLOCK_CTRL);
+	VAL(KVM_CAP_XSAVE2);
+	VAL(KVM_CAP_VM_TSC_CONTROL);
 
 	VAL(KVM_MEM_LOG_DIRTY_PAGES);
 	VAL(KVM_MEM_READONLY);
@@ -202,5 +266,15 @@ int main(void)
 	VAL(KVM_MP_STATE_SIPI_RECEIVED);
 	VAL(KVM_APIC_REG_SIZE);
 	VAL(KVM_NR_INTERRUPTS);
+	VAL(KVM_MAX_XCRS);
+	VAL(KVM_IOAPIC_NUM_PINS);
+	VAL(KVM_IRQCHIP_PIC_MASTER);
+	VAL(KVM_IRQCHIP_PIC_SLAVE);
+	VAL(KVM_IRQCHIP_IOAPIC);
+	VAL(KVM_PIT_FLAGS_HPET_LEGACY);
+	VAL(KVM_PIT_FLAGS_SPEAKER_DATA_ON);
+	VAL(KVM_CLOCK_TSC_STABLE);
+	VAL(KVM_CLOCK_REALTIME);
+	VAL(KVM_CLOCK_HOST_TSC);
 	return 0;
 }

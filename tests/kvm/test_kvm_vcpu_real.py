@@ -1,9 +1,7 @@
 """The kvm layer on the real /dev/kvm: a real-mode guest doing port IO, MMIO, ioeventfd, kicks,
 and round trips of vCPU state. Guest code is hand-assembled 16-bit x86 (see the comments)."""
 
-import ctypes
 import errno
-import mmap
 import os
 import signal
 import threading
@@ -11,57 +9,12 @@ import time
 
 import pytest
 
+from kvm.kvm_guest_helpers import CODE
 from pystratovirt.kvm import (Cap, Hlt, Interrupted, IoIn, IoOut, MmioRead, MmioWrite,
                               MsrAccessError, install_kick_signal)
 from pystratovirt.kvm import structs as s
 
 pytestmark = pytest.mark.kvm
-
-RAM_SIZE = 0x10000   # 64 KiB at guest physical 0
-CODE = 0x1000
-
-
-class RealModeGuest:
-    """A VM with one 64 KiB slot and vCPU 0 in real mode at CS:IP = 0:CODE."""
-
-    def __init__(self, kvm, code: bytes, irqchip: bool = False):
-        self.vm = kvm.create_vm()
-        self.ram = mmap.mmap(-1, RAM_SIZE)
-        self._anchor = ctypes.c_char.from_buffer(self.ram)
-        self.vm.set_user_memory_region(0, 0, RAM_SIZE, ctypes.addressof(self._anchor))
-        if irqchip:
-            self.vm.set_tss_addr(0xFFFB_D000)
-            self.vm.create_irqchip()
-        self.ram[CODE:CODE + len(code)] = code
-        self.vcpu = self.vm.create_vcpu(0)
-        sregs = self.vcpu.get_sregs()
-        sregs.cs.base = 0
-        sregs.cs.selector = 0
-        self.vcpu.set_sregs(sregs)
-        regs = self.vcpu.get_regs()
-        regs.rip = CODE
-        regs.rflags = 2
-        self.vcpu.set_regs(regs)
-
-    def close(self):
-        self.vcpu.close()
-        self.vm.close()
-        del self._anchor
-        self.ram.close()
-
-
-@pytest.fixture
-def guest_factory(kvm):
-    made = []
-
-    def make(code_hex: str, **kw):
-        guest = RealModeGuest(kvm, bytes.fromhex(code_hex), **kw)
-        made.append(guest)
-        return guest
-
-    yield make
-    for guest in made:
-        guest.close()
 
 
 def test_real_mode_out_in_hlt(guest_factory):
