@@ -70,6 +70,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("iothread", VALUES, "configure a iothread ID 'str'", "id=str", multiple=True),
     Option("balloon", OPTIONAL, "add balloon device", "deflate-on-oom=bool"),
     Option("rng", VALUE, "add rng device", "random_file=path[,bytes_per_sec=]"),
+    Option("incoming", VALUE, "start from the snapshot in DIR (2.x)", "file:DIR"),
 )
 
 HELP_SPELLINGS = ("-h", "-help")

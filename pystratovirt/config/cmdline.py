@@ -37,11 +37,11 @@ Choices where the early StratoVirt command line is silent or where we differ on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .. import __version__
-from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, BalloonConfig, SerialConfig, VmConfig
+from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, BalloonConfig, IncomingConfig, SerialConfig, VmConfig
 
 from . import args as A
 from .draft import (
@@ -87,7 +87,21 @@ def _parse(argv: list[str], prog: str) -> Invocation:
     if config_file is not None:
         apply_json_file(draft, config_file.values[0])
     apply_args(draft, parsed)
-    return Invocation(draft.finish(), "run", "")
+    config = draft.finish()
+    if (incoming := _value(parsed, "incoming")) is not None:
+        config = replace(config, incoming=parse_incoming(incoming))
+    return Invocation(config, "run", "")
+
+
+def parse_incoming(value: str) -> IncomingConfig:
+    """``-incoming file:DIR``: restore from the snapshot in DIR (StratoVirt 2.x's template start).
+    Live migration (``tcp:``, ``unix:``) is not offered."""
+    scheme, sep, path = value.partition(":")
+    if not sep or scheme != "file":
+        raise ConfigError(f"-incoming '{value}' is not supported: only 'file:DIR' (a snapshot "
+                          "directory) is.")
+    check_path(path, "snapshot directory")
+    return IncomingConfig(path)
 
 
 def _value(parsed: A.Parsed, name: str) -> str | None:

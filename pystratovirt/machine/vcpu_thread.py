@@ -77,6 +77,8 @@ class VcpuThread(threading.Thread):
     def run(self) -> None:
         self.host_thread_id = threading.get_native_id()
         self.native_id_ready.set()
+        # Hydropper's quickstart figure is the time from the VmConfig line to the last of these.
+        log.info("Vcpu%d: thread %d started", self.vcpu.index, self.host_thread_id)
         try:
             self._loop()
         except Exception as exc:  # a VMM bug must end the VM cleanly, not leave a stuck thread

@@ -160,6 +160,14 @@ class RngConfig:
 
 
 @dataclass(frozen=True)
+class IncomingConfig:
+    """Start from the snapshot in directory ``path`` (``-incoming file:DIR``) instead of booting
+    the kernel afresh."""
+
+    path: str
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """Everything needed to build and run one micro-VM.
 
@@ -167,7 +175,7 @@ class VmConfig:
     stderr), otherwise a path. ``qmp_socket`` None = no management socket (StratoVirt requires
     one; pystratovirt makes it optional). ``extract_payload`` (``-machine kernel-extract=on|off``,
     our extension): for a bzImage, decompress the kernel payload on the host (True) or boot the
-    image's own decompressor (False).
+    image's own decompressor (False). ``incoming``: restore from a snapshot instead of booting.
     """
 
     boot: BootSource
@@ -191,3 +199,4 @@ class VmConfig:
     log_file: str | None = None
     disable_seccomp: bool = False
     extract_payload: bool = True
+    incoming: IncomingConfig | None = None

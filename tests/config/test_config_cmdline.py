@@ -552,3 +552,15 @@ def test_undecodable_and_nul_paths(env):
 
 def test_socket_path_keeps_colons(env):
     assert env.config("-api-channel unix:a:b.sock,server,nowait").qmp_socket == "a:b.sock"
+
+
+# -- -incoming (a minimal form until the 2.x command line lands) -------------------------------------
+
+def test_incoming_names_a_snapshot_directory(env):
+    from pystratovirt.machine.vmconfig import IncomingConfig
+    assert env.config("").incoming is None
+    assert env.config("-incoming file:/var/tmp/snapshot_template").incoming == IncomingConfig("/var/tmp/snapshot_template")
+    assert error(env, "-incoming tcp:192.168.0.1:4446") == (
+        "-incoming 'tcp:192.168.0.1:4446' is not supported: only 'file:DIR' (a snapshot directory) is.")
+    assert error(env, "-incoming file:") == "The snapshot directory must not be empty."
+    assert "provided more than once" in error(env, "-incoming file:a -incoming file:b")
