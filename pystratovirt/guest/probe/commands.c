@@ -42,6 +42,7 @@ static const struct command commands[] = {
 	{"mem", "", "print the RAM total and the e820 map", cmd_mem},
 	{"initrd", "", "print where the initrd is", cmd_initrd},
 	{"cpus", "", "print the MP table's CPUs and how many are online", cmd_cpus},
+	{"ipi", "<apic-id>", "interrupt an application processor and wait for it to answer", cmd_ipi},
 	{"irqs", "", "print interrupt counts per vector", cmd_irqs},
 	{"echo", "<text>", "print the text", cmd_echo},
 	{"ticks", "", "print the TSC (rdtsc)", cmd_ticks},

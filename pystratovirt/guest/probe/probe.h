@@ -141,6 +141,7 @@ int wait_us(uint64_t us, int (*done)(void));
 extern volatile unsigned cpus_online;
 void smp_boot(void);
 void smp_print_online(void);
+const char *cmd_ipi(int argc, char **argv, const char *args);
 
 /* -- the command console (commands.c) -------------------------------------------------------- */
 /* A command handler: returns NULL on success (the console prints "ok") or an error message
