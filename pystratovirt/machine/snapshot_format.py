@@ -384,7 +384,7 @@ def pack_state(codec: Codec, value: object) -> bytes:
     return head + hashlib.sha256(head).digest()
 
 
-def unpack_state(codec: Codec, data: bytes, name: str = "the state file") -> Any:
+def unpack_state(codec: Codec, data: bytes, name: str = "state file") -> Any:
     """The value in a state file's bytes, or SnapshotError naming what is wrong with them: not a
     snapshot, a newer format, truncated, trailing data, a checksum mismatch, malformed."""
     if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
