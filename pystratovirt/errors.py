@@ -19,6 +19,7 @@ The hierarchy (each module documents its own class)::
      +-- TapError              virtio/tap.py     a tap cannot be used
      +-- VhostNetError         virtio/vhost_net.py  vhost-net cannot be used
      +-- MachineError          machine/requests.py  a management request the machine refused
+     +-- SnapshotError         machine/snapshot_format.py  a snapshot cannot be written, read or used
      +-- ConfigError           config/errors.py  the command line or JSON file is invalid
      +-- QmpError              qmp/schema.py     a QMP message the protocol layer refused
      +-- QmpSocketError        qmp/server.py     the QMP socket cannot be created

@@ -317,8 +317,8 @@ def restore(machine: "MicroVm", state: MachineState) -> None:
         try:
             window.transport.restore_state(saved.transport, saved.device)
         except (ValueError, QueueError) as exc:
-            raise SnapshotError(f"Cannot restore device {window.transport.name} from the snapshot: "
-                                f"{_sentence(str(exc))}") from None
+            # The device's message starts with its name.
+            raise SnapshotError(f"The snapshot does not fit this machine: {_sentence(str(exc))}") from None
 
 
 def _restore_slots(machine: "MicroVm", slots: SlotsState, config: VmConfig) -> None:

@@ -384,3 +384,31 @@ def test_clones_share_the_snapshots_unchanged_pages(probe_elf, tmp_path):
     finally:
         for clone in clones:
             clone.kill()
+
+
+def test_a_disk_that_changed_or_went_away_is_named(probe_elf, tmp_path):
+    sock, snap = tmp_path / "s", tmp_path / "snap"
+    root, hot = tmp_path / "root.img", tmp_path / "hot.img"
+    root.write_bytes(bytes(1 * MiB))
+    hot.write_bytes(bytes(1 * MiB))
+    vm = start(probe_elf, sock, "-drive", f"file={root},id=rootfs,direct=off")
+    try:
+        with Qmp(sock) as qmp:
+            qmp.execute("blockdev-add", {"node-name": "drive-1", "file": {"driver": "file", "filename": str(hot)}})
+            assert qmp.execute("device_add", {"id": "drive-1", "driver": "virtio-blk-mmio", "addr": "0x1"})[1] == \
+                {"return": {}}
+        snapshot_and_quit(vm, sock, snap)
+    finally:
+        vm.kill()
+    bigger = tmp_path / "bigger.img"
+    bigger.write_bytes(bytes(2 * MiB))
+    base = ["-kernel", str(probe_elf), "-incoming", f"file:{snap}"]
+    res = run_stratovirt(base + ["-drive", f"file={bigger},id=rootfs,direct=off"])
+    assert res.returncode == 1 and res.stderr == (
+        "stratovirt: The snapshot does not fit this machine: blk0: the guest knows a disk of 2048 sectors, "
+        f"but the disk {bigger} has 4096 sectors.\n")
+    hot.unlink()
+    res = run_stratovirt(base + ["-drive", f"file={root},id=rootfs,direct=off"])
+    assert res.returncode == 1 and res.stderr == (
+        f"stratovirt: Cannot reattach the snapshot's disks and NICs: Drive file '{hot}' does not exist: "
+        "No such file or directory.\n")
