@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -169,6 +170,13 @@ def main() -> int:
     base = ["-kernel", probe, "-serial", "stdio", "-smp", str(opts.smp), "-m", f"{opts.mem}M"]
     ws = opts.working_set * MiB
     work = tempfile.mkdtemp(prefix="snapbench-")
+    try:
+        return run(opts, base, ws, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(opts, base: list[str], ws: int, work: str) -> int:
     snap = os.path.join(work, "snap")
 
     template = Vm(base, os.path.join(work, "t.sock"))
@@ -211,14 +219,14 @@ def main() -> int:
     print()
     print(f"(for scale: 'stratovirt -version', Python start-up and imports, takes "
           f"{statistics.median(interpreter) * 1000:.0f} ms)")
-    print(f"{'start-up (median of %d)' % opts.runs:28} {'QMP running':>12} {'guest answers':>14} "
+    print(f"{f'start-up (median of {opts.runs})':28} {'QMP running':>12} {'guest answers':>14} "
           f"{'VmConfig->last Vcpu':>20}")
     for kind, (qmp_s, guest_s, figure) in rows.items():
         print(f"{kind:28} {statistics.median(qmp_s) * 1000:10.0f} ms {statistics.median(guest_s) * 1000:12.0f} ms "
               f"{statistics.median(figure) * 1000:18.0f} ms")
 
     print()
-    print(f"{'memory, %d VMs' % opts.clones:28} {'RSS total':>12} {'PSS total':>12} {'PSS per VM':>12} "
+    print(f"{f'memory, {opts.clones} VMs':28} {'RSS total':>12} {'PSS total':>12} {'PSS per VM':>12} "
           f"{'shared from file':>17}")
     for kind in ("restored clones", "fresh boots"):
         vms = []

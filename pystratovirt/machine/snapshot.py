@@ -110,7 +110,7 @@ class SavedSnapshot:
 
 
 # -- saving ----------------------------------------------------------------------------------------
-def capture(machine: "MicroVm") -> MachineState:
+def capture(machine: MicroVm) -> MachineState:
     """The machine's state; the VM must be paused and its devices quiesced."""
     try:
         vcpus = tuple(VcpuState.capture(vcpu, machine.msr_index_list).to_bytes() for vcpu in machine.vcpus)
@@ -124,7 +124,7 @@ def capture(machine: "MicroVm") -> MachineState:
                         machine.slots.save_state())
 
 
-def save(machine: "MicroVm", directory: str) -> SavedSnapshot:
+def save(machine: MicroVm, directory: str) -> SavedSnapshot:
     """Write a snapshot of the paused machine into ``directory`` (created if missing; an older
     snapshot there is replaced). Raises SnapshotError."""
     started = time.monotonic()
@@ -247,8 +247,9 @@ def check_config(state: MachineState, config: VmConfig) -> None:
             raise SnapshotError("The snapshot's VM has a balloon device, but the command line has none.")
         raise SnapshotError("The snapshot's VM has no balloon device, but the command line adds one.")
     if config.balloon is not None and state.config.balloon.deflate_on_oom != config.balloon.deflate_on_oom:
-        raise SnapshotError(f"The snapshot's balloon has deflate-on-oom={_on_off(state.config.balloon.deflate_on_oom)}, "
-                            f"but the command line says {_on_off(config.balloon.deflate_on_oom)}.")
+        raise SnapshotError("The snapshot's balloon has deflate-on-oom="
+                            f"{_on_off(state.config.balloon.deflate_on_oom)}, but the command line says "
+                            f"{_on_off(config.balloon.deflate_on_oom)}.")
     occupants = {(o.kind, o.slot): o for o in state.slots.occupants}
     specs = {r.id: r.spec for r in state.slots.registrations}
     windows = {w.index: w for w in state.windows}
@@ -287,7 +288,7 @@ def check_config(state: MachineState, config: VmConfig) -> None:
 
 
 # -- restoring ---------------------------------------------------------------------------------------
-def restore(machine: "MicroVm", state: MachineState) -> None:
+def restore(machine: MicroVm, state: MachineState) -> None:
     """Load ``state`` into a machine built for it (same configuration shape, RAM mapped from
     the snapshot, vCPUs created but never run, I/O threads not started). Raises SnapshotError."""
     try:
@@ -299,7 +300,7 @@ def restore(machine: "MicroVm", state: MachineState) -> None:
         raise SnapshotError(f"The snapshot has {len(vcpu_states)} vCPU(s), this machine {len(machine.vcpus)}.")
     try:
         kernel_state.restore(machine.vm)
-        for vcpu, vcpu_state in zip(machine.vcpus, vcpu_states):
+        for vcpu, vcpu_state in zip(machine.vcpus, vcpu_states, strict=True):
             vcpu_state.restore(vcpu)
     except StateRestoreError as exc:
         raise SnapshotError(f"Cannot restore the snapshot: {exc}.") from None
@@ -321,7 +322,7 @@ def restore(machine: "MicroVm", state: MachineState) -> None:
             raise SnapshotError(f"The snapshot does not fit this machine: {_sentence(str(exc))}") from None
 
 
-def _restore_slots(machine: "MicroVm", slots: SlotsState, config: VmConfig) -> None:
+def _restore_slots(machine: MicroVm, slots: SlotsState, config: VmConfig) -> None:
     """Reopen every registered backend (the command line's spec for an id it names, else the
     snapshot's) and put each back in its slot, exactly as blockdev-add/netdev_add + device_add."""
     drives = {d.id: d for d in config.drives}
@@ -337,6 +338,12 @@ def _restore_slots(machine: "MicroVm", slots: SlotsState, config: VmConfig) -> N
                 spec = netdevs.get(reg.id, reg.spec)
                 if not isinstance(spec, NetdevConfig):
                     raise SnapshotError(f"The snapshot's net backend '{reg.id}' is not a tap.")
+                if spec is reg.spec and spec.fds:
+                    # The number meant a descriptor of the old process; in this one it may be
+                    # anything (adopting it would take over, and on refusal close, our own).
+                    raise SnapshotError(f"The snapshot's NIC backend '{reg.id}' was a file descriptor "
+                                        f"the old process was given; pass one on the command line "
+                                        f"(-netdev id={reg.id},fds=N,...) to restore it.")
                 machine.execute(rq.NetdevAdd(spec))
         for occ in slots.occupants:
             props = dict(occ.props)

@@ -291,7 +291,8 @@ class Codec:
             else:
                 if len(raw) != len(args):
                     raise _Malformed(f"{where} has {len(raw)} items, not {len(args)}")
-                items = [self._typed(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(raw, args))]
+                items = [self._typed(item, arg, f"{where}[{i}]")
+                         for i, (item, arg) in enumerate(zip(raw, args, strict=True))]
             return items if origin is list else tuple(items)
         if origin in (dict, Mapping) or tp is dict:
             key_tp, value_tp = typing.get_args(tp) or (str, Any)

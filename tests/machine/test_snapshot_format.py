@@ -18,10 +18,15 @@ from pystratovirt.devices.serial import SerialState
 from pystratovirt.machine import snapshot
 from pystratovirt.machine.slots import OccupantState, RegistrationState, SlotKind, SlotsState
 from pystratovirt.machine.snapshot import CODEC, MachineState, WindowState, check_config, load
-from pystratovirt.machine.snapshot_format import (FORMAT_VERSION, MAGIC, Codec, SnapshotError, pack_state,
-                                                  unpack_state)
-from pystratovirt.machine.vmconfig import (BalloonConfig, BlockDeviceConfig, BootSource, MachineConfig,
-                                           NetDeviceConfig, VmConfig)
+from pystratovirt.machine.snapshot_format import FORMAT_VERSION, MAGIC, Codec, SnapshotError, pack_state, unpack_state
+from pystratovirt.machine.vmconfig import (
+    BalloonConfig,
+    BlockDeviceConfig,
+    BootSource,
+    MachineConfig,
+    NetDeviceConfig,
+    VmConfig,
+)
 from pystratovirt.memory.layout import MiB
 from pystratovirt.virtio.balloon import BalloonState, BalloonStats
 from pystratovirt.virtio.blk import BlkState
@@ -119,7 +124,8 @@ def payload_of(data: bytes) -> bytes:
     (lambda d: repack(payload_of(d), flags=4), "uses flags 0x4"),
     (lambda d: repack(payload_of(d) + b"N"), "is malformed: 1 bytes follow the value"),
     (lambda d: repack(payload_of(d).replace(b"memory_size", b"memory_sizz")), "lacks field 'memory_size'"),
-    (lambda d: repack(payload_of(d).replace(b"s\x0bAcpiPmState", b"s\x0bNotAPmState")), "is a NotAPmState record, not AcpiPmState"),
+    (lambda d: repack(payload_of(d).replace(b"s\x0bAcpiPmState", b"s\x0bNotAPmState")),
+     "is a NotAPmState record, not AcpiPmState"),
 ])
 def test_each_kind_of_damage_has_its_sentence(edit, message):
     with pytest.raises(SnapshotError) as info:
@@ -269,3 +275,14 @@ def test_query_migrate_ram_counts_pages():
     saved = snapshot.SavedSnapshot("/d", memory_written=3 * 4096, memory_size=256 * MiB, seconds=0.5)
     ram = snapshot.migration_ram(saved)
     assert (ram.normal, ram.duplicate, ram.total, ram.transferred) == (3, 65536 - 3, 256 * MiB, 12288)
+
+
+def test_a_hot_plugged_tap_descriptor_is_not_reused_by_number():
+    from pystratovirt.machine.snapshot import _restore_slots
+
+    class Machine:
+        def execute(self, request):
+            raise AssertionError(f"nothing may be opened: {request}")
+    slots = SlotsState((RegistrationState("hot", SlotKind.NET, NetdevConfig("hot", fds=("5",))),), ())
+    with pytest.raises(SnapshotError, match="'hot' was a file descriptor the old process was given"):
+        _restore_slots(Machine(), slots, config(netdevs=[], net_devices=[]))

@@ -12,6 +12,7 @@ import struct
 import time
 
 import pytest
+from virtio.helper import WRITE, EchoDevice, Ring, spied_memory
 
 from pystratovirt.memory.guest import GuestMemory
 from pystratovirt.memory.layout import MiB
@@ -20,12 +21,11 @@ from pystratovirt.virtio.balloon import STATS_QUEUE, BalloonState, VirtioBalloon
 from pystratovirt.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlkState, VirtioBlk
 from pystratovirt.virtio.block_backend import DriveConfig, FileBackend
 from pystratovirt.virtio.device import Interrupt, VirtioState
-from pystratovirt.virtio.mock_driver import BlkDriver, VirtioDriver
 from pystratovirt.virtio.mmio import VirtioMmio
+from pystratovirt.virtio.mock_driver import BlkDriver, VirtioDriver
 from pystratovirt.virtio.net import HDR_LEN, NetState, VirtioNet
 from pystratovirt.virtio.queue import QueueError, QueueState, SplitQueue
 from pystratovirt.virtio.tap import Tap
-from virtio.helper import EchoDevice, Ring, WRITE, spied_memory
 
 pytestmark = pytest.mark.timeout(60)
 
