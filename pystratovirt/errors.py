@@ -22,6 +22,7 @@ The hierarchy (each module documents its own class)::
      +-- RngError              virtio/rng.py     the random source or the rate limit is unusable
      +-- ChardevError          devices/chardev.py  a chardev cannot be created
      +-- MachineError          machine/requests.py  a management request the machine refused
+     +-- SnapshotError         machine/snapshot_format.py  a snapshot cannot be written, read or used
      +-- ConfigError           config/errors.py  the command line or JSON file is invalid
      +-- QmpError              qmp/schema.py     a QMP message the protocol layer refused
      +-- QmpSocketError        qmp/server.py     the QMP socket cannot be created
@@ -43,6 +44,12 @@ class ErrorClass(enum.Enum):
     DEVICE_NOT_ACTIVE = "DeviceNotActive"
     KVM_MISSING_CAP = "KVMMissingCap"
     OPERATION_THROTTLED = "OperationThrottled"
+
+
+def printable(text: str) -> str:
+    """Escape control characters and lone surrogates so that a sentence quoting a user's (or a
+    file's) text stays one printable line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 class PyStratoVirtError(Exception):

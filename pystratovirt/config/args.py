@@ -83,7 +83,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("run-with", VALUE, "after set-up, chroot to 'dir' and run as 'uid:gid' (QEMU's option)",
            "chroot=dir[,user=uid:gid][,caps=CAP_X:CAP_Y]"),
     Option("freeze", FLAG, "Freeze CPU at startup", aliases=("S",)),
-    Option("incoming", VALUE, "start from the snapshot in DIR (2.x)", "file:DIR"),
+    Option("incoming", VALUE, "start from the snapshot in DIR", "file:DIR"),
     Option("iothread", VALUES, "configure a iothread ID 'str' (0.x)", "id=str", multiple=True),
     Option("balloon", OPTIONAL, "add balloon device (0.x)", "deflate-on-oom=bool"),
     Option("rng", VALUE, "add rng device (0.x)", "random_file=path[,bytes_per_sec=]"),

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from ..machine.vmconfig import (
     MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MIN_RNG_BYTES_PER_SEC, BalloonConfig, ChardevConfig, ConsoleConfig,
-    IncomingConfig, RngConfig, SerialConfig,
+    RngConfig, SerialConfig,
 )
 from . import args as A
 from .common import apply_common, missing, parse_socket, value_of
@@ -425,16 +425,6 @@ def parse_uuid(text: str) -> str:
     return text.lower()
 
 
-def parse_incoming(text: str) -> IncomingConfig:
-    kind, sep, path = text.partition(":")
-    if kind in ("tcp", "unix") and sep:
-        raise ConfigError(f"-incoming {kind}: (live migration) is not supported; only file:<dir> (a snapshot) is.")
-    if kind != "file" or not sep:
-        raise ConfigError(f"Invalid incoming uri {text}: use file:<snapshot directory>.")
-    check_path(path, "snapshot directory")
-    return IncomingConfig(path)
-
-
 def apply_args_2x(draft: Draft, parsed: A.Parsed) -> None:
     """Apply a 2.x command line to ``draft``: shared options, then backends, then devices (the
     order of StratoVirt's create_vmconfig, so a -device may come before its -drive)."""
@@ -446,8 +436,6 @@ def apply_args_2x(draft: Draft, parsed: A.Parsed) -> None:
     apply_common(draft, parsed)
     if (uuid := value_of(parsed, "uuid")) is not None:
         draft.uuid = parse_uuid(uuid)
-    if (incoming := value_of(parsed, "incoming")) is not None:
-        draft.incoming = parse_incoming(incoming)
     if (qmp := value_of(parsed, "qmp")) is not None:
         draft.qmp_socket = parse_socket(qmp, "qmp")
 

@@ -24,7 +24,7 @@ Choices:
 
 from __future__ import annotations
 
-from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, RunWithConfig
+from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, IncomingConfig, RunWithConfig
 from ..util.jail import capability_number
 from . import args as A
 from .draft import Draft, check_machine_type, check_path, check_socket_path, check_vcpus
@@ -77,6 +77,8 @@ def apply_common(draft: Draft, parsed: A.Parsed) -> None:
     draft.freeze = draft.freeze or bool(parsed.all("freeze"))
     if (run_with := value_of(parsed, "run-with")) is not None:
         draft.run_with = parse_run_with(run_with)
+    if (incoming := value_of(parsed, "incoming")) is not None:
+        draft.incoming = parse_incoming(incoming)
 
 
 def missing(field: str, device: str) -> ConfigError:
@@ -184,3 +186,13 @@ def _parse_user(text: str) -> tuple[int, int]:
     except (KeyError, ValueError):
         raise ConfigError(f"Unknown user '{text}' in -run-with (give a name or UID:GID).") from None
     return entry.pw_uid, entry.pw_gid
+
+
+def parse_incoming(text: str) -> IncomingConfig:
+    kind, sep, path = text.partition(":")
+    if kind in ("tcp", "unix") and sep:
+        raise ConfigError(f"-incoming {kind}: (live migration) is not supported; only file:<dir> (a snapshot) is.")
+    if kind != "file" or not sep:
+        raise ConfigError(f"Invalid incoming uri {text}: use file:<snapshot directory>.")
+    check_path(path, "snapshot directory")
+    return IncomingConfig(path)

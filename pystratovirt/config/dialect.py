@@ -6,12 +6,13 @@ Owns the rule, and the sentence for a command line that mixes the two. The rule:
   form. 0.x: ``-api-channel``, ``-config``, ``-balloon``, ``-rng``, ``-iothread``,
   ``-device vsock``, ``-netdev`` with ``netdev=`` (the tap's name), ``-drive`` with ``iops=`` or
   ``iothread=``, and ``-chardev`` without a backend word (``-chardev id=,path=``). 2.x: ``-qmp``,
-  ``-uuid``, ``-object``, ``-incoming``, ``-global``, ``-cpu``, ``-device`` with a 2.x driver
+  ``-uuid``, ``-object``, ``-global``, ``-cpu``, ``-device`` with a 2.x driver
   (every driver but ``vsock`` that either pystratovirt or StratoVirt 2.x knows), ``-netdev`` with
   ``ifname=``, ``-drive`` with ``if=`` or ``throttling.iops-total=``, ``-chardev`` with
   ``server``/``nowait``, and ``-serial chardev:<id>``.
 * Every other option means the same in both, or is read by the dialect the others picked (a bare
-  ``-m 2048`` is bytes in 0.x and MiB in 2.x).
+  ``-m 2048`` is bytes in 0.x and MiB in 2.x). ``-incoming file:DIR`` (StratoVirt 2.x's) is one
+  of them: a VM of either dialect can be saved and started again from its snapshot.
 * Options that pick different dialects are an error naming the first of each. A command line
   where nothing picks a dialect is 0.x, so every command line the seed accepted means what it did.
 
@@ -28,7 +29,7 @@ from .args import Occurrence, Parsed
 from .errors import ConfigError
 
 V0_OPTIONS = frozenset({"api-channel", "config", "balloon", "rng", "iothread"})
-V2_OPTIONS = frozenset({"qmp", "uuid", "object", "incoming", "global", "cpu"})
+V2_OPTIONS = frozenset({"qmp", "uuid", "object", "global", "cpu"})
 
 # -device drivers that mark a 2.x command line: the ones the micro-VM builds and the ones
 # StratoVirt 2.x (or a client of it) knows that it refuses with a sentence (see cmdline2x).

@@ -7,12 +7,7 @@ exits with status 1. Parsing never lets any other exception escape.
 
 from __future__ import annotations
 
-from ..errors import PyStratoVirtError
-
-
-def printable(text: str) -> str:
-    """Escape control characters and lone surrogates so that a message stays one printable line."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+from ..errors import PyStratoVirtError, printable
 
 
 class ConfigError(PyStratoVirtError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from ..memory.layout import ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT
@@ -33,6 +34,13 @@ CONTROL_OFFSET = 0
 STATUS_OFFSET = ACPI_SLEEP_STATUS_PORT - ACPI_SLEEP_CONTROL_PORT
 
 
+@dataclass(frozen=True)
+class AcpiPmState:
+    """The sleep registers as a value (for snapshots): only WAK_STS holds anything."""
+
+    wak_sts: bool
+
+
 class AcpiPm:
     """Ports BASE (SLEEP_CONTROL_REG) and BASE + 1 (SLEEP_STATUS_REG)."""
 
@@ -43,6 +51,14 @@ class AcpiPm:
         self._on_poweroff = on_poweroff
         self._lock = threading.Lock()
         self._wak_sts = False
+
+    def save_state(self) -> AcpiPmState:
+        with self._lock:
+            return AcpiPmState(self._wak_sts)
+
+    def restore_state(self, state: AcpiPmState) -> None:
+        with self._lock:
+            self._wak_sts = state.wak_sts
 
     # Wider accesses are split into their bytes (little-endian), one register per byte.
     def read(self, offset: int, size: int) -> int:

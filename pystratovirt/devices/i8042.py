@@ -4,6 +4,8 @@
   line, which is how Linux's ``reboot=k`` restarts the machine. We turn it into a guest reset.
 * System control port B (0x61): reads 0x20 (the PIT channel 2 output toggling), which old
   kernels' ``pit_calibrate_tsc()`` polls for.
+
+Neither holds any state (every read answers a constant), so a snapshot has nothing to save here.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from .irq import IrqLine
@@ -52,6 +53,22 @@ MSR_DCD_DSR_CTS = 0xB0  # carrier, data set ready, clear to send: a connected mo
 RX_FIFO_LIMIT = 64 * 1024  # bytes held for the guest before the host stops reading input
 
 
+@dataclass(frozen=True)
+class SerialState:
+    """The UART as a value (for snapshots): every register the guest can read back, whether a
+    THR-empty interrupt is pending, and the received bytes the guest has not read yet."""
+
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    dll: int
+    dlm: int
+    fcr: int
+    thre_pending: bool
+    rx: bytes
+
+
 class Serial:
     """Device model; ``sink(bytes)`` receives the guest's output, ``feed(bytes)`` provides input."""
 
@@ -82,6 +99,27 @@ class Serial:
             self._rx.extend(taken)
             self._update_irq()
         return len(taken)
+
+    # -- state as a value -------------------------------------------------------------------------
+    def save_state(self) -> SerialState:
+        with self._lock:
+            return SerialState(self.ier, self.lcr, self.mcr, self.scr, self.dll, self.dlm, self.fcr,
+                               self._thre_pending, bytes(self._rx))
+
+    def restore_state(self, state: SerialState) -> None:
+        """Take back a saved state and drive the IRQ line to match it (ValueError for a value no
+        register can hold)."""
+        for name in ("ier", "lcr", "mcr", "scr", "dll", "dlm", "fcr"):
+            if not 0 <= getattr(state, name) <= 0xFF:
+                raise ValueError(f"serial register {name} = {getattr(state, name)} is not a byte")
+        if len(state.rx) > RX_FIFO_LIMIT:
+            raise ValueError(f"serial receive FIFO of {len(state.rx)} bytes, more than {RX_FIFO_LIMIT}")
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr = state.ier & IER_MASK, state.lcr, state.mcr & MCR_MASK, state.scr
+            self.dll, self.dlm, self.fcr = state.dll, state.dlm, state.fcr
+            self._thre_pending = state.thre_pending
+            self._rx = deque(state.rx)
+            self._update_irq()
 
     # -- guest side -----------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:

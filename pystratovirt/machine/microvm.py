@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import sys
+import time
 from concurrent.futures import Future
 from typing import Callable
 
@@ -30,6 +31,7 @@ from ..devices.chardev import open_chardev
 from ..devices.i8042 import I8042
 from ..devices.irq import IrqLine
 from ..devices.serial import SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, Serial
+from ..errors import PyStratoVirtError
 from ..kvm import Kvm
 from ..kvm.vcpu import install_kick_signal
 from ..memory import GuestMemory, layout
@@ -43,6 +45,7 @@ from ..virtio.rng import RngSource, VirtioRng
 from ..virtio.tap import Tap
 from ..virtio.vhost_vsock import open_vhost_vsock
 from . import requests as rq
+from . import snapshot
 from .fds import Descriptors
 from .mmio_devices import BALLOON_WINDOW, EXTRA_WINDOWS, MmioDevices, window_index
 from .slots import BLOCK_SLOTS, NET_SLOTS, ReplaceableSlots, SlotKind
@@ -66,8 +69,9 @@ def _refuse_unsupported(cfg: VmConfig) -> None:
     sentence, never accepted and ignored."""
     if cfg.machine.mem_path:
         raise rq.MachineError("-mem-path (file-backed guest memory) is not supported yet.")
-    if cfg.incoming is not None:
-        raise rq.MachineError("-incoming (starting from a snapshot) is not supported yet.")
+    if cfg.incoming is not None and cfg.machine.mem_share:
+        raise rq.MachineError("mem-share=on cannot start from a snapshot: a restored VM's RAM is "
+                              "the snapshot's memory file, mapped copy-on-write.")
     for drive in cfg.drives:
         if drive.iops is not None:
             raise rq.MachineError(f"iops= on drive '{drive.id}' (I/O throttling) is not supported yet.")
@@ -123,6 +127,8 @@ class MicroVm:
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.serial: Serial | None = None
+        self.acpi_pm: AcpiPm | None = None
+        self.msr_index_list: list[int] = []
         self.boot_info = None
         self.pvm_compat = False
         self.topology: Topology | None = None
@@ -138,11 +144,13 @@ class MicroVm:
         self.balloon: VirtioBalloon | None = None
         self.rng: VirtioRng | None = None
         self.consoles: list[VirtioConsole] = []
+        self.migration = rq.MigrationInfo(rq.MigrationStatus.NONE)
 
     # -- building -------------------------------------------------------------------------------
     def build(self) -> None:
-        """Build the VM; on failure, release what was created (sockets, files, threads) and
-        raise the error."""
+        """Build the VM: boot the configured kernel, or with ``-incoming file:DIR`` restore the
+        snapshot there (checked against this configuration first; nothing is loaded then). On
+        failure, release what was created (sockets, files, threads) and raise the error."""
         try:
             self._build()
         except BaseException:
@@ -158,6 +166,10 @@ class MicroVm:
         if cfg.vsock is not None:
             self._refuse_vsock(cfg.vsock)
         _check_consoles(cfg)
+        saved = None
+        if cfg.incoming is not None:
+            saved = snapshot.load(cfg.incoming.path)
+            snapshot.check_config(saved, cfg)
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(layout.TSS_ADDR)
@@ -165,8 +177,13 @@ class MicroVm:
         self.vm.create_irqchip()
         self.vm.create_pit2(speaker_dummy=True)
 
-        # mem-share=on: RAM in a memfd mapped shared (what a vhost-user back end would map).
-        self.memory = GuestMemory.shared(mcfg.mem_size) if mcfg.mem_share else GuestMemory(mcfg.mem_size)
+        if saved is not None:
+            self.memory = snapshot.map_memory(cfg.incoming.path, mcfg.mem_size)
+        elif mcfg.mem_share:
+            # mem-share=on: RAM in a memfd mapped shared (what a vhost-user back end would map).
+            self.memory = GuestMemory.shared(mcfg.mem_size)
+        else:
+            self.memory = GuestMemory(mcfg.mem_size)
         if mcfg.mem_prealloc:
             self.memory.populate()
         if not mcfg.dump_guest_core:
@@ -176,10 +193,24 @@ class MicroVm:
                                            self.memory.host_base + region.offset)
 
         self._build_legacy_devices()
-        self._build_virtio_devices()
-
-        cmdline = f"{cfg.boot.cmdline} {self.mmio_devices.cmdline()}".strip()
+        self._build_virtio_devices(attach=saved is None)
         self.pvm_compat = pvm.detect()
+        self.topology = Topology.for_cpus(mcfg.vcpus, mcfg.max_vcpus)
+        self.msr_index_list = self.kvm.get_msr_index_list()
+        if saved is None:
+            self._load_kernel()
+            self._create_vcpus(configure=True)
+        else:
+            # The guest's kernel, tables and CPU set-up are all in the snapshot.
+            self._create_vcpus(configure=False)
+            snapshot.restore(self, saved)
+            log.info("restored the snapshot in %s (taken %s with pystratovirt %s)", cfg.incoming.path,
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(saved.created)), saved.vmm_version)
+
+    def _load_kernel(self) -> None:
+        cfg = self.config
+        mcfg = cfg.machine
+        cmdline = f"{cfg.boot.cmdline} {self.mmio_devices.cmdline()}".strip()
         if self.pvm_compat:
             extra = pvm.guest_cmdline_options()
             cmdline = f"{cmdline} {extra}".strip()
@@ -196,30 +227,36 @@ class MicroVm:
             log.info("boot: %s", note)
         log.info("guest command line: %s", cmdline)
 
-        self.topology = Topology.for_cpus(mcfg.vcpus, mcfg.max_vcpus)
-        model = CpuModel.from_kvm(self.kvm, self.topology)
-        msr_index_list = self.kvm.get_msr_index_list()
-        for index in range(mcfg.vcpus):
+    def _create_vcpus(self, *, configure: bool) -> None:
+        """Create the vCPUs; ``configure``: give them the CPU model and the boot CPU its entry
+        state (a restored VM gets both from its snapshot instead)."""
+        model = CpuModel.from_kvm(self.kvm, self.topology) if configure else None
+        for index in range(self.config.machine.vcpus):
             vcpu = self.vm.create_vcpu(index)
+            self.vcpus.append(vcpu)
+            if not configure:
+                continue
             boot_cpu = index == 0
-            skipped = configure_vcpu(vcpu, index, kvm=self.kvm, model=model, msr_index_list=msr_index_list,
+            skipped = configure_vcpu(vcpu, index, kvm=self.kvm, model=model,
+                                     msr_index_list=self.msr_index_list,
                                      entry_rip=self.boot_info.entry if boot_cpu else None,
                                      boot_params_addr=self.boot_info.boot_params if boot_cpu else None)
             if skipped and boot_cpu:
                 log.info("MSRs this host does not support, left alone: %s",
                          ", ".join(f"{m:#x}" for m in skipped))
-            self.vcpus.append(vcpu)
 
     def _build_legacy_devices(self) -> None:
         self.serial = Serial(IrqLine(SERIAL_IRQ, lambda level: self.vm.irq_line(SERIAL_IRQ, level)),
                              self._serial_sink)
         self.pio_bus.insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, self.serial)
         self.pio_bus.insert(I8042.BASE, I8042.LENGTH, I8042(lambda: self.guest_shutdown(reset=True)))
-        self.pio_bus.insert(AcpiPm.BASE, AcpiPm.LENGTH, AcpiPm(lambda: self.guest_shutdown(reset=False)))
+        self.acpi_pm = AcpiPm(lambda: self.guest_shutdown(reset=False))
+        self.pio_bus.insert(AcpiPm.BASE, AcpiPm.LENGTH, self.acpi_pm)
 
-    def _build_virtio_devices(self) -> None:
-        """Every replaceable slot empty, and the balloon; then the boot disks and NICs, put in
-        exactly as QMP's blockdev-add/netdev_add followed by device_add would."""
+    def _build_virtio_devices(self, attach: bool = True) -> None:
+        """Every replaceable slot empty, and the balloon; then (``attach``) the boot disks and
+        NICs, put in exactly as QMP's blockdev-add/netdev_add followed by device_add would. A
+        restored VM attaches what its snapshot says instead."""
         cfg = self.config
         self.mmio_devices = MmioDevices(self.vm, self.memory, self.mmio_bus,
                                         iothreads=[t.id for t in cfg.iothreads],
@@ -259,6 +296,8 @@ class MicroVm:
             self.mmio_devices.add_next(device)
             self.consoles.append(device)
         self.slots = ReplaceableSlots(block_devices, net_devices)
+        if not attach:
+            return
         for drive in cfg.drives:
             self._blockdev_add(rq.BlockdevAdd(drive))
         for netdev in cfg.netdevs:
@@ -460,17 +499,17 @@ class MicroVm:
 
     def _blockdev_add(self, req: rq.BlockdevAdd) -> None:
         self.slots.check_register(req.drive.id)
-        self._register(req.drive.id, SlotKind.BLOCK, FileBackend.open(req.drive))
+        self._register(req.drive.id, SlotKind.BLOCK, FileBackend.open(req.drive), req.drive)
 
     def _netdev_add(self, req: rq.NetdevAdd) -> None:
         # The tap is opened (and held) now, as StratoVirt checks it here: a missing or busy tap
         # is reported by netdev_add, not by the device_add after it.
         self.slots.check_register(req.netdev.id)
-        self._register(req.netdev.id, SlotKind.NET, Tap.from_config(req.netdev, self.fds.take))
+        self._register(req.netdev.id, SlotKind.NET, Tap.from_config(req.netdev, self.fds.take), req.netdev)
 
-    def _register(self, reg_id: str, kind: SlotKind, backend) -> None:
+    def _register(self, reg_id: str, kind: SlotKind, backend, spec) -> None:
         try:
-            self.slots.register(reg_id, kind, backend)
+            self.slots.register(reg_id, kind, backend, spec)
         except BaseException:
             backend.close()
             raise
@@ -564,6 +603,31 @@ class MicroVm:
         balloon.set_stats_interval(value)
 
 
+    # -- snapshots --------------------------------------------------------------------------------
+    def _migrate(self, req: rq.Migrate) -> None:
+        """Save a snapshot into ``req.path``. Only a paused VM: a snapshot is the state at the
+        moment of ``stop``, and the caller decides when the guest runs again (``cont``)."""
+        if self.state is not rq.RunState.PAUSED:
+            raise rq.MachineError(f"The VM is {self.state.value}: pause it with 'stop' before saving "
+                                  "a snapshot with 'migrate'.")
+        started = time.monotonic()
+        self.migration = rq.MigrationInfo(rq.MigrationStatus.ACTIVE)
+        try:
+            saved = snapshot.save(self, req.path)
+        except PyStratoVirtError as exc:
+            log.error("snapshot to %s failed: %s", req.path, exc.desc)
+            self.migration = rq.MigrationInfo(rq.MigrationStatus.FAILED,
+                                              total_time_ms=round((time.monotonic() - started) * 1000),
+                                              error_desc=exc.desc)
+            raise
+        self.migration = rq.MigrationInfo(rq.MigrationStatus.COMPLETED,
+                                          total_time_ms=round(saved.seconds * 1000),
+                                          ram=snapshot.migration_ram(saved))
+
+    def _query_migrate(self, _req) -> rq.MigrationInfo:
+        return self.migration
+
+
 _HANDLERS = {
     rq.QueryStatus: MicroVm._query_status,
     rq.QueryCpus: MicroVm._query_cpus,
@@ -583,4 +647,6 @@ _HANDLERS = {
     rq.QomSet: MicroVm._qom_set,
     rq.GetFd: MicroVm._getfd,
     rq.CloseFd: MicroVm._closefd,
+    rq.Migrate: MicroVm._migrate,
+    rq.QueryMigrate: MicroVm._query_migrate,
 }

@@ -17,9 +17,10 @@ device's ``iothread=N``) that several devices share.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..devices.bus import Bus
 from ..memory import GuestMemory
@@ -92,6 +93,19 @@ class MmioDevices:
     def acpi_resources(self) -> list[tuple[int, int, int]]:
         """(base, size, irq) of every window, for the DSDT."""
         return [(w.base, VIRTIO_MMIO_SIZE, w.irq) for w in self.windows]
+
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Hold every device still: each device's lock, which its I/O thread holds whenever it
+        touches the device's queues, guest memory or backend (queue service, tap events, the
+        balloon's statistics request, backend swaps). With the vCPUs paused as well, nothing
+        changes guest memory or device state until the block ends; the snapshot is taken in it.
+        The I/O threads wait on the locks meanwhile (each takes one device lock at a time, so
+        taking them all here cannot deadlock)."""
+        with contextlib.ExitStack() as stack:
+            for w in self.windows:
+                stack.enter_context(w.device.lock)
+            yield
 
     def start(self) -> None:
         for loop in self.iothreads.values():

@@ -202,6 +202,19 @@ class CloseFd:
     fdname: str
 
 
+@dataclass(frozen=True)
+class Migrate:
+    """``migrate {"uri":"file:DIR"}``: save a snapshot of the paused VM into directory ``path``
+    (StratoVirt 2.x). The schema accepts only ``file:`` URIs; live migration is not offered."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class QueryMigrate:
+    """``query-migrate``: answered with :class:`MigrationInfo`."""
+
+
 #: Where qom-get/qom-set find the balloon: QEMU's path for ``-device virtio-balloon-device,id=balloon``
 #: (StratoVirt's ``-balloon`` has no id; this is the one path we answer to, see docs/compatibility.md).
 BALLOON_QOM_PATH = "/machine/peripheral/balloon"
@@ -210,7 +223,7 @@ BALLOON_QOM_PATH = "/machine/peripheral/balloon"
 Request = Union[
     QmpCapabilities, QueryVersion, QueryCommands, QueryStatus, QueryCpus, QueryHotpluggableCpus,
     Stop, Cont, Quit, BlockdevAdd, BlockdevDel, NetdevAdd, NetdevDel, DeviceAdd, DeviceDel,
-    Balloon, QueryBalloon, QomGet, QomSet, GetFd, CloseFd,
+    Balloon, QueryBalloon, QomGet, QomSet, GetFd, CloseFd, Migrate, QueryMigrate,
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -294,6 +307,41 @@ class BalloonGuestStats:
 
     last_update: int
     values: Mapping[str, int]
+
+
+class MigrationStatus(enum.Enum):
+    """The state of the last ``migrate`` (QEMU's MigrationStatus names, StratoVirt's subset)."""
+
+    NONE = "none"            # no migrate yet
+    SETUP = "setup"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class MigrationRam:
+    """``ram`` of query-migrate for a saved snapshot: ``total`` bytes of guest RAM, of which
+    ``normal`` pages (``normal_bytes``) held data and were written to the memory file and
+    ``duplicate`` pages were all zero and left as holes (QEMU's names for those counts)."""
+
+    transferred: int
+    remaining: int
+    total: int
+    duplicate: int
+    normal: int
+    normal_bytes: int
+
+
+@dataclass(frozen=True)
+class MigrationInfo:
+    """The answer to query-migrate: ``total_time_ms`` and ``ram`` once a snapshot completed,
+    ``error_desc`` when it failed."""
+
+    status: MigrationStatus
+    total_time_ms: int | None = None
+    ram: MigrationRam | None = None
+    error_desc: str | None = None
 
 
 @dataclass(frozen=True)

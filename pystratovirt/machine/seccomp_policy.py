@@ -123,6 +123,15 @@ _CONTROL = [
     *allow("tgkill"),
     # -serial stdio on a terminal: the terminal's settings are restored at exit.
     *allow_ioctls(termios.TCGETS, termios.TCSETS, termios.TCSETSW, termios.TCSETSF),
+    # Snapshots (QMP migrate, VM paused): every vCPU's and the in-kernel devices' state is read
+    # (KVM_GET_* only: a restore sets state before any filter exists, so nothing here can change
+    # a vCPU's registers), guest RAM is written out sparsely (pagemap is read to find the pages
+    # in use) and the state file is written to a temporary name, synced and renamed into place.
+    *allow_ioctls(kvm.KVM_GET_REGS, kvm.KVM_GET_SREGS, kvm.KVM_GET_MSRS, kvm.KVM_GET_XSAVE2,
+                  kvm.KVM_GET_XCRS, kvm.KVM_GET_DEBUGREGS, kvm.KVM_GET_LAPIC, kvm.KVM_GET_VCPU_EVENTS,
+                  kvm.KVM_GET_MP_STATE, kvm.KVM_GET_CPUID2, kvm.KVM_GET_TSC_KHZ, kvm.KVM_GET_IRQCHIP,
+                  kvm.KVM_GET_PIT2, kvm.KVM_GET_CLOCK),
+    *allow("mkdir", "pread64", "pwrite64", "ftruncate", "fsync", "rename"),
     # Shutdown: the QMP socket file and the pidfile are removed; the interpreter resets its
     # signal handlers as it finalizes.
     *allow("unlink", "rt_sigaction"),

@@ -23,8 +23,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol, Union
 
-from ..virtio.block_backend import FileBackend
-from ..virtio.tap import Tap
+from ..virtio.block_backend import DriveConfig, FileBackend
+from ..virtio.tap import NetdevConfig, Tap
 from . import requests as rq
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ BLOCK_SLOTS = 6   # StratoVirt v0.1/v0.2 and the seed (v0.3 cut it to 4)
 NET_SLOTS = 2
 
 Backend = Union[FileBackend, Tap]
+BackendSpec = Union[DriveConfig, NetdevConfig]
 
 
 class SlotKind(enum.Enum):
@@ -48,19 +49,53 @@ class SlotDevice(Protocol):
 
 @dataclass
 class Registration:
-    """A backend registered by id; owned here until a device takes it, then the device's."""
+    """A backend registered by id, with the spec it was opened from; owned here until a device
+    takes it, then the device's."""
 
     id: str
     kind: SlotKind
     backend: Backend
+    spec: BackendSpec
 
 
 @dataclass(frozen=True)
 class Occupant:
-    """Which device (by id) holds which registration in a slot."""
+    """Which device (by id) holds which registration in a slot, with the properties it was
+    attached with (a disk's ``serial``)."""
 
     device_id: str
     registration: Registration
+    props: tuple[tuple[str, str | None], ...] = ()
+
+
+@dataclass(frozen=True)
+class RegistrationState:
+    """A registration as a value: the backend spec registered under ``id``."""
+
+    id: str
+    kind: SlotKind
+    spec: BackendSpec
+
+
+@dataclass(frozen=True)
+class OccupantState:
+    """An occupied slot as a value: device ``device_id`` holds registration ``registration``
+    in ``slot`` of ``kind``, attached with ``props``."""
+
+    kind: SlotKind
+    slot: int
+    device_id: str
+    registration: str
+    props: tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True)
+class SlotsState:
+    """Registrations and slot occupancy as a value (for snapshots); which backend is where, not
+    the open backends themselves (the machine reopens them from the specs)."""
+
+    registrations: tuple[RegistrationState, ...]
+    occupants: tuple[OccupantState, ...]
 
 
 class ReplaceableSlots:
@@ -84,15 +119,15 @@ class ReplaceableSlots:
             raise rq.MachineError(f"The size {len(self._regs)} of replaceable configs extend the max "
                                   f"size {self.max_registrations}, id {reg_id}.")
 
-    def register(self, reg_id: str, kind: SlotKind, backend: Backend) -> Registration:
-        """Register an opened backend; on refusal the caller still owns (and closes) it."""
+    def register(self, reg_id: str, kind: SlotKind, backend: Backend, spec: BackendSpec) -> Registration:
+        """Register a backend opened from ``spec``; on refusal the caller still owns (and closes) it."""
         self.check_register(reg_id)
         if isinstance(backend, FileBackend):
             for other in self._regs.values():
                 if isinstance(other.backend, FileBackend) and other.backend.identity == backend.identity:
                     raise rq.MachineError(f"The file {backend.path} is already used by {other.id}; a "
                                           "disk image (the root disk included) can be attached only once.")
-        reg = Registration(reg_id, kind, backend)
+        reg = Registration(reg_id, kind, backend, spec)
         self._regs[reg_id] = reg
         return reg
 
@@ -134,7 +169,7 @@ class ReplaceableSlots:
                                   f"{self._slots[(kind, slot)].device_id}")
         if self.find(device_id) is not None:
             raise rq.MachineError(f"Duplicate device ID '{device_id}'")
-        self._slots[(kind, slot)] = Occupant(device_id, reg)
+        self._slots[(kind, slot)] = Occupant(device_id, reg, tuple(sorted(props.items())))
         log.info("%s slot %d: attaching %s (%s)", kind.value, slot, device_id, reg.id)
         return devices[slot].set_backend(reg.backend, **props)
 
@@ -164,6 +199,14 @@ class ReplaceableSlots:
 
     def registrations(self) -> list[Registration]:
         return list(self._regs.values())
+
+    def save_state(self) -> SlotsState:
+        """Registrations (in registration order) and occupied slots as a value."""
+        regs = tuple(RegistrationState(r.id, r.kind, r.spec) for r in self._regs.values())
+        occupants = tuple(OccupantState(kind, slot, o.device_id, o.registration.id, o.props)
+                          for (kind, slot), o in sorted(self._slots.items(),
+                                                        key=lambda item: (item[0][0].value, item[0][1])))
+        return SlotsState(regs, occupants)
 
     def _slot_of(self, reg: Registration) -> tuple[SlotKind, int] | None:
         for where, occupant in self._slots.items():

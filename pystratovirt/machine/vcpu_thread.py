@@ -113,52 +113,71 @@ class VcpuThread(threading.Thread):
                 self._on_exit(self)
 
     def _loop(self) -> None:
-        vcpu, gate, host = self.vcpu, self.gate, self.host
-        pio, mmio = host.pio_bus, host.mmio_bus
+        vcpu, gate = self.vcpu, self.gate
         while True:
             if gate.want_pause or gate.stopping:
+                # KVM finishes an I/O or MMIO exit (the value an IN read, RIP past the
+                # instruction) only on the next KVM_RUN. Enter it once with immediate_exit set:
+                # KVM completes the exit and returns at once without running guest code, so a
+                # paused vCPU's registers are whole (a snapshot taken now must not replay the
+                # instruction). A string instruction may need another exit first; handle it and
+                # come back here.
+                vcpu.immediate_exit = True
+                exit_ = vcpu.run()
+                if type(exit_) is not exits.Interrupted:
+                    if not self._handle(exit_):
+                        return
+                    continue
                 vcpu.ack_kick()
                 if not gate.park():
                     return
-            exit_ = vcpu.run()
-            kind = type(exit_)
-            if kind is exits.IoOut:
-                size = exit_.size
-                for chunk in exit_.elements():
-                    pio.write(exit_.port, size, int.from_bytes(chunk, "little"))
-            elif kind is exits.IoIn:
-                size = exit_.size
-                data = b"".join(pio.read(exit_.port, size).to_bytes(size, "little")
-                                for _ in range(exit_.count))
-                exit_.complete(data)
-            elif kind is exits.MmioWrite:
-                mmio.write(exit_.addr, exit_.len, int.from_bytes(exit_.data[:exit_.len], "little"))
-            elif kind is exits.MmioRead:
-                exit_.complete(mmio.read(exit_.addr, exit_.len).to_bytes(exit_.len, "little"))
-            elif kind is exits.Interrupted:
-                vcpu.ack_kick()
-            elif kind is exits.Shutdown:
-                # A triple fault: on x86 that is how a reboot ends up (reboot=t, or a failed reboot=k).
-                log.info("vCPU %d: triple fault (guest reset)", vcpu.index)
-                host.guest_shutdown(reset=True)
+                continue
+            if not self._handle(vcpu.run()):
                 return
-            elif kind is exits.SystemEvent:
-                reset = exit_.type == exits.SystemEventType.RESET
-                log.info("vCPU %d: system event %s", vcpu.index, exit_.type)
-                host.guest_shutdown(reset=reset)
-                return
-            elif kind is exits.InternalError:
-                if not self._internal_error(exit_):
-                    return
-            elif kind is exits.Hlt:
-                # With an in-kernel irqchip KVM handles HLT itself; seeing it means a halted vCPU
-                # with interrupts off for good.
-                log.info("vCPU %d halted with interrupts disabled", vcpu.index)
-                gate_wait_forever(gate)
-                return
-            else:
-                host.fatal_error(f"vCPU {vcpu.index}: unexpected KVM exit {exit_}")
-                return
+
+    def _handle(self, exit_) -> bool:
+        """Act on one exit; False when the thread must end."""
+        vcpu, host = self.vcpu, self.host
+        kind = type(exit_)
+        if kind is exits.IoOut:
+            size = exit_.size
+            pio = host.pio_bus
+            for chunk in exit_.elements():
+                pio.write(exit_.port, size, int.from_bytes(chunk, "little"))
+        elif kind is exits.IoIn:
+            size = exit_.size
+            pio = host.pio_bus
+            data = b"".join(pio.read(exit_.port, size).to_bytes(size, "little")
+                            for _ in range(exit_.count))
+            exit_.complete(data)
+        elif kind is exits.MmioWrite:
+            host.mmio_bus.write(exit_.addr, exit_.len, int.from_bytes(exit_.data[:exit_.len], "little"))
+        elif kind is exits.MmioRead:
+            exit_.complete(host.mmio_bus.read(exit_.addr, exit_.len).to_bytes(exit_.len, "little"))
+        elif kind is exits.Interrupted:
+            vcpu.ack_kick()
+        elif kind is exits.Shutdown:
+            # A triple fault: on x86 that is how a reboot ends up (reboot=t, or a failed reboot=k).
+            log.info("vCPU %d: triple fault (guest reset)", vcpu.index)
+            host.guest_shutdown(reset=True)
+            return False
+        elif kind is exits.SystemEvent:
+            reset = exit_.type == exits.SystemEventType.RESET
+            log.info("vCPU %d: system event %s", vcpu.index, exit_.type)
+            host.guest_shutdown(reset=reset)
+            return False
+        elif kind is exits.InternalError:
+            return self._internal_error(exit_)
+        elif kind is exits.Hlt:
+            # With an in-kernel irqchip KVM handles HLT itself; seeing it means a halted vCPU
+            # with interrupts off for good.
+            log.info("vCPU %d halted with interrupts disabled", vcpu.index)
+            gate_wait_forever(self.gate)
+            return False
+        else:
+            host.fatal_error(f"vCPU {vcpu.index}: unexpected KVM exit {exit_}")
+            return False
+        return True
 
     def _internal_error(self, exit_: exits.InternalError) -> bool:
         if exit_.is_emulation_failure and self.host.pvm_compat:

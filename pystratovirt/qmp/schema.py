@@ -29,11 +29,12 @@ from ..virtio.tap import NetdevConfig
 from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats, BalloonInfo,
                                 BlockdevAdd, BlockdevDel, BlockIoErrorEvent, CloseFd, CommandInfo,
                                 Cont, CpuInfo, CpuProps, DeviceAdd, DeviceDel, DeviceDeletedEvent,
-                                ErrorClass, GetFd, HotpluggableCpu, NetdevAdd, NetdevDel,
-                                QmpCapabilities, QomGet, QomSet, QueryBalloon, QueryCommands,
-                                QueryCpus, QueryHotpluggableCpus, QueryStatus, QueryVersion, Quit,
-                                Request, ResumeEvent, ShutdownEvent, ShutdownReason, StatusInfo,
-                                Stop, StopEvent, VersionInfo)
+                                ErrorClass, GetFd, HotpluggableCpu, Migrate, MigrationInfo,
+                                NetdevAdd, NetdevDel, QmpCapabilities, QomGet, QomSet, QueryBalloon,
+                                QueryCommands, QueryCpus, QueryHotpluggableCpus, QueryMigrate,
+                                QueryStatus, QueryVersion, Quit, Request, ResumeEvent,
+                                ShutdownEvent, ShutdownReason, StatusInfo, Stop, StopEvent,
+                                VersionInfo)
 from .wire import WIRE_0X
 
 #: The QEMU version the default (0.x) dialect announces (``create_greeting(1, 0, 4)``).
@@ -458,6 +459,26 @@ def _closefd(arguments: dict) -> CloseFd:
     return CloseFd(fdname=_fd_name(a, "fdname"))
 
 
+#: Migration URI schemes QEMU or StratoVirt know and this VMM does not offer (live migration).
+_LIVE_MIGRATION_SCHEMES = ("tcp", "unix", "exec", "fd", "rdma", "vsock")
+
+
+def _migrate(arguments: dict) -> Migrate:
+    # QEMU's other arguments (blk, inc, detach, resume) ask for things a snapshot to a directory
+    # does not do; detach is ignored by QEMU itself, so it is the only one accepted.
+    a = _Args(arguments, known=("uri",), ignored=("detach",))
+    uri = a.string("uri", nonempty=True)
+    scheme, sep, target = uri.partition(":")
+    if sep and scheme == "file":
+        if not target:
+            a.wrong("uri", "'file:' followed by a directory")
+        return Migrate(path=target)
+    if sep and scheme in _LIVE_MIGRATION_SCHEMES:
+        raise _ArgumentError(f"Migration to '{scheme}:' is not supported: only snapshots to a "
+                             "directory ('file:DIR') are.")
+    a.wrong("uri", "a URI of the form 'file:DIR'")
+
+
 _COMMANDS: dict[str, Callable[[dict], Request]] = {
     "qmp_capabilities": _qmp_capabilities,
     "query-version": _no_arguments(QueryVersion),
@@ -480,6 +501,8 @@ _COMMANDS: dict[str, Callable[[dict], Request]] = {
     "qom-set": _qom_set,
     "getfd": _getfd,
     "closefd": _closefd,
+    "migrate": _migrate,
+    "query-migrate": _no_arguments(QueryMigrate),
 }
 
 
@@ -546,6 +569,18 @@ def result_to_json(result: object) -> object:
             return _version(result)
         case CommandInfo():
             return {"name": result.name}
+        case MigrationInfo():
+            info: dict = {"status": result.status.value}
+            if result.total_time_ms is not None:
+                info["total-time"] = result.total_time_ms
+            if result.ram is not None:
+                ram = result.ram
+                info["ram"] = {"transferred": ram.transferred, "remaining": ram.remaining,
+                               "total": ram.total, "duplicate": ram.duplicate, "normal": ram.normal,
+                               "normal-bytes": ram.normal_bytes}
+            if result.error_desc is not None:
+                info["error-desc"] = result.error_desc
+            return info
     raise TypeError(f"no QMP encoding for result {result!r}")
 
 

@@ -80,7 +80,7 @@ from typing import Callable, Iterable, Mapping
 
 from ..memory.guest import GuestMemory, GuestMemoryError
 from ..util.eventloop import Timer
-from .device import Interrupt, VirtioDevice, bit
+from .device import Interrupt, VirtioDevice, VirtioState, bit
 from .queue import DescChain, SplitQueue, read_buffers
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,9 @@ BATCH = 32
 # 1 MiB of PFNs describes 1 GiB of guest memory, far more than any driver batches.
 MAX_REQUEST_BYTES = 1 << 20
 MAX_STATS_BYTES = 64 * STAT.size
+# The ballooned-page bitmap is saved in pieces of this many bytes (32 MiB of guest RAM each);
+# all-zero pieces are left out.
+BITMAP_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -207,8 +210,51 @@ class PageBitmap:
     def all_set(self, start: int, count: int) -> bool:
         return start + count <= self.pages and all(self.test(i) for i in range(start, start + count))
 
+    def chunks(self) -> tuple[tuple[int, bytes], ...]:
+        """The bitmap as (byte offset, bytes) pieces that have bits set; all-zero stretches of
+        CHUNK bytes are left out, so a mostly empty bitmap is small."""
+        out = []
+        zero = bytes(BITMAP_CHUNK)
+        size = len(self._bits)
+        for off in range(0, size, BITMAP_CHUNK):
+            piece = self._bits[off:off + BITMAP_CHUNK]
+            if piece != zero[:len(piece)]:
+                out.append((off, piece))
+        return tuple(out)
+
+    def load_chunks(self, chunks: Iterable[tuple[int, bytes]]) -> None:
+        """Set the bits of :meth:`chunks`' pieces on an empty bitmap (ValueError if a piece lies
+        outside it or sets a bit past the last page)."""
+        size = len(self._bits)
+        pieces = list(chunks)
+        for off, piece in pieces:
+            if off < 0 or off + len(piece) > size:
+                raise ValueError(f"ballooned-page bitmap piece [{off}, +{len(piece)}) is outside "
+                                 f"the {size}-byte bitmap")
+        for off, piece in pieces:
+            self._bits[off:off + len(piece)] = piece
+        everything = int.from_bytes(self._bits[:], "little")
+        if everything >> self.pages:
+            raise ValueError(f"ballooned-page bitmap has bits set past the last of {self.pages} pages")
+        self.count = everything.bit_count()
+
     def close(self) -> None:
         self._bits.close()
+
+
+@dataclass(frozen=True)
+class BalloonState:
+    """The balloon as a value (for snapshots): the virtio base state (``num_pages`` and
+    ``actual`` are its config bytes), the ballooned-page bitmap as :meth:`PageBitmap.chunks`
+    pieces, the statistics polling interval and the statistics the driver last posted. A
+    statistics buffer the device holds is given back to its ring (the driver's copy of it is
+    in guest memory); after restore the device takes it again and asks for fresh values on the
+    next poll."""
+
+    virtio: VirtioState
+    ballooned: tuple[tuple[int, bytes], ...]
+    stats_interval: int
+    stats: BalloonStats | None
 
 
 class VirtioBalloon(VirtioDevice):
@@ -390,6 +436,33 @@ class VirtioBalloon(VirtioDevice):
             if self._bitmap is not None:
                 self._bitmap.close()
                 self._bitmap = None
+
+    # -- state as a value (lock held) -------------------------------------------------------------
+    def unfinished_chains(self, index: int) -> int:
+        # The statistics buffer the device holds is always the last chain it popped there.
+        return 1 if index == STATS_QUEUE and self._stats_head is not None else 0
+
+    def save_state(self) -> BalloonState:
+        """The balloon's state (lock held, device quiet)."""
+        bitmap = self._bitmap
+        return BalloonState(self.save_virtio_state(), bitmap.chunks() if bitmap is not None else (),
+                            self._stats_interval, self._stats)
+
+    def restore_state(self, state: BalloonState, mem: GuestMemory, interrupt: Interrupt) -> None:
+        """Take back a saved state (lock held, inactive and quiet, I/O thread not started)."""
+        if not isinstance(state, BalloonState):
+            raise ValueError(f"{self.name} is a balloon; the saved state is a {type(state).__name__}")
+        if not 0 <= state.stats_interval <= 0xFFFF_FFFF:
+            raise ValueError(f"{self.name}: statistics interval {state.stats_interval} out of range")
+        self.restore_virtio_state(state.virtio, mem, interrupt)
+        if state.ballooned:
+            if self._bitmap is None:
+                raise ValueError(f"{self.name}: ballooned pages recorded for an inactive balloon")
+            self._bitmap.load_chunks(state.ballooned)
+        self._stats = state.stats
+        self._reported = self.actual_bytes()  # the guest's size is not news after a restore
+        if state.stats_interval:
+            self.set_stats_interval(state.stats_interval)
 
     # -- queues (I/O thread, lock held) ----------------------------------------------------------
     def process_queue(self, index: int) -> bool:

@@ -40,7 +40,8 @@ from ..memory.guest import GuestMemory
 from ..util.eventloop import Timer
 
 from .block_backend import SECTOR_SHIFT, SECTOR_SIZE, FileBackend
-from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, bit
+from .device import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice,
+                     VirtioState, bit)
 from .queue import Buffers, DescChain, QueueError, read_buffers, split_buffers, write_buffers
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,17 @@ def _with_views(mem: GuestMemory, bufs: Buffers, fn: Callable[[list[memoryview]]
 
 
 # -- the device ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlkState:
+    """A virtio-blk device as a value (for snapshots): the virtio base state (the capacity is in
+    its config bytes), the serial number GET_ID reports, and whether VIRTIO_BLK_F_RO is offered.
+    The backend is not part of it: the machine reopens the drive and checks its size."""
+
+    virtio: VirtioState
+    serial: str | None
+    read_only: bool
+
+
 class VirtioBlk(VirtioDevice):
     """A virtio-blk device (one request queue of 256) over an optional :class:`FileBackend`.
 
@@ -311,6 +323,27 @@ class VirtioBlk(VirtioDevice):
             backend, self._backend = self._backend, None
         if backend is not None:
             backend.close()
+
+    # -- state as a value (lock held) -------------------------------------------------------------
+    def save_state(self) -> BlkState:
+        """The device's state (lock held, device quiet); requests complete as they are popped,
+        so no chain is ever held."""
+        return BlkState(self.save_virtio_state(), self.serial, self.read_only)
+
+    def restore_state(self, state: BlkState, mem: GuestMemory, interrupt: Interrupt) -> None:
+        """Take back a saved state (lock held, inactive, after the machine attached the drive):
+        the attached drive must have the capacity the guest was shown (ValueError otherwise)."""
+        if not isinstance(state, BlkState):
+            raise ValueError(f"{self.name} is a block device; the saved state is a {type(state).__name__}")
+        self.read_only = state.read_only
+        self.serial = state.serial
+        self.restore_virtio_state(state.virtio, mem, interrupt)
+        backend = self._backend
+        capacity = backend.capacity if backend is not None else 0
+        if capacity != self.capacity:
+            what = f"the disk {backend.path} has {capacity}" if backend is not None else "the slot is empty, 0"
+            raise ValueError(f"{self.name}: the guest knows a disk of {self.capacity} sectors, but "
+                             f"{what} sectors")
 
     # -- request processing (I/O thread, lock held) ----------------------------------------------
     def process_queue(self, index: int) -> bool:

@@ -34,7 +34,7 @@ from typing import Callable, Sequence, TypeVar
 
 from ..memory.guest import GuestMemory
 from ..util.eventloop import EFD_FLAGS, EventLoop
-from .queue import DescChain, SplitQueue
+from .queue import DescChain, QueueState, SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,12 @@ class Interrupt:
         with self._lock:
             self._status = 0
 
+    def restore(self, bits: int) -> None:
+        """Take back saved pending bits without signalling: the guest's interrupt controller
+        state, restored separately, already says whether the edge was delivered."""
+        with self._lock:
+            self._status = bits
+
     def close(self) -> None:
         with self._lock:
             fd, self.eventfd = self.eventfd, -1
@@ -121,6 +127,20 @@ class ActiveState:
     queues: tuple[SplitQueue | None, ...]
     interrupt: Interrupt
     features: int
+
+
+@dataclass(frozen=True)
+class VirtioState:
+    """What every virtio device holds for its driver, as a value (for snapshots): the config
+    space bytes and ConfigGeneration, whether DEVICE_NEEDS_RESET is set, and -- while a driver
+    has it activated -- the negotiated features and each queue (None where a queue was not
+    ready). ``features`` is None for an inactive device, whose ``queues`` is empty."""
+
+    config: bytes
+    config_generation: int
+    needs_reset: bool
+    features: int | None
+    queues: tuple[QueueState | None, ...]
 
 
 class VirtioDevice:
@@ -229,6 +249,67 @@ class VirtioDevice:
             for queue in state.queues:
                 if queue is not None:
                     queue.close()
+
+    # -- state as a value (lock held) -------------------------------------------------------------
+    def unfinished_chains(self, index: int) -> int:
+        """How many chains of queue ``index`` the device has popped and not completed (they are
+        given back to the ring in a saved state). Devices that hold chains override this."""
+        return 0
+
+    def save_virtio_state(self) -> VirtioState:
+        """The base part of the device's state (lock held, device quiet). Subclasses wrap it in
+        their own state value with ``save_state``."""
+        with self._config_lock:
+            config, generation = bytes(self._config), self._config_generation
+        state = self.state
+        if state is None:
+            return VirtioState(config, generation, self.needs_reset, None, ())
+        queues = tuple(None if q is None else q.save_state(self.unfinished_chains(i))
+                       for i, q in enumerate(state.queues))
+        return VirtioState(config, generation, self.needs_reset, state.features, queues)
+
+    def save_state(self) -> object:
+        """The device's state as a value (lock held, device quiet); devices with state of their
+        own return their own value holding :meth:`save_virtio_state`'s."""
+        return self.save_virtio_state()
+
+    def restore_state(self, state, mem: GuestMemory, interrupt: Interrupt) -> None:
+        """Take back what :meth:`save_state` gave (lock held, device inactive and quiet)."""
+        if not isinstance(state, VirtioState):
+            raise ValueError(f"{self.name}: the saved state is a {type(state).__name__}")
+        self.restore_virtio_state(state, mem, interrupt)
+
+    def restore_virtio_state(self, state: VirtioState, mem: GuestMemory, interrupt: Interrupt) -> None:
+        """Take back a saved base state (lock held, device inactive and quiet): config bytes and
+        generation, and -- for an activated device -- the queues, activated as the driver had
+        them (no interrupt is raised: the guest already knows everything the state says).
+        Raises ValueError or QueueError for a state this device cannot have had."""
+        if len(state.config) != len(self._config):
+            raise ValueError(f"{self.name}: config space of {len(state.config)} bytes, the device "
+                             f"has {len(self._config)}")
+        if not 0 <= state.config_generation <= 0xFFFF_FFFF:
+            raise ValueError(f"{self.name}: config generation {state.config_generation} is not 32-bit")
+        with self._config_lock:
+            self._config[:] = state.config
+            self._config_generation = state.config_generation
+        self.release()
+        if state.features is not None:
+            if state.features & ~self.device_features():
+                raise ValueError(f"{self.name}: negotiated features {state.features:#x} include bits "
+                                 f"the device does not offer ({self.device_features():#x})")
+            if len(state.queues) != len(self.queue_max_sizes):
+                raise ValueError(f"{self.name}: {len(state.queues)} queues, the device has "
+                                 f"{len(self.queue_max_sizes)}")
+            queues = []
+            for index, (qstate, max_size) in enumerate(zip(state.queues, self.queue_max_sizes)):
+                if qstate is not None and qstate.size > max_size:
+                    raise ValueError(f"{self.name}: queue {index} of {qstate.size} entries, more "
+                                     f"than its maximum {max_size}")
+                queues.append(None if qstate is None else SplitQueue.from_state(mem, qstate))
+            self.activate(mem, queues, interrupt, state.features)
+        elif state.queues:
+            raise ValueError(f"{self.name}: an inactive device with queues")
+        self.needs_reset = state.needs_reset
 
     def fail(self, reason: str) -> None:
         """Mark DEVICE_NEEDS_RESET (lock held); the transport tells the driver."""

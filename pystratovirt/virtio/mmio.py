@@ -33,7 +33,7 @@ from ..memory.layout import VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_BASE,
 from ..util.eventloop import EFD_FLAGS, EPOLLIN, EventLoop
 from .device import (STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
                      VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-                     Interrupt, VirtioDevice, bit)
+                     INT_CONFIG, INT_VRING, Interrupt, VirtioDevice, bit)
 from .queue import QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,33 @@ class _QueueRegs:
     def reset(self) -> None:
         # QueueNum is write-only; start from the maximum in case a driver never writes it.
         self.num, self.ready, self.desc, self.driver, self.device = self.max_size, False, 0, 0, 0
+
+
+@dataclass(frozen=True)
+class QueueRegsState:
+    """What the driver programmed for one queue (QueueNum, QueueReady and the three addresses)."""
+
+    num: int
+    ready: bool
+    desc: int
+    driver: int
+    device: int
+
+
+@dataclass(frozen=True)
+class MmioState:
+    """The transport's registers as a value (for snapshots): Status (without the device's
+    NEEDS_RESET bit), the feature selectors, the driver's accepted features, QueueSel, each
+    queue's registers, and the InterruptStatus bits the driver has not acknowledged yet. The
+    device's own state (config space and generation, queues in use) is the device's value."""
+
+    status: int
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: int
+    queue_sel: int
+    queues: tuple[QueueRegsState, ...]
+    interrupt_status: int
 
 
 class VirtioMmio:
@@ -205,6 +232,80 @@ class VirtioMmio:
     @property
     def needs_reset(self) -> bool:
         return self.device.needs_reset
+
+    # -- state as a value ------------------------------------------------------------------------
+    def save_state(self) -> MmioState:
+        """The registers as a value. The machine calls it with the vCPUs paused, so no register
+        access is in flight and the register lock is not needed (taking it here, with the
+        device lock held for quiescing, would invert the lock order), and the device quiet."""
+        return MmioState(self._status, self._device_features_sel, self._driver_features_sel,
+                         self._driver_features, self._queue_sel,
+                         tuple(QueueRegsState(q.num, q.ready, q.desc, q.driver, q.device)
+                               for q in self._queues),
+                         self.interrupt.status)
+
+    def restore_state(self, state: MmioState, device_state) -> None:
+        """Take back saved registers and hand ``device_state`` to the device's ``restore_state``
+        (the machine attached its backend first). Before :meth:`start`, with the VM not running.
+        Every ready queue is then notified once, so chains the driver made available while the
+        state was saved (or the device gave back) are served as soon as the I/O thread runs.
+        Raises ValueError or QueueError for a state this transport cannot have had."""
+        if len(state.queues) != len(self._queues):
+            raise ValueError(f"{self.name}: {len(state.queues)} queues saved, the device has "
+                             f"{len(self._queues)}")
+        for name in ("status", "device_features_sel", "driver_features_sel", "queue_sel", "interrupt_status"):
+            if not 0 <= getattr(state, name) <= 0xFFFF_FFFF:
+                raise ValueError(f"{self.name}: {name} {getattr(state, name)} is not a 32-bit value")
+        if not 0 <= state.driver_features < 1 << 64:
+            raise ValueError(f"{self.name}: driver features {state.driver_features:#x} are not 64-bit")
+        if state.interrupt_status & ~(INT_VRING | INT_CONFIG):
+            raise ValueError(f"{self.name}: interrupt status {state.interrupt_status:#x} has unknown bits")
+        for index, (regs, saved) in enumerate(zip(self._queues, state.queues)):
+            if not 0 <= saved.num <= 0xFFFF_FFFF or not all(0 <= a < 1 << 64 for a in
+                                                             (saved.desc, saved.driver, saved.device)):
+                raise ValueError(f"{self.name}: queue {index} registers out of range")
+        with self._lock:
+            self._status = state.status & ~STATUS_DEVICE_NEEDS_RESET & 0xFF
+            self._device_features_sel = state.device_features_sel
+            self._driver_features_sel = state.driver_features_sel
+            self._driver_features = state.driver_features
+            self._queue_sel = state.queue_sel
+            for regs, saved in zip(self._queues, state.queues):
+                regs.num, regs.ready = saved.num, saved.ready
+                regs.desc, regs.driver, regs.device = saved.desc, saved.driver, saved.device
+            with self.device.lock:
+                self.device.restore_state(device_state, self.mem, self.interrupt)
+                self._check_restored()
+            self.interrupt.restore(state.interrupt_status)
+        for q, fd in zip(self._queues, self._notify_fds):
+            if q.ready and self.device.active:
+                os.eventfd_write(fd, 1)
+
+    def _check_restored(self) -> None:  # both locks held
+        """The device's restored queues must be the ones these registers describe."""
+        device = self.device
+        active = device.active
+        if active != bool(self._status & STATUS_DRIVER_OK) and not device.needs_reset:
+            raise ValueError(f"{self.name}: the device is {'active' if active else 'inactive'} but "
+                             f"Status {self._status:#x} says otherwise")
+        if not active:
+            return
+        if device.state.features != self._driver_features:
+            raise ValueError(f"{self.name}: the device runs with features {device.state.features:#x}, "
+                             f"the driver accepted {self._driver_features:#x}")
+        event_idx = bool(self._driver_features & bit(VIRTIO_RING_F_EVENT_IDX))
+        indirect = bool(self._driver_features & bit(VIRTIO_RING_F_INDIRECT_DESC))
+        for index, regs in enumerate(self._queues):
+            queue = device.queue(index)
+            # A queue the driver disabled after DRIVER_OK stays with the device (unused), and one
+            # it enabled only after DRIVER_OK never reached it, so only queues both sides have
+            # must match.
+            if not regs.ready or queue is None:
+                continue
+            if ((queue.size, queue.desc_addr, queue.avail_addr, queue.used_addr, queue.event_idx,
+                 queue.indirect) != (regs.num, regs.desc, regs.driver, regs.device, event_idx, indirect)):
+                raise ValueError(f"{self.name}: queue {index} of the device does not match the "
+                                 "driver's queue registers")
 
     # -- the I/O thread --------------------------------------------------------------------------
     def _on_notify(self, fd: int, index: int) -> None:

@@ -76,7 +76,8 @@ from typing import Sequence
 
 from ..memory.guest import GuestMemory
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, bit
+from .device import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice,
+                     VirtioState, bit)
 from .queue import DescChain, QueueError, SplitQueue, read_buffers, write_buffers
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN, Tap
 
@@ -199,6 +200,17 @@ class _RxChain:
 
 
 # -- the device ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NetState:
+    """A NIC as a value (for snapshots): the virtio base state, the MAC and whether the link is
+    up. Receive chains the NIC caches and transmit chains waiting for the tap are given back to
+    their rings (see :meth:`VirtioNet.unfinished_chains`); the tap is the machine's to reopen."""
+
+    virtio: VirtioState
+    mac: bytes
+    link_up: bool
+
+
 class VirtioNet(VirtioDevice):
     """A virtio-net NIC in one slot, over an optional :class:`Tap` (owned once attached).
 
@@ -345,6 +357,31 @@ class VirtioNet(VirtioDevice):
             self._watch(-1, 0)
         if tap is not None:
             tap.close()
+
+    # -- state as a value (lock held) -------------------------------------------------------------
+    def unfinished_chains(self, index: int) -> int:
+        # Both are popped and kept in ring order, so they are the last chains popped.
+        if index == RX_QUEUE:
+            return len(self._rx_chains)
+        if index == TX_QUEUE:
+            return len(self._tx_pending)
+        return 0
+
+    def save_state(self) -> NetState:
+        """The NIC's state (lock held, device quiet)."""
+        return NetState(self.save_virtio_state(), self.mac, self._link_up)
+
+    def restore_state(self, state: NetState, mem: GuestMemory, interrupt: Interrupt) -> None:
+        """Take back a saved state (lock held, inactive, after the machine attached the tap)."""
+        if not isinstance(state, NetState):
+            raise ValueError(f"{self.name} is a NIC; the saved state is a {type(state).__name__}")
+        if len(state.mac) != 6:
+            raise ValueError(f"{self.name}: a MAC address of {len(state.mac)} bytes")
+        self.mac = parse_mac(format_mac(state.mac))
+        self._link_up = state.link_up
+        self._release_rx()
+        self._tx_pending.clear()
+        self.restore_virtio_state(state.virtio, mem, interrupt)
 
     def _release_rx(self) -> None:
         while self._rx_chains:

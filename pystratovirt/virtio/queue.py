@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import PyStratoVirtError
@@ -88,6 +89,26 @@ def _full_barrier(fence: threading.Lock) -> None:
     fence.release()
 
 
+@dataclass(frozen=True)
+class QueueState:
+    """A split queue as a value (for snapshots): where the driver put its three parts, the ring
+    features it negotiated, and how far the device has got. ``signalled_used`` is the used
+    index at the last interrupt decision (None before the first), which the EVENT_IDX rule
+    compares against; ``last_avail_idx`` may lie behind the live queue's when the device gave
+    chains it had popped but not completed back to the ring (see :meth:`SplitQueue.save_state`).
+    """
+
+    size: int
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    event_idx: bool
+    indirect: bool
+    last_avail_idx: int
+    used_idx: int
+    signalled_used: int | None
+
+
 class SplitQueue:
     """A driver-configured split virtqueue, validated at construction.
 
@@ -124,6 +145,43 @@ class SplitQueue:
 
     def close(self) -> None:
         """The owner is done with the queue (it keeps no host resources; kept for symmetry)."""
+
+    # -- state as a value ------------------------------------------------------------------------
+    def save_state(self, unfinished: int = 0) -> QueueState:
+        """The queue as a value. ``unfinished``: how many of the chains popped last the device
+        still holds without having completed them (a NIC's cached receive buffers, say); the
+        value's ``last_avail_idx`` is moved back over them, so a queue restored from it pops them
+        again from the available ring, where the driver's entries still name them (a driver
+        cannot reuse a ring slot while its chain is outstanding). The live queue is not changed.
+        """
+        outstanding = (self.last_avail_idx - self.used_idx) & 0xFFFF
+        if not 0 <= unfinished <= outstanding:
+            raise ValueError(f"cannot give back {unfinished} chains: the device has popped only "
+                             f"{outstanding} it has not used")
+        return QueueState(self.size, self.desc_addr, self.avail_addr, self.used_addr, self.event_idx,
+                          self.indirect, (self.last_avail_idx - unfinished) & 0xFFFF, self.used_idx,
+                          self._signalled_used)
+
+    @classmethod
+    def from_state(cls, mem: GuestMemory, state: QueueState) -> "SplitQueue":
+        """A queue continuing from ``state``; the geometry is validated as for a new queue
+        (QueueError), the indices must be u16 values (ValueError)."""
+        for name in ("last_avail_idx", "used_idx"):
+            value = getattr(state, name)
+            if not 0 <= value <= 0xFFFF:
+                raise ValueError(f"queue {name} {value} is not a 16-bit index")
+        if state.signalled_used is not None and not 0 <= state.signalled_used <= 0xFFFF:
+            raise ValueError(f"queue signalled_used {state.signalled_used} is not a 16-bit index")
+        if ((state.last_avail_idx - state.used_idx) & 0xFFFF) > state.size:
+            raise ValueError(f"queue indices avail {state.last_avail_idx} and used {state.used_idx} "
+                             f"are more than the queue size {state.size} apart")
+        queue = cls(mem, state.size, state.desc_addr, state.avail_addr, state.used_addr,
+                    event_idx=state.event_idx, indirect=state.indirect)
+        queue.last_avail_idx = state.last_avail_idx
+        queue._avail_shadow = state.last_avail_idx
+        queue.used_idx = state.used_idx
+        queue._signalled_used = state.signalled_used
+        return queue
 
     def _in_ram(self, addr: int, length: int) -> bool:
         end = addr + length

@@ -553,3 +553,16 @@ def test_undecodable_and_nul_paths(env):
 
 def test_socket_path_keeps_colons(env):
     assert env.config("-api-channel unix:a:b.sock,server,nowait").qmp_socket == "a:b.sock"
+
+
+# -- -incoming (a minimal form until the 2.x command line lands) -------------------------------------
+
+
+def test_incoming_belongs_to_both_dialects(env, tmp_path):
+    """A VM of either dialect can be saved and started again from its snapshot: -incoming picks
+    no dialect, so an early command line may restore too."""
+    from pystratovirt.machine.vmconfig import Dialect, IncomingConfig
+    cfg = env.config(["-incoming", f"file:{tmp_path}", "-api-channel", "unix:x.sock"])
+    assert (cfg.dialect, cfg.incoming) == (Dialect.V0, IncomingConfig(str(tmp_path)))
+    assert error(env, ["-incoming", "tcp:192.168.0.1:4446"]) == (
+        "-incoming tcp: (live migration) is not supported; only file:<dir> (a snapshot) is.")

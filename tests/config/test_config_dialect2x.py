@@ -292,7 +292,7 @@ def test_hydropper_initrd_vm(env):
 # -- the rule that picks the dialect -------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [
-    ["-qmp", "unix:x.sock"], ["-uuid", UUID], ["-object", "iothread,id=io"], ["-incoming", "file:."],
+    ["-qmp", "unix:x.sock"], ["-uuid", UUID], ["-object", "iothread,id=io"],
     ["-global", "a.b=1"], ["-cpu", "host"], ["-device", "virtio-balloon-device"], ["-device", "virtio-blk-pci"],
     ["-device", "vhost-user-fs-device,id=f"], ["-netdev", "tap,id=n,ifname=tap0"],
     ["-drive", "id=d,file=disk1,if=none"], ["-drive", "id=d,file=disk1,throttling.iops-total=10"],

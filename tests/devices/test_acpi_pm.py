@@ -73,3 +73,12 @@ def test_ports_outside_the_device_are_not_claimed(pm):
     bus.write(CTRL - 1, 1, 0x34)
     assert calls == []
     assert (AcpiPm.BASE, AcpiPm.LENGTH) == (0x600, 2) and STS == CTRL + 1
+
+
+def test_state_round_trip():
+    from pystratovirt.devices.acpi_pm import AcpiPmState
+    dev = AcpiPm(lambda: None)
+    assert dev.save_state() == AcpiPmState(False)
+    copy = AcpiPm(lambda: None)
+    copy.restore_state(AcpiPmState(True))
+    assert copy.save_state() == AcpiPmState(True)

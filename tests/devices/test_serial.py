@@ -82,3 +82,37 @@ def test_fifo_is_bounded_not_lossy():
     assert s.can_receive() == 0
     s.read(RBR_THR_DLL, 1)
     assert s.can_receive() == 1
+
+
+def test_state_round_trip_keeps_registers_pending_input_and_the_irq_level():
+    s, _, _, _ = make()
+    s.write(LCR, 1, 0x83)           # DLAB on: program the divisor
+    s.write(RBR_THR_DLL, 1, 0x01)
+    s.write(IER_DLM, 1, 0x00)
+    s.write(LCR, 1, 0x03)
+    s.write(MCR, 1, 0x0B)
+    s.write(SCR, 1, 0x5A)
+    s.write(IER_DLM, 1, IER_RDA)
+    s.feed(b"xyz")
+    assert s.read(RBR_THR_DLL, 1) == ord("x")
+    state = s.save_state()
+    assert state.rx == b"yz" and state.dll == 0x01 and state.scr == 0x5A
+
+    copy, line, levels, _ = make()
+    copy.restore_state(state)
+    assert line.level == 1 and levels == [1]  # the pending input raises the line again
+    assert copy.save_state() == state
+    assert [copy.read(RBR_THR_DLL, 1) for _ in range(2)] == [ord("y"), ord("z")]
+    assert line.level == 0
+
+
+def test_state_with_impossible_values_is_refused():
+    import dataclasses
+
+    import pytest
+    s, _, _, _ = make()
+    state = s.save_state()
+    with pytest.raises(ValueError, match="not a byte"):
+        s.restore_state(dataclasses.replace(state, lcr=256))
+    with pytest.raises(ValueError, match="receive FIFO"):
+        s.restore_state(dataclasses.replace(state, rx=bytes(RX_FIFO_LIMIT + 1)))

@@ -1,7 +1,7 @@
 """One whole life cycle of a probe-guest VM, driven as a user and a management client would:
 boot with a disk, a NIC, a balloon, an rng and a console on a socket; guest disk and network
 I/O, random bytes, console lines both ways; disk and NIC hot-plug and unplug over QMP; balloon
-inflate, statistics and deflate; stop/cont; then ``quit`` or SIGTERM.
+inflate, statistics and deflate; stop, a snapshot, cont; then ``quit`` or SIGTERM.
 
 Shared by the seccomp integration test (which proves the filters allow all of it) and by
 ``bench/syscalls.py`` (which traces it to measure what each thread kind calls). Every step
@@ -180,9 +180,11 @@ class Lifecycle:
         _ok(qmp, "balloon", {"value": RAM})
         assert "balloon: actual=0" in " ".join(vm.command("balloon run 4000", 3 * timeout))
 
-        # stop / cont: the guest is frozen, then answers again.
+        # stop, a snapshot of the paused VM, cont: the guest is frozen, saved, then answers again.
         events, _ = _ok(qmp, "stop")
         assert _ok(qmp, "query-status")[1]["status"] == "paused"
+        _ok(qmp, "migrate", {"uri": f"file:{self.dir / 'snapshot'}"})
+        assert _ok(qmp, "query-migrate")[1]["status"] == "completed"
         _ok(qmp, "cont")
         assert vm.command("echo alive", timeout) == ["alive"]
         _ok(qmp, "query-cpus")

@@ -176,3 +176,12 @@ def test_raw_vmlinux_bin_format(probe_elf, tmp_path):
         assert "vmlinux-raw" in vm.err.text()
         vm.send("reboot\n")
         assert vm.wait_exit(30) == 0
+
+
+def test_an_application_processor_answers_ipis(probe_elf):
+    with VmProcess(["-kernel", str(probe_elf), "-serial", "stdio", "-smp", "2"]) as vm:
+        vm.wait_for(r"(?m)^ready\r?$", 60)
+        assert vm.command("ipi 1") == ["cpu 1: ipis=1"]
+        assert vm.command("ipi 1") == ["cpu 1: ipis=2"]
+        vm.send("ipi 0\n")
+        vm.wait_for(r"error: cpu 0 is not an online application processor")

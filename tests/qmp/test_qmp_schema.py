@@ -482,3 +482,46 @@ def test_event_timestamp_split():
 def test_unknown_event_type_is_a_programming_error():
     with pytest.raises(TypeError):
         encode_event("STOP", 0)
+
+
+# -- migrate / query-migrate (snapshots) ----------------------------------------------------------
+
+def test_migrate_to_a_directory_as_hydropper_sends_it():
+    from pystratovirt.machine.requests import Migrate
+    assert parse_text('{"execute": "migrate", "arguments": {"uri": "file:/var/tmp/snapshot_template"}}').request \
+        == Migrate("/var/tmp/snapshot_template")
+    assert parse({"execute": "migrate", "arguments": {"uri": "file:rel/dir", "detach": True}}) == Migrate("rel/dir")
+
+
+@pytest.mark.parametrize("arguments, desc", [
+    ({}, "Parameter 'uri' is missing"),
+    ({"uri": ""}, "Parameter 'uri' expects a non-empty string"),
+    ({"uri": "file:"}, "Parameter 'uri' expects 'file:' followed by a directory"),
+    ({"uri": "/var/tmp/x"}, "Parameter 'uri' expects a URI of the form 'file:DIR'"),
+    ({"uri": "ftp:host"}, "Parameter 'uri' expects a URI of the form 'file:DIR'"),
+    ({"uri": "tcp:192.168.0.1:4446"},
+     "Migration to 'tcp:' is not supported: only snapshots to a directory ('file:DIR') are."),
+    ({"uri": "unix:/tmp/m.sock"},
+     "Migration to 'unix:' is not supported: only snapshots to a directory ('file:DIR') are."),
+    ({"uri": "exec:cat > /tmp/x"},
+     "Migration to 'exec:' is not supported: only snapshots to a directory ('file:DIR') are."),
+    ({"uri": "file:/d", "blk": True}, "Invalid parameter 'blk'"),
+])
+def test_migrate_rejects(arguments, desc):
+    assert bad_args("migrate", arguments) == desc
+
+
+def test_query_migrate_in_qemu_names():
+    from pystratovirt.machine.requests import (MigrationInfo, MigrationRam, MigrationStatus,
+                                               QueryMigrate)
+    assert parse({"execute": "query-migrate"}) == QueryMigrate()
+    assert encode_return(MigrationInfo(MigrationStatus.NONE)) == b'{"return":{"status":"none"}}\n'
+    done = MigrationInfo(MigrationStatus.COMPLETED, total_time_ms=14,
+                         ram=MigrationRam(151552, 0, 268435456, 65499, 37, 151552))
+    assert json.loads(encode_return(done)) == {"return": {
+        "status": "completed", "total-time": 14,
+        "ram": {"transferred": 151552, "remaining": 0, "total": 268435456, "duplicate": 65499,
+                "normal": 37, "normal-bytes": 151552}}}
+    failed = MigrationInfo(MigrationStatus.FAILED, total_time_ms=2, error_desc="Cannot save the snapshot.")
+    assert encode_return(failed) == \
+        b'{"return":{"status":"failed","total-time":2,"error-desc":"Cannot save the snapshot."}}\n'

@@ -42,13 +42,14 @@ static const struct command commands[] = {
 	{"mem", "", "print the RAM total and the e820 map", cmd_mem},
 	{"initrd", "", "print where the initrd is", cmd_initrd},
 	{"cpus", "", "print the MP table's CPUs and how many are online", cmd_cpus},
+	{"ipi", "<apic-id>", "interrupt an application processor and wait for it to answer", cmd_ipi},
 	{"irqs", "", "print interrupt counts per vector", cmd_irqs},
 	{"echo", "<text>", "print the text", cmd_echo},
 	{"ticks", "", "print the TSC (rdtsc)", cmd_ticks},
 	{"peek", "<hexaddr> [1|2|4|8]", "read guest physical memory (default 1 byte)", cmd_peek},
 	{"poke", "<hexaddr> <hexval> [1|2|4|8]", "write guest physical memory (default 1 byte)", cmd_poke},
 	{"crc32", "<hexaddr> <hexlen>", "CRC-32 (zlib's) of guest physical memory", cmd_crc32},
-	{"touch", "<hexaddr> <hexlen>", "rewrite one byte of every 4 KiB page (makes the host back it)", cmd_touch},
+	{"touch", "<hexaddr> <hexlen> [stamp|read]", "rewrite one byte of every 4 KiB page (makes the host back it); stamp: write each page's address into it; read: only read each page (prints the XOR of their first 8 bytes)", cmd_touch},
 	{"inb", "<hexport>", "read an I/O port (8 bits)", cmd_in},
 	{"inw", "<hexport>", "read an I/O port (16 bits)", cmd_in},
 	{"inl", "<hexport>", "read an I/O port (32 bits)", cmd_in},
@@ -228,21 +229,44 @@ static const char *cmd_crc32(int argc, char **argv, const char *args)
 	return 0;
 }
 
-/* Rewrites the first byte of each page with its own value: the data stays as it was, but the
- * host has to back every page with real memory, which is what a balloon test measures. */
+/* Visits every 4 KiB page of a range once, so the host has to back it:
+ *  - by default it rewrites the first byte of each page with its own value (the data stays as
+ *    it was, but each page gets host memory of its own: what a balloon test measures);
+ *  - "stamp" writes each page's own address into its first 8 bytes (the page now holds data);
+ *  - "read" only reads the first 8 bytes of each page and prints their XOR (the host maps the
+ *    page without copying it: what a snapshot's clones share). */
 static const char *cmd_touch(int argc, char **argv, const char *args)
 {
 	(void)args;
 	uint64_t addr, len;
+	int mode = 0; /* 0 rewrite, 1 stamp, 2 read */
+	if (argc == 4) {
+		if (!strcmp(argv[3], "stamp"))
+			mode = 1;
+		else if (!strcmp(argv[3], "read"))
+			mode = 2;
+		else
+			return usage_error(argv[0]);
+		argc = 3;
+	}
 	const char *err = parse_range(argc, argv, &addr, &len);
 	if (err)
 		return err;
-	uint64_t pages = 0;
+	uint64_t pages = 0, sum = 0;
 	for (uint64_t a = addr & ~0xfffUL; a < addr + len; a += 0x1000, pages++) {
-		volatile uint8_t *p = (volatile uint8_t *)a;
-		*p = *p;
+		if (mode == 1) {
+			*(volatile uint64_t *)a = a;
+		} else if (mode == 2) {
+			sum ^= *(volatile uint64_t *)a;
+		} else {
+			volatile uint8_t *p = (volatile uint8_t *)a;
+			*p = *p;
+		}
 	}
-	printf("touched: %lu pages\n", pages);
+	if (mode == 2)
+		printf("touched: %lu pages xor=0x%lx\n", pages, sum);
+	else
+		printf("touched: %lu pages\n", pages);
 	return 0;
 }
 

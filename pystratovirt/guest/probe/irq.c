@@ -118,6 +118,8 @@ void irq_init_bsp(void)
 void irq_init_ap(void)
 {
 	load_idt();
+	/* Software-enable this CPU's APIC so fixed IPIs reach it; its LVT entries stay masked. */
+	lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
 }
 
 /* Called from the stubs in start.S with interrupts off. */

@@ -146,6 +146,7 @@ uint64_t tsc_to_us(uint64_t delta);
 extern volatile unsigned cpus_online;
 void smp_boot(void);
 void smp_print_online(void);
+const char *cmd_ipi(int argc, char **argv, const char *args);
 
 /* -- the command console (commands.c) -------------------------------------------------------- */
 /* A command handler: returns NULL on success (the console prints "ok") or an error message

@@ -1,6 +1,7 @@
 /* smp.c: owns starting the application processors the MP table lists: copying the real-mode
  * trampoline to low memory, the INIT-SIPI-SIPI sequence, the bounded wait, and the APs' C entry
- * point. */
+ * point; and the "ipi" command, which shows an AP is alive (it answers an IPI from its idle
+ * loop), e.g. after the VM was restored from a snapshot. */
 #include "probe.h"
 #include "lib.h"
 #include "serial.h"
@@ -8,7 +9,9 @@
 
 #define ICR_INIT 0x4500    /* delivery mode INIT, level assert */
 #define ICR_STARTUP 0x4600 /* delivery mode start-up; the low byte is the vector */
+#define ICR_FIXED_ASSERT 0x4000 /* delivery mode fixed, level assert; the low byte is the vector */
 #define DEFAULT_TIMEOUT_MS 1000
+#define PING_TIMEOUT_US 1000000
 
 volatile unsigned cpus_online = 1; /* the BSP */
 static volatile uint8_t ap_started[256];
@@ -17,8 +20,45 @@ static const char *short_reason;
 /* Set under the console lock when the BSP stops waiting: an AP that arrives after that stays
  * quiet, so its line cannot land in the middle of command output. It still counts. */
 static volatile int smp_closed;
+/* IPIs each AP has taken (by APIC id), and the vector they arrive on. */
+static volatile uint64_t ap_pings[256];
+static int ping_vector = -1;
+static unsigned ping_target;
+static uint64_t ping_before;
 
-/* Entered from ap_entry64 in start.S on the AP's own stack; returns to a hlt loop there. */
+static void ping_handler(unsigned vector)
+{
+	(void)vector;
+	__atomic_fetch_add(&ap_pings[lapic_id() & 0xff], 1, __ATOMIC_RELEASE);
+}
+
+static int pinged(void)
+{
+	return __atomic_load_n(&ap_pings[ping_target], __ATOMIC_ACQUIRE) != ping_before;
+}
+
+const char *cmd_ipi(int argc, char **argv, const char *args)
+{
+	(void)args;
+	uint64_t id;
+	if (argc != 2 || parse_dec(argv[1], &id) || id > 255)
+		return errorf("usage: ipi <apic-id>");
+	if (!ap_started[id] || id == lapic_id())
+		return errorf("cpu %lu is not an online application processor", id);
+	if (ping_vector < 0)
+		return "no interrupt vector left for IPIs";
+	ping_target = (unsigned)id;
+	ping_before = ap_pings[id];
+	if (lapic_send_ipi((unsigned)id, ICR_FIXED_ASSERT | (unsigned)ping_vector))
+		return errorf("the IPI to cpu %lu was not delivered", id);
+	if (!wait_us(PING_TIMEOUT_US, pinged))
+		return errorf("cpu %lu did not take the IPI within a second", id);
+	printf("cpu %lu: ipis=%lu\n", id, ap_pings[id]);
+	return 0;
+}
+
+/* Entered from ap_entry64 in start.S on the AP's own stack; ends in an idle loop that takes
+ * interrupts (the "ipi" command's). */
 void ap_main(unsigned slot)
 {
 	(void)slot;
@@ -31,6 +71,8 @@ void ap_main(unsigned slot)
 	/* Counted after the line is out, so "cpus online" always follows every "cpu N online". */
 	__atomic_fetch_add(&cpus_online, 1, __ATOMIC_RELEASE);
 	console_unlock();
+	for (;;)
+		__asm__ volatile("sti; hlt; cli" : : : "memory");
 }
 
 static int all_online(void)
@@ -82,6 +124,7 @@ void smp_boot(void)
 		return;
 	}
 	short_reason = "AP start timed out";
+	ping_vector = irq_alloc_vector("ipi", ping_handler);
 
 	/* The trampoline enters long mode on the BSP's page tables (the VMM's identity map) and
 	 * with the BSP's EFER, minus LMA, which the AP's CPU sets itself. */
