@@ -11,9 +11,13 @@ The hierarchy (each module documents its own class)::
 
     PyStratoVirtError
      +-- KvmUnavailableError   kvm/system.py     /dev/kvm cannot be used
-     +-- GuestMemoryError      memory/guest.py   a guest physical range outside RAM
+     +-- GuestMemoryError      memory/guest.py   a guest physical range outside RAM, or RAM that
+     |                                           cannot be backed as asked
      +-- BootError             boot/errors.py    kernel, initrd, command line, boot tables
+     |    +-- ElfError         boot/elf.py       an ELF kernel that cannot be loaded
      +-- UnhandledEmulationFailure  cpu/pvm.py   an instruction an emulating host cannot run
+     +-- StateFormatError      cpu/state.py      saved vCPU/VM state that cannot be read
+     +-- StateRestoreError     cpu/state.py      saved state KVM refuses (also an OSError)
      +-- QueueError            virtio/queue.py   a malformed virtqueue (guest input)
      +-- BackendError          virtio/block_backend.py  a disk image cannot be used
      +-- TapError              virtio/tap.py     a tap cannot be used
@@ -22,10 +26,18 @@ The hierarchy (each module documents its own class)::
      +-- RngError              virtio/rng.py     the random source or the rate limit is unusable
      +-- ChardevError          devices/chardev.py  a chardev cannot be created
      +-- MachineError          machine/requests.py  a management request the machine refused
+     |    +-- DescriptorError  machine/fds.py    a descriptor the VMM was not given
      +-- SnapshotError         machine/snapshot_format.py  a snapshot cannot be written, read or used
      +-- ConfigError           config/errors.py  the command line or JSON file is invalid
      +-- QmpError              qmp/schema.py     a QMP message the protocol layer refused
      +-- QmpSocketError        qmp/server.py     the QMP socket cannot be created
+     +-- SeccompError          util/seccomp.py   a seccomp filter cannot be built or installed
+     +-- JailError             util/jail.py      the chroot or the privilege drop failed
+     +-- OzoneArgError, CgroupError, OzoneError  ozone/   the jailer's arguments, cgroups, namespaces
+
+Errors that never reach a user stay plain Python exceptions: a VMM bug (an overlapping bus range,
+``BusError``), or a phrase a caller turns into its own sentence (``StrictJsonError``,
+``PayloadError``, ``AmlError``, ``MsrAccessError``).
 
 This module imports nothing from the package, so every layer may use it.
 """
