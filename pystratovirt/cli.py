@@ -129,7 +129,7 @@ def _enter_jail(config: VmConfig, qmp: QmpServer | None, pidfile: str | None) ->
     if root is None:
         return pidfile
     if qmp is not None:
-        qmp.path = jail.inside(root, qmp.path) or qmp.path
+        qmp.moved(jail.inside(root, qmp.path) or qmp.path)
     return jail.inside(root, pidfile)
 
 

@@ -41,8 +41,6 @@ Backend rules:
 
 from __future__ import annotations
 
-import atexit
-import errno
 import logging
 import os
 import socket
@@ -54,6 +52,8 @@ from typing import Callable
 
 from ..errors import PyStratoVirtError
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EventLoop
+from ..util.terminal import RawTerminal
+from ..util.unixsock import ListenError, ListenFailure, UnixListener
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,6 @@ BACKENDS = ("socket", "pty", "stdio", "file")
 MAX_BUFFERED = 64 * 1024
 #: Input a departed socket client sent that the guest has not taken yet.
 MAX_BACKLOG = 64 * 1024
-SOCKET_MODE = 0o600
 FILE_MODE = 0o600
 BACKLOG = 4
 
@@ -352,36 +351,18 @@ class SocketChardev(Chardev):
 
     def __init__(self, id: str, path: str):
         super().__init__(id)
-        self.path = os.path.abspath(path)
-        self._identity: tuple[int, int] | None = None
         self._client: socket.socket | None = None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            # Linux gives the bound file the socket inode's mode (minus umask): the file is
-            # 0600 from the moment it exists, and the process-wide umask is left alone.
-            os.fchmod(sock.fileno(), SOCKET_MODE)
-            sock.bind(self.path)
-        except OSError as err:
-            sock.close()
-            if err.errno == errno.EADDRINUSE:
+            self._listener: UnixListener | None = UnixListener(path, BACKLOG)
+        except ListenError as err:
+            if err.failure is ListenFailure.EXISTS:
                 raise ChardevError(f"The socket path '{path}' of chardev '{id}' already exists; "
                                    "remove it or choose another path.") from None
-            raise ChardevError(f"Cannot create the socket '{path}' of chardev '{id}': "
-                               f"{err.strerror or err}.") from None
-        except (ValueError, UnicodeError) as err:
-            sock.close()
-            raise ChardevError(f"Cannot create the socket '{path}' of chardev '{id}': {err}.") from None
-        try:
-            st = os.stat(self.path)
-            self._identity = (st.st_dev, st.st_ino)
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
-        except OSError as err:
-            sock.close()
-            self._unlink()
-            raise ChardevError(f"Cannot listen on the socket '{path}' of chardev '{id}': "
-                               f"{err.strerror or err}.") from None
-        self._listener: socket.socket | None = sock
+            if err.failure is ListenFailure.LISTEN:
+                raise ChardevError(f"Cannot listen on the socket '{path}' of chardev '{id}': "
+                                   f"{err.detail}.") from None
+            raise ChardevError(f"Cannot create the socket '{path}' of chardev '{id}': {err.detail}.") from None
+        self.path = self._listener.path
 
     @property
     def connected(self) -> bool:
@@ -413,13 +394,12 @@ class SocketChardev(Chardev):
 
     def _accept(self) -> None:
         try:
-            client, _ = self._listener.accept()
+            client = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
             self._warn("accept", "chardev %s: accept failed: %s", self.id, err.strerror or err)
             return
-        client.setblocking(False)
         self._client = client
         self._reading = True
         self.stats.connections += 1
@@ -470,19 +450,8 @@ class SocketChardev(Chardev):
             self._client.close()
             self._client = None
         if self._listener is not None:
-            self._listener.close()
+            self._listener.close()  # removes the socket file if it is still ours
             self._listener = None
-        self._unlink()
-
-    def _unlink(self) -> None:
-        # Only remove the file we created: someone may have replaced it since.
-        try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._identity:
-                os.unlink(self.path)
-        except OSError:
-            pass
-        self._identity = None
 
 
 class PtyChardev(Chardev):
@@ -528,16 +497,10 @@ class StdioChardev(Chardev):
     def __init__(self, id: str, in_fd: int = 0, out_fd: int = 1):
         super().__init__(id)
         self._in, self._outfd = in_fd, out_fd
-        self._saved_tc = None
+        self._terminal = RawTerminal(in_fd)
         self._out_gone = False
         try:
-            if os.isatty(in_fd):
-                self._saved_tc = termios.tcgetattr(in_fd)
-                tty.setraw(in_fd)
-                attrs = termios.tcgetattr(in_fd)
-                attrs[3] |= termios.ISIG   # Ctrl-C still ends the VMM
-                termios.tcsetattr(in_fd, termios.TCSANOW, attrs)
-                atexit.register(self.restore_terminal)
+            self._terminal.enter(keep_signals=True)  # Ctrl-C still ends the VMM
             os.set_blocking(in_fd, False)
         except (OSError, termios.error) as err:
             self.restore_terminal()
@@ -555,12 +518,7 @@ class StdioChardev(Chardev):
                  exc.strerror or exc)
 
     def restore_terminal(self) -> None:
-        if self._saved_tc is not None:
-            try:
-                termios.tcsetattr(self._in, termios.TCSAFLUSH, self._saved_tc)
-            except termios.error:
-                pass
-            self._saved_tc = None
+        self._terminal.restore()
 
     def _release(self) -> None:
         try:

@@ -8,16 +8,14 @@ and ``atexit`` as a last resort. As in QEMU, Ctrl-A x ends the VMM from a raw te
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import select
-import termios
-import tty
 from typing import Callable
 
 from ..devices.serial import Serial
 from ..util.eventloop import EPOLLIN, EventLoop
+from ..util.terminal import RawTerminal
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ class StdioConsole:
         self._out = out_fd
         self._on_escape = on_escape
         self._serial: Serial | None = None
-        self._saved_tc = None
+        self._terminal = RawTerminal(in_fd)
         self._escape = False
         self._pending = b""
         self._registered = False
@@ -57,10 +55,7 @@ class StdioConsole:
     # -- input ----------------------------------------------------------------------------------
     def attach(self, serial: Serial) -> None:
         self._serial = serial
-        if os.isatty(self._in):
-            self._saved_tc = termios.tcgetattr(self._in)
-            tty.setraw(self._in)
-            atexit.register(self.restore_terminal)
+        self._terminal.enter()
         os.set_blocking(self._in, False)
         self._register()
 
@@ -98,7 +93,7 @@ class StdioConsole:
         if not data:
             self._unregister()  # EOF: the guest keeps running without input
             return
-        if self._saved_tc is not None:
+        if self._terminal.raw:
             data = self._filter_escape(data)
         self._pending += data
         self._offer()
@@ -138,12 +133,7 @@ class StdioConsole:
 
     # -- teardown -------------------------------------------------------------------------------
     def restore_terminal(self) -> None:
-        if self._saved_tc is not None:
-            try:
-                termios.tcsetattr(self._in, termios.TCSAFLUSH, self._saved_tc)
-            except termios.error:
-                pass
-            self._saved_tc = None
+        self._terminal.restore()
 
     def close(self) -> None:
         self._unregister()

@@ -56,10 +56,9 @@ that leaves takes its unclaimed descriptors with it.
 from __future__ import annotations
 
 import array
-import errno
+import fcntl
 import logging
 import os
-import fcntl
 import select
 import socket
 import struct
@@ -71,13 +70,33 @@ from dataclasses import replace
 from typing import Callable
 
 from ..errors import PyStratoVirtError
-from ..machine.requests import (CommandInfo, ErrorClass, Event, Executor, GetFd, MachineError,
-                                QmpCapabilities, QueryCommands, QueryVersion, Request)
+from ..machine.requests import (
+    CommandInfo,
+    ErrorClass,
+    Event,
+    Executor,
+    GetFd,
+    MachineError,
+    QmpCapabilities,
+    QueryCommands,
+    QueryVersion,
+    Request,
+)
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, EventLoop
-from .wire import WIRE_0X, Wire
+from ..util.unixsock import ListenError, ListenFailure, UnixListener
 from .framing import TOO_LONG, JsonSplitter
-from .schema import (MAX_MESSAGE, QmpError, command_names, decode, encode_error, encode_event,
-                     encode_greeting, encode_return, parse_command)
+from .schema import (
+    MAX_MESSAGE,
+    QmpError,
+    command_names,
+    decode,
+    encode_error,
+    encode_event,
+    encode_greeting,
+    encode_return,
+    parse_command,
+)
+from .wire import WIRE_0X, Wire
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +110,6 @@ STALL_TIMEOUT = 60.0
 MAX_FDS = 16
 READ_SIZE = 65536
 BACKLOG = 8
-SOCKET_MODE = 0o600
 _INT_SIZE = array.array("i").itemsize
 
 
@@ -191,8 +209,7 @@ class QmpServer:
         self._max_events = max_events
         self._stall_timeout = stall_timeout
         self._clock_ns = clock_ns
-        self._listener: socket.socket | None = None
-        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we bound
+        self._listener: UnixListener | None = None
         self._listening = False
         self._client: _Client | None = None
 
@@ -201,31 +218,25 @@ class QmpServer:
         """Create the socket file and start accepting; raise QmpSocketError if that fails."""
         if self._listener is not None:
             raise QmpSocketError("The QMP server is already started.")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # Linux gives the bound file the socket inode's mode (minus umask), so this makes
-            # the file 0600 from the moment it exists without touching the process-wide umask.
-            os.fchmod(sock.fileno(), SOCKET_MODE)
-            sock.bind(self.path)
-        except OSError as err:
-            sock.close()
-            if err.errno == errno.EADDRINUSE:  # the path exists, as a socket or any other file
+            listener = UnixListener(self.path, BACKLOG)
+        except ListenError as err:
+            if err.failure is ListenFailure.EXISTS:
                 raise QmpSocketError(f"QMP socket path {self.path} already exists; remove it "
                                      "or choose another path.") from None
-            raise QmpSocketError(f"Cannot create QMP socket {self.path}: "
-                                 f"{err.strerror or err}.") from None
-        try:
-            sock.listen(BACKLOG)  # first: a client that sees the file can connect at once
-            st = os.stat(self.path)
-            self._identity = (st.st_dev, st.st_ino)
-            sock.setblocking(False)
-        except OSError as err:
-            sock.close()
-            self._unlink()
-            raise QmpSocketError(f"Cannot listen on QMP socket {self.path}: {err}.") from None
-        self._listener = sock
+            if err.failure is ListenFailure.LISTEN:
+                raise QmpSocketError(f"Cannot listen on QMP socket {self.path}: {err.detail}.") from None
+            raise QmpSocketError(f"Cannot create QMP socket {self.path}: {err.detail}.") from None
+        self._listener = listener
         self._listen()
         log.debug("QMP listening on %s", self.path)
+
+    def moved(self, path: str) -> None:
+        """The process chrooted: its socket file is now reached as ``path`` (so it can still be
+        removed at exit)."""
+        self.path = path
+        if self._listener is not None:
+            self._listener.path = path
 
     def _listen(self) -> None:
         if self._listener is not None and not self._listening:
@@ -239,7 +250,7 @@ class QmpServer:
 
     def _on_accept(self, _mask: int) -> None:
         try:
-            sock, _ = self._listener.accept()
+            sock = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
@@ -248,7 +259,6 @@ class QmpServer:
             self._park()
             self._loop.call_later(0.1, self._listen)
             return
-        sock.setblocking(False)
         self._park()  # one client at a time; the next waits in the backlog
         client = _Client(sock, self._max_message, time.monotonic())
         self._client = client
@@ -561,20 +571,9 @@ class QmpServer:
         # The listener goes first, so nothing below re-arms it for a next client.
         if self._listener is not None:
             self._park()
-            self._listener.close()
+            self._listener.close()  # removes the socket file if it is still ours
             self._listener = None
-            self._unlink()
         client = self._client
         if client is not None:
             self.flush(timeout)
             self._drop(client)
-
-    def _unlink(self) -> None:
-        # Only remove the file we created: someone may have replaced it since.
-        try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._identity:
-                os.unlink(self.path)
-        except OSError:
-            pass
-        self._identity = None

@@ -451,6 +451,14 @@ struct virtio_dev *virtio_find(uint32_t device_id, unsigned n, const char **err)
 	return 0;
 }
 
+struct virtio_dev *virtio_find_running(uint32_t device_id, unsigned n, const char **err)
+{
+	struct virtio_dev *d = virtio_find(device_id, n, err);
+	if (d && (*err = virtio_check(d)) != 0)
+		return 0;
+	return d;
+}
+
 /* The initialization sequence of §3.1.1. Returns NULL or why it failed (FAILED is then set). */
 static const char *virtio_start(struct virtio_dev *d)
 {

@@ -173,6 +173,8 @@ uint8_t virtio_status(struct virtio_dev *d);
 const char *virtio_check(struct virtio_dev *d);
 /* The n-th started device with this id (0-based), or NULL; *err says why not. */
 struct virtio_dev *virtio_find(uint32_t device_id, unsigned n, const char **err);
+/* virtio_find, and the device must also be running (virtio_check): else NULL and *err says why. */
+struct virtio_dev *virtio_find_running(uint32_t device_id, unsigned n, const char **err);
 int virtio_has(const struct virtio_dev *d, unsigned bit);
 
 /* Device-specific config space, read generation-consistently (§2.5.1, §4.2.2.2): 8-, 16- and

@@ -382,11 +382,8 @@ const char *cmd_balloon(int argc, char **argv, const char *args)
 	if (argc < 2)
 		return BALLOON_USAGE;
 	const char *err = 0;
-	struct virtio_dev *d = virtio_find(VIRTIO_ID_BALLOON, 0, &err);
+	struct virtio_dev *d = virtio_find_running(VIRTIO_ID_BALLOON, 0, &err);
 	if (!d)
-		return err;
-	err = virtio_check(d);
-	if (err)
 		return err;
 	if (!strcmp(argv[1], "info") && argc == 2) {
 		printf("balloon: num_pages=%u actual=%u\n", virtio_cfg32(d, BALLOON_CFG_NUM_PAGES),

@@ -80,11 +80,8 @@ const char *cmd_rng(int argc, char **argv, const char *args)
 	if (argc < 2)
 		return RNG_USAGE;
 	const char *err = 0;
-	struct virtio_dev *d = virtio_find(VIRTIO_ID_RNG, 0, &err);
+	struct virtio_dev *d = virtio_find_running(VIRTIO_ID_RNG, 0, &err);
 	if (!d)
-		return err;
-	err = virtio_check(d);
-	if (err)
 		return err;
 	if (!strcmp(argv[1], "info") && argc == 2) {
 		printf("rng: queue size %u\n", d->vq[0].size);
