@@ -255,13 +255,7 @@ def check_config(state: MachineState, config: VmConfig) -> None:
     windows = {w.index: w for w in state.windows}
     drives = {d.id: d for d in config.drives}
     for slot, disk in enumerate(config.block_devices):
-        occupant = occupants.get((SlotKind.BLOCK, slot))
-        if occupant is None:
-            raise SnapshotError(f"The command line puts disk '{disk.id}' in block slot {slot}, which is "
-                                "empty in the snapshot.")
-        if (occupant.device_id, occupant.registration) != (disk.id, disk.drive):
-            raise SnapshotError(f"The command line puts disk '{disk.id}' in block slot {slot}, where the "
-                                f"snapshot has '{occupant.device_id}'.")
+        occupant = _same_occupant(occupants, SlotKind.BLOCK, slot, disk.id, disk.drive, "disk")
         saved_serial = dict(occupant.props).get("serial")
         if saved_serial != disk.serial:
             raise SnapshotError(f"Disk '{disk.id}' has serial {disk.serial!r} on the command line, but "
@@ -272,13 +266,7 @@ def check_config(state: MachineState, config: VmConfig) -> None:
                                 f"on the command line, but {'read-only' if spec.read_only else 'read-write'} "
                                 "in the snapshot.")
     for slot, nic in enumerate(config.net_devices):
-        occupant = occupants.get((SlotKind.NET, slot))
-        if occupant is None:
-            raise SnapshotError(f"The command line puts NIC '{nic.id}' in net slot {slot}, which is "
-                                "empty in the snapshot.")
-        if (occupant.device_id, occupant.registration) != (nic.id, nic.netdev):
-            raise SnapshotError(f"The command line puts NIC '{nic.id}' in net slot {slot}, where the "
-                                f"snapshot has '{occupant.device_id}'.")
+        _same_occupant(occupants, SlotKind.NET, slot, nic.id, nic.netdev, "NIC")
         window = windows.get(window_index(SlotKind.NET, slot))
         if nic.mac is not None and window is not None and isinstance(window.device, NetState):
             saved_mac = format_mac(window.device.mac)
@@ -320,6 +308,19 @@ def restore(machine: MicroVm, state: MachineState) -> None:
         except (ValueError, QueueError) as exc:
             # The device's message starts with its name.
             raise SnapshotError(f"The snapshot does not fit this machine: {_sentence(str(exc))}") from None
+
+
+def _same_occupant(occupants: dict, kind: SlotKind, slot: int, device_id: str, backend_id: str,
+                   what: str):
+    """The snapshot's occupant of ``slot``, which must be the device the command line puts there."""
+    occupant = occupants.get((kind, slot))
+    if occupant is None:
+        raise SnapshotError(f"The command line puts {what} '{device_id}' in {kind.value} slot {slot}, "
+                            "which is empty in the snapshot.")
+    if (occupant.device_id, occupant.registration) != (device_id, backend_id):
+        raise SnapshotError(f"The command line puts {what} '{device_id}' in {kind.value} slot {slot}, "
+                            f"where the snapshot has '{occupant.device_id}'.")
+    return occupant
 
 
 def _restore_slots(machine: MicroVm, slots: SlotsState, config: VmConfig) -> None:
