@@ -29,19 +29,37 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..memory.layout import (CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, GDT_ADDR, HIGH_MEMORY_START,
-                             IDT_ADDR, INITRD_ADDR_MAX, MiB, PAGE_SIZE, VMLINUX_LOAD_ADDR,
-                             ZERO_PAGE_ADDR)
+from ..memory.layout import (
+    CMDLINE_ADDR,
+    CMDLINE_MAX,
+    EBDA_START,
+    GDT_ADDR,
+    HIGH_MEMORY_START,
+    IDT_ADDR,
+    INITRD_ADDR_MAX,
+    PAGE_SIZE,
+    VMLINUX_LOAD_ADDR,
+    ZERO_PAGE_ADDR,
+    MiB,
+)
 from . import elf, payload
-from .payload_cache import CachedPayload, PayloadCache
-from .bootparams import (BOOT_FLAG, CAN_USE_HEAP, HDRS_MAGIC, KASLR_FLAG, LOADED_HIGH,
-                         LOADER_TYPE_UNDEFINED, BootParams, SetupHeader)
+from .bootparams import (
+    BOOT_FLAG,
+    CAN_USE_HEAP,
+    HDRS_MAGIC,
+    KASLR_FLAG,
+    LOADED_HIGH,
+    LOADER_TYPE_UNDEFINED,
+    BootParams,
+    SetupHeader,
+)
 from .bzimage import STARTUP_64_OFFSET, BzImage, looks_like_bzimage, parse_bzimage
 from .e820 import build_e820
 from .errors import BootError
 from .gdt import gdt_bytes
 from .mptable import build_mptable
 from .pagetables import page_tables
+from .payload_cache import CachedPayload, PayloadCache
 
 # The x86 kernel's COMMAND_LINE_SIZE is 2048 including the NUL; used when no header says otherwise.
 DEFAULT_CMDLINE_SIZE = 2047

@@ -39,14 +39,28 @@ import re
 from dataclasses import dataclass, field
 
 from ..machine.vmconfig import (
-    MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MIN_RNG_BYTES_PER_SEC, BalloonConfig, ChardevConfig, ConsoleConfig,
-    RngConfig, SerialConfig,
+    MAX_RNG_BYTES_PER_SEC,
+    MAX_SERIAL_LEN,
+    MIN_RNG_BYTES_PER_SEC,
+    BalloonConfig,
+    ChardevConfig,
+    ConsoleConfig,
+    RngConfig,
+    SerialConfig,
 )
 from . import args as A
 from .common import apply_common, missing, parse_socket, value_of
 from .draft import (
-    Draft, check_id, check_path, check_socket_path, new_block_device, new_drive_backend, new_iothread,
-    new_net_device, new_netdev_backend, new_vsock,
+    Draft,
+    check_id,
+    check_path,
+    check_socket_path,
+    new_block_device,
+    new_drive_backend,
+    new_iothread,
+    new_net_device,
+    new_netdev_backend,
+    new_vsock,
 )
 from .errors import ConfigError
 from .values import check_len, parse_bool, parse_fd, parse_kv, parse_uint, range_error

@@ -19,12 +19,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..util import strictjson
-
 from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, BalloonConfig, SerialConfig
-
+from ..util import strictjson
 from .draft import (
-    Draft, check_machine_type, check_path, new_console, new_drive, new_iothread, new_net, new_rng, new_vsock,
+    Draft,
+    check_machine_type,
+    check_path,
+    new_console,
+    new_drive,
+    new_iothread,
+    new_net,
+    new_rng,
+    new_vsock,
 )
 from .errors import ConfigError
 from .values import check_len, parse_bool, parse_mem_size, parse_uint, range_error

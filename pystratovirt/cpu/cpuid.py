@@ -64,7 +64,7 @@ class Topology:
                              f" does not equal max_cpus={self.max_cpus}")
 
     @classmethod
-    def for_cpus(cls, cpus: int, max_cpus: int | None = None) -> "Topology":
+    def for_cpus(cls, cpus: int, max_cpus: int | None = None) -> Topology:
         """StratoVirt's default: one socket per possible vCPU."""
         max_cpus = cpus if max_cpus is None else max_cpus
         return cls(cpus=cpus, max_cpus=max_cpus, sockets=max_cpus, cores=1, threads=1)
@@ -127,8 +127,8 @@ class CpuModel:
         self.brand = brand
 
     @classmethod
-    def from_kvm(cls, kvm: "Kvm", topology: Topology, *, mask_cx16: bool = True,
-                 brand: str | None = None) -> "CpuModel":
+    def from_kvm(cls, kvm: Kvm, topology: Topology, *, mask_cx16: bool = True,
+                 brand: str | None = None) -> CpuModel:
         supported = kvm.get_supported_cpuid()
         if brand is None and not _has_brand(supported):
             brand = host_brand_string()

@@ -49,8 +49,8 @@ import socket
 import sys
 import termios
 import tty
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import PyStratoVirtError
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EventLoop
@@ -93,7 +93,7 @@ class ChardevStats:
     connections: int = 0   # socket clients accepted
 
 
-def open_chardev(config: ChardevConfig) -> "Chardev":
+def open_chardev(config: ChardevConfig) -> Chardev:
     """Create the host side of ``config``; raises ChardevError with one sentence."""
     if config.backend == "socket":
         return SocketChardev(config.id, _need_path(config))

@@ -14,7 +14,7 @@ import os
 import select
 import termios
 import tty
-from typing import Callable
+from collections.abc import Callable
 
 from ..devices.serial import Serial
 from ..util.eventloop import EPOLLIN, EventLoop

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable, Protocol
+from typing import Protocol
 
 from ..cpu import pvm
 from ..devices.bus import Bus
@@ -62,7 +63,7 @@ class PauseGate:
             self.cond.notify_all()
             return not self.stopping
 
-    def when_parked(self, count: int) -> "Future[None]":
+    def when_parked(self, count: int) -> Future[None]:
         """A future completed (on the vCPU thread that parks last) once ``count`` threads are
         parked, or the machine is stopping; nobody has to block for it."""
         future: Future[None] = Future()
@@ -88,7 +89,7 @@ class PauseGate:
 
 class VcpuThread(threading.Thread):
     def __init__(self, host: VcpuHost, vcpu: Vcpu, gate: PauseGate,
-                 on_exit: Callable[["VcpuThread"], None] | None = None):
+                 on_exit: Callable[[VcpuThread], None] | None = None):
         super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
         self.host = host
         self.vcpu = vcpu

@@ -18,23 +18,59 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 from ..errors import PyStratoVirtError
-from ..machine.fds import FD_MAX, NAME as FD_NAME
+from ..machine.fds import FD_MAX
+from ..machine.fds import NAME as FD_NAME
+from ..machine.requests import (
+    Balloon,
+    BalloonChangedEvent,
+    BalloonGuestStats,
+    BalloonInfo,
+    BlockdevAdd,
+    BlockdevDel,
+    BlockIoErrorEvent,
+    CloseFd,
+    CommandInfo,
+    Cont,
+    CpuInfo,
+    CpuProps,
+    DeviceAdd,
+    DeviceDel,
+    DeviceDeletedEvent,
+    ErrorClass,
+    GetFd,
+    HotpluggableCpu,
+    Migrate,
+    MigrationInfo,
+    NetdevAdd,
+    NetdevDel,
+    QmpCapabilities,
+    QomGet,
+    QomSet,
+    QueryBalloon,
+    QueryCommands,
+    QueryCpus,
+    QueryHotpluggableCpus,
+    QueryMigrate,
+    QueryStatus,
+    QueryVersion,
+    Quit,
+    Request,
+    ResumeEvent,
+    ShutdownEvent,
+    ShutdownReason,
+    StatusInfo,
+    Stop,
+    StopEvent,
+    VersionInfo,
+)
 from ..util import strictjson
 from ..virtio.block_backend import DriveConfig
 from ..virtio.tap import NetdevConfig
-from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats, BalloonInfo,
-                                BlockdevAdd, BlockdevDel, BlockIoErrorEvent, CloseFd, CommandInfo,
-                                Cont, CpuInfo, CpuProps, DeviceAdd, DeviceDel, DeviceDeletedEvent,
-                                ErrorClass, GetFd, HotpluggableCpu, Migrate, MigrationInfo,
-                                NetdevAdd, NetdevDel, QmpCapabilities, QomGet, QomSet, QueryBalloon,
-                                QueryCommands, QueryCpus, QueryHotpluggableCpus, QueryMigrate,
-                                QueryStatus, QueryVersion, Quit, Request, ResumeEvent,
-                                ShutdownEvent, ShutdownReason, StatusInfo, Stop, StopEvent,
-                                VersionInfo)
 from .wire import WIRE_0X
 
 #: The QEMU version the default (0.x) dialect announces (``create_greeting(1, 0, 4)``).

@@ -57,27 +57,46 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import logging
 import os
-import fcntl
 import select
 import socket
 import struct
 import termios
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
-from typing import Callable
 
 from ..errors import PyStratoVirtError
-from ..machine.requests import (CommandInfo, ErrorClass, Event, Executor, GetFd, MachineError,
-                                QmpCapabilities, QueryCommands, QueryVersion, Request)
+from ..machine.requests import (
+    CommandInfo,
+    ErrorClass,
+    Event,
+    Executor,
+    GetFd,
+    MachineError,
+    QmpCapabilities,
+    QueryCommands,
+    QueryVersion,
+    Request,
+)
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, EventLoop
-from .wire import WIRE_0X, Wire
 from .framing import TOO_LONG, JsonSplitter
-from .schema import (MAX_MESSAGE, QmpError, command_names, decode, encode_error, encode_event,
-                     encode_greeting, encode_return, parse_command)
+from .schema import (
+    MAX_MESSAGE,
+    QmpError,
+    command_names,
+    decode,
+    encode_error,
+    encode_event,
+    encode_greeting,
+    encode_return,
+    parse_command,
+)
+from .wire import WIRE_0X, Wire
 
 log = logging.getLogger(__name__)
 
@@ -354,14 +373,14 @@ class QmpServer:
                 return  # dropped (or the server closed) while answering
         self._update(client)
 
-    def _wait_for(self, client: _Client, later: "_Later") -> None:
+    def _wait_for(self, client: _Client, later: _Later) -> None:
         client.later = later.future
 
         def completed(_future: Future) -> None:  # on whatever thread completed it
             self._loop.call_soon_threadsafe(lambda: self._finish(client, later))
         later.future.add_done_callback(completed)
 
-    def _finish(self, client: _Client, later: "_Later") -> None:
+    def _finish(self, client: _Client, later: _Later) -> None:
         if self._client is not client:
             return  # the client left while the command ran: nobody to tell
         client.later = None
@@ -388,7 +407,7 @@ class QmpServer:
                                 f"Internal error while executing {command.execute}", command.id,
                                 line_end)
 
-    def _answer(self, frame: _Frame) -> "bytes | _Later":
+    def _answer(self, frame: _Frame) -> bytes | _Later:
         fds, frame.fds = frame.fds, []
         line_end = self.wire.line_end
         try:

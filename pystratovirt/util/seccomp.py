@@ -34,10 +34,11 @@ import enum
 import logging
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
-from .libc import LIBC
+
 from ..errors import PyStratoVirtError
+from .libc import LIBC
 
 log = logging.getLogger(__name__)
 

@@ -75,8 +75,8 @@ import logging
 import mmap
 import struct
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
 from ..memory.guest import GuestMemory, GuestMemoryError
 from ..util.eventloop import Timer

@@ -31,9 +31,19 @@ from dataclasses import dataclass
 from ..memory.guest import GuestMemory
 from ..memory.layout import VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
 from ..util.eventloop import EFD_FLAGS, EPOLLIN, EventLoop
-from .device import (STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-                     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-                     INT_CONFIG, INT_VRING, Interrupt, VirtioDevice, bit)
+from .device import (
+    INT_CONFIG,
+    INT_VRING,
+    STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    Interrupt,
+    VirtioDevice,
+    bit,
+)
 from .queue import QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -260,7 +270,7 @@ class VirtioMmio:
             raise ValueError(f"{self.name}: driver features {state.driver_features:#x} are not 64-bit")
         if state.interrupt_status & ~(INT_VRING | INT_CONFIG):
             raise ValueError(f"{self.name}: interrupt status {state.interrupt_status:#x} has unknown bits")
-        for index, (regs, saved) in enumerate(zip(self._queues, state.queues)):
+        for index, saved in enumerate(state.queues):
             if not 0 <= saved.num <= 0xFFFF_FFFF or not all(0 <= a < 1 << 64 for a in
                                                              (saved.desc, saved.driver, saved.device)):
                 raise ValueError(f"{self.name}: queue {index} registers out of range")
@@ -270,14 +280,14 @@ class VirtioMmio:
             self._driver_features_sel = state.driver_features_sel
             self._driver_features = state.driver_features
             self._queue_sel = state.queue_sel
-            for regs, saved in zip(self._queues, state.queues):
+            for regs, saved in zip(self._queues, state.queues, strict=True):
                 regs.num, regs.ready = saved.num, saved.ready
                 regs.desc, regs.driver, regs.device = saved.desc, saved.driver, saved.device
             with self.device.lock:
                 self.device.restore_state(device_state, self.mem, self.interrupt)
                 self._check_restored()
             self.interrupt.restore(state.interrupt_status)
-        for q, fd in zip(self._queues, self._notify_fds):
+        for q, fd in zip(self._queues, self._notify_fds, strict=False):  # no fds once closed
             if q.ready and self.device.active:
                 os.eventfd_write(fd, 1)
 
@@ -505,7 +515,7 @@ class VirtioMmio:
                 return
         # Buffers the driver made available before DRIVER_OK (allowed for some devices) get
         # picked up now; for a driver that waited this finds nothing.
-        for q, fd in zip(self._queues, self._notify_fds):
+        for q, fd in zip(self._queues, self._notify_fds, strict=False):  # no fds once closed
             if q.ready:
                 os.eventfd_write(fd, 1)
 

@@ -16,8 +16,15 @@ from dataclasses import dataclass, field
 
 from ..memory.guest import GuestMemory
 from . import mmio as r
-from .device import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-                     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, bit)
+from .device import (
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    bit,
+)
 from .queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 _DESC = struct.Struct("<QIHH")
