@@ -19,8 +19,8 @@ import mmap
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 from .. import boot
 from ..boot.acpi import write_acpi_tables
@@ -355,7 +355,7 @@ class MicroVm:
         self._on_shutdown.append(fn)
 
     # -- lifecycle (loop thread) ----------------------------------------------------------------
-    def pause(self) -> "Future[None]":
+    def pause(self) -> Future[None]:
         """Stop every vCPU: the future completes once all are parked outside KVM_RUN, and fails
         if they are not within PAUSE_TIMEOUT (they are released again). The state changes on
         the loop thread when it completes; nothing blocks meanwhile."""
@@ -478,7 +478,7 @@ class MicroVm:
                                    qom_path=QOM_PATH.format(i) if i < online else None)
                 for i in range(self.config.machine.max_vcpus)]
 
-    def _stop(self, _req) -> "Future[None]":
+    def _stop(self, _req) -> Future[None]:
         if self._pausing:
             raise rq.MachineError("The VM is being paused already.")
         if self.state is not rq.RunState.RUNNING:
@@ -523,17 +523,17 @@ class MicroVm:
     def _backend_del(self, req) -> None:
         self.slots.unregister(req.node_name if isinstance(req, rq.BlockdevDel) else req.id)
 
-    def _device_add(self, req: rq.DeviceAdd) -> "Future[None]":
+    def _device_add(self, req: rq.DeviceAdd) -> Future[None]:
         """Answered once the device has switched to the backend (on its I/O thread)."""
         props = {"serial": req.serial} if "blk" in req.driver else {}
         return self.slots.attach(req.id, req.driver, req.slot, req.backend_id, **props)
 
-    def _device_del(self, req: rq.DeviceDel) -> "Future[None]":
+    def _device_del(self, req: rq.DeviceDel) -> Future[None]:
         """DEVICE_DELETED, then the reply, once the slot is empty (after the request in flight)."""
         return self._after(self.slots.detach(req.id),
                            lambda: self.emit(rq.DeviceDeletedEvent(device=req.id, path=req.id)))
 
-    def _after(self, future: "Future[None]", then: Callable[[], None]) -> "Future[None]":
+    def _after(self, future: Future[None], then: Callable[[], None]) -> Future[None]:
         """A future that completes on the loop thread once ``future`` has and ``then()`` ran (not
         run if ``future`` failed: its error passes through)."""
         result: Future[None] = Future()

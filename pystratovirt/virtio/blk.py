@@ -32,16 +32,14 @@ from __future__ import annotations
 import errno
 import logging
 import struct
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
 
 from ..memory.guest import GuestMemory
 from ..util.eventloop import Timer
-
 from .block_backend import SECTOR_SHIFT, SECTOR_SIZE, FileBackend
-from .device import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice,
-                     VirtioState, bit)
+from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, VirtioState, bit
 from .queue import Buffers, DescChain, QueueError, read_buffers, split_buffers, write_buffers
 
 log = logging.getLogger(__name__)
@@ -118,7 +116,7 @@ class BlkRequest:
     status: int
 
     @classmethod
-    def parse(cls, chain: DescChain, mem: GuestMemory) -> "BlkRequest":
+    def parse(cls, chain: DescChain, mem: GuestMemory) -> BlkRequest:
         if chain.readable_len < REQUEST_HEADER:
             raise QueueError(f"virtio-blk request {chain.head} has a {chain.readable_len}-byte header "
                              f"(needs {REQUEST_HEADER})")
@@ -284,7 +282,7 @@ class VirtioBlk(VirtioDevice):
         return int.from_bytes(self._config[CONFIG_CAPACITY:CONFIG_CAPACITY + 8], "little")
 
     # -- hot-replace -----------------------------------------------------------------------------
-    def set_backend(self, backend: FileBackend | None, serial: str | None = None) -> "Future[None]":
+    def set_backend(self, backend: FileBackend | None, serial: str | None = None) -> Future[None]:
         """Replace the drive (None empties the slot) and the serial number GET_ID reports; see
         the module docstring. Any thread: the swap, and the old image's flush and close, run on
         the I/O thread after the request in flight; the future says when it is done."""

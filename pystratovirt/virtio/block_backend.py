@@ -17,9 +17,9 @@ import logging
 import mmap
 import os
 import stat
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 from ..errors import PyStratoVirtError
 from ..util.libc import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
@@ -154,7 +154,7 @@ class FileBackend:
         return self.size >> SECTOR_SHIFT
 
     @classmethod
-    def open(cls, config: DriveConfig) -> "FileBackend":
+    def open(cls, config: DriveConfig) -> FileBackend:
         """Open the image ``config`` names; raises BackendError with a one-sentence reason."""
         path, read_only, direct = config.path, config.read_only, config.direct
         try:

@@ -33,8 +33,8 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from ..devices.chardev import Chardev
 from ..memory.guest import GuestMemory

@@ -70,14 +70,13 @@ import os
 import string
 import struct
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from ..memory.guest import GuestMemory
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-from .device import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice,
-                     VirtioState, bit)
+from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, VirtioState, bit
 from .queue import DescChain, QueueError, SplitQueue, read_buffers, write_buffers
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN, Tap
 
@@ -301,7 +300,7 @@ class VirtioNet(VirtioDevice):
             log.warning(msg + " (further occurrences are counted, not logged)", *args)
 
     # -- hot-plug --------------------------------------------------------------------------------
-    def set_backend(self, tap: Tap | None) -> "Future[None]":
+    def set_backend(self, tap: Tap | None) -> Future[None]:
         """Attach ``tap`` (the device owns it from now on) or, with None, empty the slot; the old
         tap is closed. Any thread: the swap runs on the I/O thread after the batch in flight;
         the future says when it is done."""

@@ -37,8 +37,8 @@ import logging
 import os
 import stat
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from ..errors import PyStratoVirtError
 from ..memory.guest import GuestMemory
