@@ -233,7 +233,8 @@ class EventLoop:
                     fn = timer.fn
                 else:
                     return
-            self._guard(lambda _mask, fn=fn: fn(), 0)
+            # _guard calls the lambda before the next iteration rebinds fn.
+            self._guard(lambda _mask: fn(), 0)  # noqa: B023
 
     def _guard(self, handler: Callback, mask: int) -> None:
         try:
