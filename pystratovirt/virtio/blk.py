@@ -328,7 +328,7 @@ class VirtioBlk(VirtioDevice):
         so no chain is ever held."""
         return BlkState(self.save_virtio_state(), self.serial, self.read_only)
 
-    def restore_state(self, state: BlkState, mem: GuestMemory, interrupt: Interrupt) -> None:
+    def restore_state(self, state: object, mem: GuestMemory, interrupt: Interrupt) -> None:
         """Take back a saved state (lock held, inactive, after the machine attached the drive):
         the attached drive must have the capacity the guest was shown (ValueError otherwise)."""
         if not isinstance(state, BlkState):
@@ -399,6 +399,6 @@ class VirtioBlk(VirtioDevice):
 
     def _emit_io_error(self, error: tuple[str, bool, str]) -> None:
         try:
-            self.on_io_error(*error)
+            self.on_io_error(*error)  # type: ignore[misc]  # _report_io_error checked it is set
         except Exception:  # the machine's bug must not take the disk down
             log.exception("%s: on_io_error callback failed", self.name)

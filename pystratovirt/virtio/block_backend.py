@@ -17,7 +17,7 @@ import logging
 import mmap
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -54,8 +54,11 @@ BOUNCE_SIZE = 1 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENODEV)
 
+#: os.preadv or os.pwritev: (fd, buffers, offset) -> bytes transferred.
+VectorIo = Callable[[int, Sequence[memoryview], int], int]
 
-def _io_all(op, fd: int, views: Sequence[memoryview], offset: int) -> None:
+
+def _io_all(op: VectorIo, fd: int, views: Sequence[memoryview], offset: int) -> None:
     """preadv/pwritev every byte of ``views`` at ``offset``, in IOV_MAX batches, across short
     transfers; a read hitting end of file is an I/O error."""
     pending = [v for v in views if len(v)]
@@ -196,7 +199,7 @@ class FileBackend:
             raise OSError(errno.EROFS, "read-only drive")
         self._transfer(os.pwritev, offset, views, reading=False)
 
-    def _transfer(self, op, offset: int, views: Sequence[memoryview], reading: bool) -> None:
+    def _transfer(self, op: VectorIo, offset: int, views: Sequence[memoryview], reading: bool) -> None:
         views = [v for v in views if len(v)]
         total = sum(len(v) for v in views)
         if not total:
@@ -212,7 +215,7 @@ class FileBackend:
         if all(len(v) % a == 0 and (addr := _address(v)) is not None and addr % a == 0 for v in views):
             _io_all(op, self.fd, views, offset)  # zero-copy: guest pages satisfy O_DIRECT
             return
-        with memoryview(self._bounce) as bounce:
+        with memoryview(self._bounce) as bounce:  # type: ignore[arg-type]  # made when direct is set
             pos = 0
             while pos < total:
                 chunk = bounce[:min(BOUNCE_SIZE, total - pos)]

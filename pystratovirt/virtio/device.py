@@ -274,7 +274,7 @@ class VirtioDevice:
         own return their own value holding :meth:`save_virtio_state`'s."""
         return self.save_virtio_state()
 
-    def restore_state(self, state, mem: GuestMemory, interrupt: Interrupt) -> None:
+    def restore_state(self, state: object, mem: GuestMemory, interrupt: Interrupt) -> None:
         """Take back what :meth:`save_state` gave (lock held, device inactive and quiet)."""
         if not isinstance(state, VirtioState):
             raise ValueError(f"{self.name}: the saved state is a {type(state).__name__}")

@@ -26,7 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..memory.guest import GuestMemory
 from ..memory.layout import VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
@@ -45,6 +47,9 @@ from .device import (
     bit,
 )
 from .queue import QueueError, SplitQueue
+
+if TYPE_CHECKING:  # only for annotations: the machine passes its Vm in
+    from ..kvm.vm import Vm
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +179,9 @@ class VirtioMmio:
         device.attach_io(self.io)
         self._notify_fds = [os.eventfd(0, EFD_FLAGS) for _ in self._queues]
         for index, fd in enumerate(self._notify_fds):
-            self.io.register(fd, EPOLLIN, lambda _mask, fd=fd, index=index: self._on_notify(fd, index))
+            def on_notify(_mask: int, fd: int = fd, index: int = index) -> None:
+                self._on_notify(fd, index)
+            self.io.register(fd, EPOLLIN, on_notify)
         self._lock = threading.Lock()   # the registers below; vCPU threads only
         self._status = 0
         self._device_features_sel = 0
@@ -195,20 +202,20 @@ class VirtioMmio:
         """The eventfd to register with KVM_IRQFD on the device's GSI."""
         return self.interrupt.eventfd
 
-    def kvm_attach(self, vm, base: int, irq: int) -> None:
+    def kvm_attach(self, vm: Vm, base: int, irq: int) -> None:
         """Register this transport's eventfds with KVM: one KVM_IOEVENTFD per queue on
         ``base + QUEUE_NOTIFY`` (4 bytes, datamatch = queue index) and KVM_IRQFD on ``irq``."""
         for fd, index in self.notify_eventfds():
             vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index)
         vm.irqfd(self.irq_eventfd, irq)
 
-    def kvm_detach(self, vm, base: int, irq: int) -> None:
+    def kvm_detach(self, vm: Vm, base: int, irq: int) -> None:
         """Undo :meth:`kvm_attach` (not needed when the whole VM is being closed)."""
         for fd, index in self.notify_eventfds():
             vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index, deassign=True)
         vm.irqfd(self.irq_eventfd, irq, deassign=True)
 
-    def start(self, on_start=None) -> None:
+    def start(self, on_start: Callable[[], None] | None = None) -> None:
         """Start the device's own I/O thread (a shared one is the caller's to start)."""
         if self._own_io:
             self.io.start(on_start)
@@ -254,7 +261,7 @@ class VirtioMmio:
                                for q in self._queues),
                          self.interrupt.status)
 
-    def restore_state(self, state: MmioState, device_state) -> None:
+    def restore_state(self, state: MmioState, device_state: object) -> None:
         """Take back saved registers and hand ``device_state`` to the device's ``restore_state``
         (the machine attached its backend first). Before :meth:`start`, with the VM not running.
         Every ready queue is then notified once, so chains the driver made available while the
@@ -294,14 +301,15 @@ class VirtioMmio:
     def _check_restored(self) -> None:  # both locks held
         """The device's restored queues must be the ones these registers describe."""
         device = self.device
-        active = device.active
+        state = device.state
+        active = state is not None
         if active != bool(self._status & STATUS_DRIVER_OK) and not device.needs_reset:
             raise ValueError(f"{self.name}: the device is {'active' if active else 'inactive'} but "
                              f"Status {self._status:#x} says otherwise")
-        if not active:
+        if state is None:
             return
-        if device.state.features != self._driver_features:
-            raise ValueError(f"{self.name}: the device runs with features {device.state.features:#x}, "
+        if state.features != self._driver_features:
+            raise ValueError(f"{self.name}: the device runs with features {state.features:#x}, "
                              f"the driver accepted {self._driver_features:#x}")
         event_idx = bool(self._driver_features & bit(VIRTIO_RING_F_EVENT_IDX))
         indirect = bool(self._driver_features & bit(VIRTIO_RING_F_INDIRECT_DESC))

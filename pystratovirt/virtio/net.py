@@ -294,7 +294,7 @@ class VirtioNet(VirtioDevice):
             except OSError:
                 pass
 
-    def _warn_once(self, key: str, msg: str, *args) -> None:
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(msg + " (further occurrences are counted, not logged)", *args)
@@ -370,7 +370,7 @@ class VirtioNet(VirtioDevice):
         """The NIC's state (lock held, device quiet)."""
         return NetState(self.save_virtio_state(), self.mac, self._link_up)
 
-    def restore_state(self, state: NetState, mem: GuestMemory, interrupt: Interrupt) -> None:
+    def restore_state(self, state: object, mem: GuestMemory, interrupt: Interrupt) -> None:
         """Take back a saved state (lock held, inactive, after the machine attached the tap)."""
         if not isinstance(state, NetState):
             raise ValueError(f"{self.name} is a NIC; the saved state is a {type(state).__name__}")
@@ -557,7 +557,7 @@ class VirtioNet(VirtioDevice):
             if tap is None:
                 break
             rx = self._rx_chains[0]
-            iov = rx.iov
+            iov: Sequence[memoryview | bytearray] | None = rx.iov
             if iov is None:
                 if self._bounce is None:
                     self._bounce = bytearray(OVERFLOW_SIZE)
@@ -580,7 +580,7 @@ class VirtioNet(VirtioDevice):
                 stats.rx_dropped += 1
                 continue
             if rx.iov is None:
-                write_buffers(self.mem, rx.bufs, memoryview(self._bounce)[:n])
+                write_buffers(self.mem, rx.bufs, memoryview(self._bounce)[:n])  # type: ignore[arg-type]  # set above
             first = rx.views[0] if rx.views else None
             if first is not None and len(first) >= HDR_LEN:
                 # The usual layout (header and frame in one buffer): patch the header in place.
