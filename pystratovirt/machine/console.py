@@ -15,6 +15,7 @@ import select
 import termios
 import tty
 from collections.abc import Callable
+from typing import Any
 
 from ..devices.serial import Serial
 from ..util.eventloop import EPOLLIN, EventLoop
@@ -33,7 +34,7 @@ class StdioConsole:
         self._out = out_fd
         self._on_escape = on_escape
         self._serial: Serial | None = None
-        self._saved_tc = None
+        self._saved_tc: list[Any] | None = None  # what termios.tcgetattr gave
         self._escape = False
         self._pending = b""
         self._registered = False

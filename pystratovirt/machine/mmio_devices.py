@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..devices.bus import Bus
 from ..memory import GuestMemory
@@ -30,6 +31,9 @@ from ..util.eventloop import EventLoop
 from ..virtio.device import VirtioDevice
 from ..virtio.mmio import VirtioMmio, cmdline_entry, slot_resources
 from .slots import BLOCK_SLOTS, NET_SLOTS, SlotKind
+
+if TYPE_CHECKING:
+    from ..kvm.vm import Vm
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ class MmioDevices:
     """The windows, and the I/O threads their devices run on (``on_thread_start`` runs first on
     each I/O thread: the machine installs the thread's seccomp filter there)."""
 
-    def __init__(self, vm, memory: GuestMemory, bus: Bus, iothreads: list[str] = (),
+    def __init__(self, vm: Vm, memory: GuestMemory, bus: Bus, iothreads: Sequence[str] = (),
                  on_thread_start: Callable[[], None] | None = None):
         self._vm = vm
         self._memory = memory

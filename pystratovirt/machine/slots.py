@@ -21,7 +21,7 @@ import enum
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..virtio.block_backend import DriveConfig, FileBackend
 from ..virtio.tap import NetdevConfig, Tap
@@ -42,9 +42,12 @@ class SlotKind(enum.Enum):
 
 
 class SlotDevice(Protocol):
-    """A device living in a slot: it takes an (opened) backend, or None to become empty."""
+    """A device living in a slot: it takes an (opened) backend, or None to become empty; a disk
+    also takes its ``serial`` as a keyword. The backend is Any here because the pairing of a
+    disk with a FileBackend and a NIC with a Tap is the slot kind's (checked by
+    :meth:`ReplaceableSlots.attach`), which mypy cannot express."""
 
-    def set_backend(self, backend, **props) -> Future[None]: ...
+    def set_backend(self, backend: Any, /) -> Future[None]: ...
 
 
 @dataclass
@@ -145,7 +148,7 @@ class ReplaceableSlots:
 
     # -- attach / detach -------------------------------------------------------------------------
     def attach(self, device_id: str, driver: str, slot: int, backend_id: str | None = None,
-               **props) -> Future[None]:
+               **props: str | None) -> Future[None]:
         """Put the backend registered as ``backend_id`` (default: ``device_id``) into ``slot``;
         ``props`` go to the device (a disk's ``serial``). The future completes once the device
         has switched (on its I/O thread)."""
