@@ -145,7 +145,7 @@ class AcpiTables:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes ``data`` plus itself sum to 0 mod 256."""
     return (-sum(data)) & 0xFF
 

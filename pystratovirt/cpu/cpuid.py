@@ -99,7 +99,7 @@ def _brand_regs(brand: str) -> list[tuple[int, int, int, int]]:
     """The 48-byte NUL-padded brand string as (eax, ebx, ecx, edx) for leaves 0x8000000[234]."""
     raw = brand.encode("ascii", "replace")[:47].ljust(48, b"\0")
     words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, 48, 4)]
-    return [tuple(words[i:i + 4]) for i in range(0, 12, 4)]
+    return [(words[i], words[i + 1], words[i + 2], words[i + 3]) for i in range(0, 12, 4)]
 
 
 def host_brand_string(cpuinfo_path: str = "/proc/cpuinfo") -> str | None:

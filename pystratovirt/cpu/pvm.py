@@ -203,6 +203,7 @@ def _decode_mxcsr_insn(insn: bytes, regs) -> tuple[str, int, int] | None:
     if mod == 3 or reg not in (2, 3):
         return None
     reg_value = lambda n: getattr(regs, _GPR_ORDER[n])  # noqa: E731
+    addr: int | None  # None: RIP-relative, known once the instruction's length is
     addr = 0
     if rm == 4:  # SIB
         if len(insn) <= i:
