@@ -188,6 +188,7 @@ class Chardev:
             del self._backlog[:n]
             if self._backlog:
                 # No descriptor will signal the rest: offer it again once this call is done.
+                assert self._loop is not None  # a backlog is kept only by an attached chardev
                 self._loop.call_soon_threadsafe(self._deliver)
             else:
                 self._sync()   # back to polling the descriptor (a new client's)
@@ -304,8 +305,10 @@ class Chardev:
         for fd, mask in wanted.items():
             old = self._watched.get(fd)
             if old is None:
+                def on_event(events: int, fd: int = fd) -> None:
+                    self._on_event(fd, events)
                 try:
-                    loop.register(fd, mask, lambda events, fd=fd: self._on_event(fd, events))
+                    loop.register(fd, mask, on_event)
                 except PermissionError:
                     # A regular file (or /dev/null) cannot be polled: it is always ready.
                     self._always_ready(fd, mask)
@@ -320,6 +323,7 @@ class Chardev:
             self._loop.unregister(fd)
 
     def _always_ready(self, fd: int, mask: int) -> None:
+        assert self._loop is not None  # called while watching
         if mask & EPOLLOUT:
             self._loop.call_soon_threadsafe(self._flush)
         if mask & EPOLLIN:
@@ -400,6 +404,7 @@ class SocketChardev(Chardev):
         return {}
 
     def _write_fd(self, fd: int, data: memoryview) -> int:
+        assert self._client is not None  # the output descriptor is the client's
         return self._client.send(data, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 
     def _event(self, fd: int, mask: int) -> bool:
@@ -412,6 +417,7 @@ class SocketChardev(Chardev):
         return False
 
     def _accept(self) -> None:
+        assert self._listener is not None  # its event brought us here
         try:
             client, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
@@ -428,6 +434,7 @@ class SocketChardev(Chardev):
     def _hang_up(self) -> None:
         """The client is gone: keep what it sent that the guest has not taken (bounded)."""
         client = self._client
+        assert client is not None  # its hang-up brought us here
         if self._reading:
             while len(self._backlog) < MAX_BACKLOG:
                 try:
@@ -440,6 +447,7 @@ class SocketChardev(Chardev):
                 self._backlog += data
         self._drop_client()
         if self._backlog and self._want:
+            assert self._loop is not None  # its event brought us here
             self._loop.call_soon_threadsafe(self._deliver)
 
     def _drop_client(self) -> None:
