@@ -330,7 +330,7 @@ class _Builder:
             raise ConfigError("Argument 'period' is missing")
         if period is not None and max_bytes is None:
             raise ConfigError("Argument 'max-bytes' is missing")
-        if period is not None:
+        if period is not None and max_bytes is not None:  # both or neither, checked above
             if period == 0:
                 raise ConfigError("Illegal period arguments: 0")
             if not MIN_RNG_BYTES_PER_SEC <= max_bytes * 1000 // period <= MAX_RNG_BYTES_PER_SEC:
