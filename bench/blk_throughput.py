@@ -29,10 +29,16 @@ import tempfile
 import time
 
 from pystratovirt.memory.guest import GuestMemory
-from pystratovirt.virtio.blk import (VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BackendError,
-                                     FileBackend, VirtioBlk)
-from pystratovirt.virtio.mock_driver import BLK_HEADER, BlkDriver
+from pystratovirt.virtio.blk import (
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    BackendError,
+    FileBackend,
+    VirtioBlk,
+)
 from pystratovirt.virtio.mmio import VirtioMmio
+from pystratovirt.virtio.mock_driver import BLK_HEADER, BlkDriver
 
 KiB, MiB = 1 << 10, 1 << 20
 CASES = [  # name, block size, random?, write?

@@ -34,8 +34,8 @@ import time
 
 from pystratovirt.memory.guest import GuestMemory
 from pystratovirt.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, bit
-from pystratovirt.virtio.mock_driver import VirtioDriver
 from pystratovirt.virtio.mmio import VirtioMmio
+from pystratovirt.virtio.mock_driver import VirtioDriver
 from pystratovirt.virtio.net import HDR_LEN, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VirtioNet
 from pystratovirt.virtio.queue import vring_need_event
 from pystratovirt.virtio.tap import Tap

@@ -19,13 +19,12 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from helpers import qmpfuzz  # noqa: E402
-from helpers.vmproc import Qmp, VmProcess, wait_for_path  # noqa: E402
+from helpers import qmpfuzz
+from helpers.vmproc import Qmp, VmProcess, wait_for_path
 
 
 def open_fds(pid: int) -> set[int]:

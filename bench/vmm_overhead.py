@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,7 +163,7 @@ class Vmm:
     def frozen_argv(self, kernel: str, cmdline: str, mem_mib: int, sock: str) -> list[str]:
         raise NotImplementedError
 
-    def booted_argv(self, guest: "Guests", mem_mib: int, sock: str) -> list[str]:
+    def booted_argv(self, guest: Guests, mem_mib: int, sock: str) -> list[str]:
         raise NotImplementedError
 
 
@@ -474,9 +474,9 @@ def table(results: dict[str, dict[str, list[float]]], vmms: list[str]) -> list[s
                     for v in ours]
         rows.append(row)
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |",
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
     return out
 
 
@@ -491,10 +491,10 @@ def chart(results: dict[str, dict[str, list[float]]], vmms: list[str], path: str
     cols = 3
     rows = (len(shown) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
-    for ax, (key, label, unit, higher) in zip(axes.flat, shown):
+    for ax, (key, label, unit, higher) in zip(axes.flat, shown, strict=False):  # the grid may have spare cells
         med = [statistics.median(results[v][key]) for v in vmms]
-        lo = [m - min(results[v][key]) for m, v in zip(med, vmms)]
-        hi = [max(results[v][key]) - m for m, v in zip(med, vmms)]
+        lo = [m - min(results[v][key]) for m, v in zip(med, vmms, strict=True)]
+        hi = [max(results[v][key]) - m for m, v in zip(med, vmms, strict=True)]
         ours = iter(["tab:blue", "tab:cyan", "tab:green"])
         colours = ["tab:orange" if v == QEMU_NAME else next(ours) for v in vmms]
         ax.bar([v.replace(", ", "\n") for v in vmms], med, yerr=[lo, hi], capsize=4, color=colours)
@@ -576,7 +576,7 @@ def main() -> int:
           f"Python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
     print(f"kernel {guests.bzimage}, {args.mem_mib} MiB, started with -S, QMP on a unix socket; "
           f"pystratovirt {'compiling from source at each start' if args.no_bytecode else 'with .pyc files'}; "
-          f"round trips {'on CPU %d' % args.rtt_cpu if args.rtt_cpu >= 0 else 'where the scheduler puts them'}")
+          f"round trips {f'on CPU {args.rtt_cpu}' if args.rtt_cpu >= 0 else 'where the scheduler puts them'}")
     if qemu_bin:
         print(f"QEMU: {version}: {' '.join(QEMU_MACHINE)}")
     print()

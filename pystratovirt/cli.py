@@ -23,6 +23,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import TextIO
 
 from .config import parse_command_line
 from .errors import PyStratoVirtError
@@ -48,7 +50,7 @@ def _setup_logging(log_file: str | None) -> None:
     env = os.environ.get("STRATOVIRT_LOG_LEVEL", "").strip().lower()
     if log_file:
         try:
-            handler: logging.Handler = logging.FileHandler(log_file)
+            handler: logging.FileHandler | logging.StreamHandler[TextIO] = logging.FileHandler(log_file)
         except OSError as exc:
             raise PyStratoVirtError(f"Failed to open log file {log_file}: {exc.strerror or exc}.") from None
         level = logging.INFO
@@ -122,6 +124,7 @@ def _enter_jail(config: VmConfig, qmp: QmpServer | None, pidfile: str | None) ->
     (None: outside the jail, so it stays behind). The QMP socket file is re-pointed the same
     way, so both are still removed at exit."""
     run_with = config.run_with
+    assert run_with is not None  # run_vm checked
     root = os.path.realpath(run_with.chroot) if run_with.chroot else None
     jail.enter(run_with.chroot, run_with.uid, run_with.gid, run_with.keep_caps)
     log.info("running in %s as uid %s gid %s, capabilities kept: %s", root or "/", run_with.uid,
@@ -133,7 +136,7 @@ def _enter_jail(config: VmConfig, qmp: QmpServer | None, pidfile: str | None) ->
     return jail.inside(root, pidfile)
 
 
-def run_vm(config: VmConfig, on_ready=None) -> int:
+def run_vm(config: VmConfig, on_ready: Callable[[], None] | None = None) -> int:
     """Build and run one VM; ``on_ready()`` is called once its vCPUs have started."""
     loop = EventLoop()
     console = None
@@ -156,6 +159,7 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
         except OSError as exc:
             raise PyStratoVirtError(f"Failed to create the VM: {exc.strerror or exc}.") from exc
         if console is not None:
+            assert machine.serial is not None  # built
             console.attach(machine.serial)
             machine.add_shutdown_hook(console.close)
         if qmp is not None:
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(invocation.text)
         return 0
     config = invocation.config
+    assert config is not None  # the "run" action carries one
     ready_fd = _daemonize() if config.daemonize else None
 
     def report_ready() -> None:

@@ -34,8 +34,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..devices.i8042 import I8042_COMMAND_PORT, I8042_RESET_COMMAND
-from ..memory.layout import (ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, BIOS_ROM_START,
-                             HIGH_MEMORY_START, IOAPIC_ADDR, LAPIC_ADDR)
+from ..memory.layout import (
+    ACPI_SLEEP_CONTROL_PORT,
+    ACPI_SLEEP_STATUS_PORT,
+    BIOS_ROM_START,
+    HIGH_MEMORY_START,
+    IOAPIC_ADDR,
+    LAPIC_ADDR,
+)
 from . import aml
 from .errors import BootError
 from .mptable import ioapic_id
@@ -139,7 +145,7 @@ class AcpiTables:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes ``data`` plus itself sum to 0 mod 256."""
     return (-sum(data)) & 0xFF
 

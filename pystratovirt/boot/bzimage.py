@@ -14,8 +14,16 @@ import struct
 from dataclasses import dataclass
 
 from ..memory.layout import HIGH_MEMORY_START
-from .bootparams import (BOOT_FLAG, HDRS_MAGIC, HDRS_OFFSET, LOADED_HIGH, SETUP_HEADER_OFFSET, XLF_KERNEL_64,
-                         SetupHeader, protocol_str)
+from .bootparams import (
+    BOOT_FLAG,
+    HDRS_MAGIC,
+    HDRS_OFFSET,
+    LOADED_HIGH,
+    SETUP_HEADER_OFFSET,
+    XLF_KERNEL_64,
+    SetupHeader,
+    protocol_str,
+)
 from .errors import BootError
 
 SECTOR = 512

@@ -9,11 +9,15 @@ an ELF whose e_entry is a virtual address is translated through the segment that
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 
 from ..memory.layout import HIGH_MEMORY_START
 from .errors import BootError
+
+#: An ELF image's bytes: read from a file, a view of them, or a cache entry mapped from disk.
+ElfData = bytes | memoryview | mmap.mmap
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64 = 2
@@ -61,11 +65,11 @@ class ElfImage:
         return max(s.end for s in self.segments)
 
 
-def is_elf(data: bytes | memoryview) -> bool:
+def is_elf(data: ElfData) -> bool:
     return bytes(data[:4]) == ELF_MAGIC
 
 
-def parse_elf(data: bytes | memoryview) -> ElfImage:
+def parse_elf(data: ElfData) -> ElfImage:
     """Parse an ELF64 x86-64 executable; raises ElfError for anything malformed."""
     if len(data) < _EHDR.size or not is_elf(data):
         raise ElfError("the kernel is not a complete ELF file")
@@ -122,7 +126,7 @@ def check_placement(image: ElfImage, mem) -> None:
             raise ElfError(f"an ELF segment [{s.paddr:#x}, {s.end:#x}) does not fit in guest RAM")
 
 
-def load_elf(mem, image: ElfImage, data: bytes | memoryview) -> None:
+def load_elf(mem, image: ElfImage, data: ElfData) -> None:
     """Copy each segment to its physical address and zero its memsz - filesz tail (the .bss)."""
     view = memoryview(data)
     for s in image.segments:
@@ -132,7 +136,7 @@ def load_elf(mem, image: ElfImage, data: bytes | memoryview) -> None:
             mem.fill(s.paddr + s.filesz, s.memsz - s.filesz, 0)
 
 
-def compact(data: bytes | memoryview) -> bytes:
+def compact(data: ElfData) -> bytes:
     """The same kernel as a smaller ELF: its header, one program header per loadable segment
     (those :func:`parse_elf` loads) and their file bytes back to back.
 

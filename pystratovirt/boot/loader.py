@@ -29,19 +29,37 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..memory.layout import (CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, GDT_ADDR, HIGH_MEMORY_START,
-                             IDT_ADDR, INITRD_ADDR_MAX, MiB, PAGE_SIZE, VMLINUX_LOAD_ADDR,
-                             ZERO_PAGE_ADDR)
+from ..memory.layout import (
+    CMDLINE_ADDR,
+    CMDLINE_MAX,
+    EBDA_START,
+    GDT_ADDR,
+    HIGH_MEMORY_START,
+    IDT_ADDR,
+    INITRD_ADDR_MAX,
+    PAGE_SIZE,
+    VMLINUX_LOAD_ADDR,
+    ZERO_PAGE_ADDR,
+    MiB,
+)
 from . import elf, payload
-from .payload_cache import CachedPayload, PayloadCache
-from .bootparams import (BOOT_FLAG, CAN_USE_HEAP, HDRS_MAGIC, KASLR_FLAG, LOADED_HIGH,
-                         LOADER_TYPE_UNDEFINED, BootParams, SetupHeader)
+from .bootparams import (
+    BOOT_FLAG,
+    CAN_USE_HEAP,
+    HDRS_MAGIC,
+    KASLR_FLAG,
+    LOADED_HIGH,
+    LOADER_TYPE_UNDEFINED,
+    BootParams,
+    SetupHeader,
+)
 from .bzimage import STARTUP_64_OFFSET, BzImage, looks_like_bzimage, parse_bzimage
 from .e820 import build_e820
 from .errors import BootError
 from .gdt import gdt_bytes
 from .mptable import build_mptable
 from .pagetables import page_tables
+from .payload_cache import CachedPayload, PayloadCache
 
 # The x86 kernel's COMMAND_LINE_SIZE is 2048 including the NUL; used when no header says otherwise.
 DEFAULT_CMDLINE_SIZE = 2047
@@ -164,7 +182,7 @@ def _check_fits(mem, start: int, end: int, what: str) -> None:
                         f"{low_end / MiB:.0f} MiB")
 
 
-def _prepare_elf(mem, data: bytes, kind: str, notes: list[str]) -> _Kernel:
+def _prepare_elf(mem, data: elf.ElfData, kind: str, notes: list[str]) -> _Kernel:
     image = elf.parse_elf(data)
     elf.check_placement(image, mem)
     return _Kernel(kind=kind, entry=image.entry, kernel_end=image.end, header=None, header_len=0,
@@ -255,7 +273,8 @@ def _try_extract(mem, bz: BzImage, kfile: _KernelFile,
         return None, f"the decompressed payload is not a loadable vmlinux ({exc})"
     ms = (time.perf_counter() - t0) * 1000
     cached = ""
-    if digest is not None and cache.put(digest, codec, len(vmlinux), elf.compact(vmlinux)) is not None:
+    if digest is not None and cache is not None and cache.put(digest, codec, len(vmlinux),
+                                                              elf.compact(vmlinux)) is not None:
         cached = " (kept in the payload cache)"
         if kfile.unchanged:
             cache.remember(kfile.stat, digest)
@@ -306,6 +325,7 @@ def _prepare_kernel(mem, kfile: _KernelFile, extract_payload: bool, cache: Paylo
     if looks_like_bzimage(data):
         kernel = _prepare_bzimage(mem, kfile, extract_payload, cache)
         if kernel.kind == "bzimage":
+            assert kernel.header is not None  # a bzImage has its setup header
             kernel.header.code32_start = kernel.entry - STARTUP_64_OFFSET
         return kernel
     if elf.is_elf(data) and len(data) >= 20 and data[4] == elf.ELFCLASS64:
@@ -451,6 +471,7 @@ def load_kernel(mem, kernel, cmdline: str, initrd=None, nr_cpus: int = 1,
         mem.write_u16(BDA_EBDA_SEGMENT, EBDA_START >> 4)
         k.write()
         if initrd_file is not None:
+            assert initrd_info is not None  # placed with the file above
             addr, size = initrd_info
             view = mem.view(addr, size)
             try:

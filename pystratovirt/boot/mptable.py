@@ -56,7 +56,7 @@ PROCESSOR_SIZE = 20
 SMALL_ENTRY_SIZE = 8
 
 
-def _checksum(data: bytes) -> int:
+def _checksum(data: bytes | bytearray) -> int:
     """The byte that makes ``data`` plus itself sum to 0 mod 256."""
     return (-sum(data)) & 0xFF
 

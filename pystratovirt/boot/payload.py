@@ -78,6 +78,7 @@ def _gunzip(data: memoryview, limit: int) -> bytes:
     out: list[bytes] = []
     total = 0
     pos = 0
+    chunk: bytes | memoryview
     while not d.eof:
         if d.unconsumed_tail:
             chunk = d.unconsumed_tail
@@ -101,6 +102,7 @@ def _unxz(data: memoryview, limit: int) -> bytes:
     out: list[bytes] = []
     total = 0
     pos = 0
+    chunk: bytes | memoryview
     while not d.eof:
         if d.needs_input:
             if pos >= len(data):

@@ -41,9 +41,9 @@ import struct
 import tempfile
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from .payload import SUPPORTED
 
@@ -99,7 +99,7 @@ class PayloadCache:
         self._ready: bool | None = None
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> tuple["PayloadCache | None", str | None]:
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> tuple[PayloadCache | None, str | None]:
         """(the cache, None), or (None, why there is none)."""
         environ = os.environ if environ is None else environ
         value = environ.get(ENV_DIR, "").strip()

@@ -33,7 +33,6 @@ from typing import Literal
 
 from .. import __version__
 from ..machine.vmconfig import BalloonConfig, Dialect, SerialConfig, VmConfig
-
 from . import args as A
 from .cmdline2x import apply_args_2x
 from .common import apply_common, missing, parse_socket, value_of

@@ -39,14 +39,28 @@ import re
 from dataclasses import dataclass, field
 
 from ..machine.vmconfig import (
-    MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MIN_RNG_BYTES_PER_SEC, BalloonConfig, ChardevConfig, ConsoleConfig,
-    RngConfig, SerialConfig,
+    MAX_RNG_BYTES_PER_SEC,
+    MAX_SERIAL_LEN,
+    MIN_RNG_BYTES_PER_SEC,
+    BalloonConfig,
+    ChardevConfig,
+    ConsoleConfig,
+    RngConfig,
+    SerialConfig,
 )
 from . import args as A
 from .common import apply_common, missing, parse_socket, value_of
 from .draft import (
-    Draft, check_id, check_path, check_socket_path, new_block_device, new_drive_backend, new_iothread,
-    new_net_device, new_netdev_backend, new_vsock,
+    Draft,
+    check_id,
+    check_path,
+    check_socket_path,
+    new_block_device,
+    new_drive_backend,
+    new_iothread,
+    new_net_device,
+    new_netdev_backend,
+    new_vsock,
 )
 from .errors import ConfigError
 from .values import check_len, parse_bool, parse_fd, parse_kv, parse_uint, range_error
@@ -316,7 +330,7 @@ class _Builder:
             raise ConfigError("Argument 'period' is missing")
         if period is not None and max_bytes is None:
             raise ConfigError("Argument 'max-bytes' is missing")
-        if period is not None:
+        if period is not None and max_bytes is not None:  # both or neither, checked above
             if period == 0:
                 raise ConfigError("Illegal period arguments: 0")
             if not MIN_RNG_BYTES_PER_SEC <= max_bytes * 1000 // period <= MAX_RNG_BYTES_PER_SEC:

@@ -19,15 +19,40 @@ import stat
 from dataclasses import dataclass, field
 
 from ..machine.vmconfig import (
-    DEFAULT_MEM_SIZE, MAX_DRIVES, MAX_GUEST_CID, MAX_ID_LEN, MAX_IOPS, MAX_IOTHREADS, MAX_MEM_SIZE, MAX_NETS,
-    MAX_PATH_LEN, MAX_RNG_BYTES_PER_SEC, MAX_SERIAL_LEN, MAX_VCPUS, MIN_GUEST_CID, MIN_MEM_SIZE, MIN_RNG_BYTES_PER_SEC,
-    BalloonConfig, BlockDeviceConfig, BootSource, ChardevConfig, ConsoleConfig, Dialect, IncomingConfig, IothreadConfig,
-    MachineConfig, NetDeviceConfig, RngConfig, RunWithConfig, SerialConfig, VmConfig, VsockConfig,
+    DEFAULT_MEM_SIZE,
+    MAX_DRIVES,
+    MAX_GUEST_CID,
+    MAX_ID_LEN,
+    MAX_IOPS,
+    MAX_IOTHREADS,
+    MAX_MEM_SIZE,
+    MAX_NETS,
+    MAX_PATH_LEN,
+    MAX_RNG_BYTES_PER_SEC,
+    MAX_SERIAL_LEN,
+    MAX_VCPUS,
+    MIN_GUEST_CID,
+    MIN_MEM_SIZE,
+    MIN_RNG_BYTES_PER_SEC,
+    BalloonConfig,
+    BlockDeviceConfig,
+    BootSource,
+    ChardevConfig,
+    ConsoleConfig,
+    Dialect,
+    IncomingConfig,
+    IothreadConfig,
+    MachineConfig,
+    NetDeviceConfig,
+    RngConfig,
+    RunWithConfig,
+    SerialConfig,
+    VmConfig,
+    VsockConfig,
 )
 from ..memory.layout import CMDLINE_MAX
 from ..virtio.block_backend import DriveConfig
 from ..virtio.tap import NetdevConfig
-
 from .errors import ConfigError
 from .values import MEM_RANGE_ERROR, byte_len, check_len, check_mac, range_error
 
@@ -334,7 +359,8 @@ class Draft:
         return VmConfig(
             boot=boot, name=name, machine=machine, drives=list(self.drives), netdevs=list(self.netdevs),
             block_devices=list(self.block_devices), net_devices=list(self.net_devices),
-            chardevs=list(self.chardevs), consoles=list(self.consoles), vsock=self.vsock, serial=self.serial, iothreads=list(self.iothreads),
+            chardevs=list(self.chardevs), consoles=list(self.consoles), vsock=self.vsock, serial=self.serial,
+            iothreads=list(self.iothreads),
             balloon=self.balloon, rng=self.rng, qmp_socket=self.qmp_socket, freeze=self.freeze,
             daemonize=self.daemonize, pidfile=self.pidfile, log_file=self.log_file,
             disable_seccomp=self.disable_seccomp, run_with=self.run_with,

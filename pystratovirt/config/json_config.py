@@ -17,14 +17,20 @@ json would silently keep the last one). Our extensions in ``machine-config``: ``
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from ..util import strictjson
+from typing import Any, Literal, overload
 
 from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, BalloonConfig, SerialConfig
-
+from ..util import strictjson
 from .draft import (
-    Draft, check_machine_type, check_path, new_console, new_drive, new_iothread, new_net, new_rng, new_vsock,
+    Draft,
+    check_machine_type,
+    check_path,
+    new_console,
+    new_drive,
+    new_iothread,
+    new_net,
+    new_rng,
+    new_vsock,
 )
 from .errors import ConfigError
 from .values import check_len, parse_bool, parse_mem_size, parse_uint, range_error
@@ -116,6 +122,11 @@ def _get(obj: dict[str, Any], key: str, where: str, required: bool) -> Any:
     return value
 
 
+# A required key is never None (its absence is an error): the overloads of the readers say so.
+@overload
+def _str(obj: dict[str, Any], key: str, where: str, required: Literal[True]) -> str: ...
+@overload
+def _str(obj: dict[str, Any], key: str, where: str, required: bool = False) -> str | None: ...
 def _str(obj: dict[str, Any], key: str, where: str, required: bool = False) -> str | None:
     value = _get(obj, key, where, required)
     if value is not None and not isinstance(value, str):
@@ -123,6 +134,11 @@ def _str(obj: dict[str, Any], key: str, where: str, required: bool = False) -> s
     return value
 
 
+@overload
+def _bool(obj: dict[str, Any], key: str, where: str, required: Literal[True], strings: bool = False) -> bool: ...
+@overload
+def _bool(obj: dict[str, Any], key: str, where: str, required: bool = False,
+          strings: bool = False) -> bool | None: ...
 def _bool(obj: dict[str, Any], key: str, where: str, required: bool = False, strings: bool = False) -> bool | None:
     value = _get(obj, key, where, required)
     if value is None or isinstance(value, bool):
@@ -132,6 +148,12 @@ def _bool(obj: dict[str, Any], key: str, where: str, required: bool = False, str
     raise _type_error(f"{where}.{key}", "a boolean", value)
 
 
+@overload
+def _uint(obj: dict[str, Any], key: str, where: str, required: Literal[True], strings: bool = False,
+          limit: int | None = None) -> int: ...
+@overload
+def _uint(obj: dict[str, Any], key: str, where: str, required: bool = False, strings: bool = False,
+          limit: int | None = None) -> int | None: ...
 def _uint(obj: dict[str, Any], key: str, where: str, required: bool = False, strings: bool = False,
           limit: int | None = None) -> int | None:
     value = _get(obj, key, where, required)

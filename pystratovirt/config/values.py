@@ -12,7 +12,6 @@ import re
 
 from ..machine.vmconfig import MAX_MEM_SIZE, MIN_MEM_SIZE, Dialect
 from ..memory.layout import GiB, MiB
-
 from .errors import ConfigError
 
 _TRUE = ("on", "true", "yes")

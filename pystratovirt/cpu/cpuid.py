@@ -64,7 +64,7 @@ class Topology:
                              f" does not equal max_cpus={self.max_cpus}")
 
     @classmethod
-    def for_cpus(cls, cpus: int, max_cpus: int | None = None) -> "Topology":
+    def for_cpus(cls, cpus: int, max_cpus: int | None = None) -> Topology:
         """StratoVirt's default: one socket per possible vCPU."""
         max_cpus = cpus if max_cpus is None else max_cpus
         return cls(cpus=cpus, max_cpus=max_cpus, sockets=max_cpus, cores=1, threads=1)
@@ -99,7 +99,7 @@ def _brand_regs(brand: str) -> list[tuple[int, int, int, int]]:
     """The 48-byte NUL-padded brand string as (eax, ebx, ecx, edx) for leaves 0x8000000[234]."""
     raw = brand.encode("ascii", "replace")[:47].ljust(48, b"\0")
     words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, 48, 4)]
-    return [tuple(words[i:i + 4]) for i in range(0, 12, 4)]
+    return [(words[i], words[i + 1], words[i + 2], words[i + 3]) for i in range(0, 12, 4)]
 
 
 def host_brand_string(cpuinfo_path: str = "/proc/cpuinfo") -> str | None:
@@ -127,8 +127,8 @@ class CpuModel:
         self.brand = brand
 
     @classmethod
-    def from_kvm(cls, kvm: "Kvm", topology: Topology, *, mask_cx16: bool = True,
-                 brand: str | None = None) -> "CpuModel":
+    def from_kvm(cls, kvm: Kvm, topology: Topology, *, mask_cx16: bool = True,
+                 brand: str | None = None) -> CpuModel:
         supported = kvm.get_supported_cpuid()
         if brand is None and not _has_brand(supported):
             brand = host_brand_string()

@@ -97,7 +97,7 @@ class _Where:
     linear: int
 
 
-def _where(vcpu: "Vcpu") -> tuple[_Where, typing.Any]:
+def _where(vcpu: Vcpu) -> tuple[_Where, typing.Any]:
     regs = vcpu.get_regs()
     sregs = vcpu.get_sregs()
     if sregs.efer & EFER_LMA and sregs.cs.l:
@@ -107,7 +107,7 @@ def _where(vcpu: "Vcpu") -> tuple[_Where, typing.Any]:
     return _Where(regs.rip, linear), regs
 
 
-def read_insn_bytes(vcpu: "Vcpu", memory: "GuestMemory", linear: int,
+def read_insn_bytes(vcpu: Vcpu, memory: GuestMemory, linear: int,
                     length: int = MAX_INSN_LEN) -> bytes:
     """Up to ``length`` bytes of guest code at ``linear``, via KVM_TRANSLATE and guest RAM.
 
@@ -129,8 +129,8 @@ def read_insn_bytes(vcpu: "Vcpu", memory: "GuestMemory", linear: int,
     return out
 
 
-def handle_emulation_failure(vcpu: "Vcpu", exit: InternalError,
-                             memory: "GuestMemory") -> str | None:
+def handle_emulation_failure(vcpu: Vcpu, exit: InternalError,
+                             memory: GuestMemory) -> str | None:
     """Finish an instruction KVM's emulator could not run, and return a line for the log.
 
     * ``int3`` (0xCC): inject #BP with RIP already past the int3, so the guest's handler sees
@@ -203,6 +203,7 @@ def _decode_mxcsr_insn(insn: bytes, regs) -> tuple[str, int, int] | None:
     if mod == 3 or reg not in (2, 3):
         return None
     reg_value = lambda n: getattr(regs, _GPR_ORDER[n])  # noqa: E731
+    addr: int | None  # None: RIP-relative, known once the instruction's length is
     addr = 0
     if rm == 4:  # SIB
         if len(insn) <= i:

@@ -22,7 +22,6 @@ import typing
 from ..boot import gdt
 from ..kvm import structs as s
 from ..memory import layout
-
 from .cpuid import CpuModel, Topology, find
 
 if typing.TYPE_CHECKING:
@@ -112,7 +111,7 @@ def _set_delivery_mode(reg: int, mode: int) -> int:
     return (reg & ~APIC_DELIVERY_MODE_MASK) | (mode << 8)
 
 
-def configure_lint(vcpu: "Vcpu") -> None:
+def configure_lint(vcpu: Vcpu) -> None:
     """LINT0 = ExtINT (the PIC's output), LINT1 = NMI, as PC firmware leaves them.
 
     Only the delivery mode changes; the mask bits stay as KVM's reset set them (LINT0 unmasked on
@@ -124,7 +123,7 @@ def configure_lint(vcpu: "Vcpu") -> None:
     vcpu.set_lapic(lapic)
 
 
-def _configure_common(vcpu: "Vcpu", index: int, model: CpuModel, msr_index_list, lapic: bool) -> list[int]:
+def _configure_common(vcpu: Vcpu, index: int, model: CpuModel, msr_index_list, lapic: bool) -> list[int]:
     entries = model.entries_for(index)
     # CPUID first: KVM checks later CR4/MSR writes against the guest's CPUID.
     vcpu.set_cpuid2(entries)
@@ -135,7 +134,7 @@ def _configure_common(vcpu: "Vcpu", index: int, model: CpuModel, msr_index_list,
     return skipped
 
 
-def _resolve_model(kvm: "Kvm", topology: Topology | None, model: CpuModel | None) -> CpuModel:
+def _resolve_model(kvm: Kvm, topology: Topology | None, model: CpuModel | None) -> CpuModel:
     if model is not None:
         return model
     if topology is None:
@@ -143,7 +142,7 @@ def _resolve_model(kvm: "Kvm", topology: Topology | None, model: CpuModel | None
     return CpuModel.from_kvm(kvm, topology)
 
 
-def configure_boot_cpu(vcpu: "Vcpu", *, kvm: "Kvm", entry_rip: int, boot_params_addr: int,
+def configure_boot_cpu(vcpu: Vcpu, *, kvm: Kvm, entry_rip: int, boot_params_addr: int,
                        topology: Topology | None = None, model: CpuModel | None = None,
                        msr_index_list: typing.Collection[int] | None = None,
                        lapic: bool = True) -> list[int]:
@@ -186,7 +185,7 @@ def configure_boot_cpu(vcpu: "Vcpu", *, kvm: "Kvm", entry_rip: int, boot_params_
     return skipped
 
 
-def configure_application_processor(vcpu: "Vcpu", index: int, *, kvm: "Kvm",
+def configure_application_processor(vcpu: Vcpu, index: int, *, kvm: Kvm,
                                     topology: Topology | None = None,
                                     model: CpuModel | None = None,
                                     msr_index_list: typing.Collection[int] | None = None,
@@ -199,7 +198,7 @@ def configure_application_processor(vcpu: "Vcpu", index: int, *, kvm: "Kvm",
     return _configure_common(vcpu, index, model, msr_index_list, lapic)
 
 
-def configure_vcpu(vcpu: "Vcpu", index: int, *, kvm: "Kvm", entry_rip: int | None = None,
+def configure_vcpu(vcpu: Vcpu, index: int, *, kvm: Kvm, entry_rip: int | None = None,
                    boot_params_addr: int | None = None, topology: Topology | None = None,
                    model: CpuModel | None = None,
                    msr_index_list: typing.Collection[int] | None = None,

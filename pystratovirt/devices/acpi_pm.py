@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..memory.layout import ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT
 

@@ -47,8 +47,8 @@ import socket
 import sys
 import termios
 import tty
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import PyStratoVirtError
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EventLoop
@@ -92,7 +92,7 @@ class ChardevStats:
     connections: int = 0   # socket clients accepted
 
 
-def open_chardev(config: ChardevConfig) -> "Chardev":
+def open_chardev(config: ChardevConfig) -> Chardev:
     """Create the host side of ``config``; raises ChardevError with one sentence."""
     if config.backend == "socket":
         return SocketChardev(config.id, _need_path(config))
@@ -187,6 +187,7 @@ class Chardev:
             del self._backlog[:n]
             if self._backlog:
                 # No descriptor will signal the rest: offer it again once this call is done.
+                assert self._loop is not None  # a backlog is kept only by an attached chardev
                 self._loop.call_soon_threadsafe(self._deliver)
             else:
                 self._sync()   # back to polling the descriptor (a new client's)
@@ -303,8 +304,10 @@ class Chardev:
         for fd, mask in wanted.items():
             old = self._watched.get(fd)
             if old is None:
+                def on_event(events: int, fd: int = fd) -> None:
+                    self._on_event(fd, events)
                 try:
-                    loop.register(fd, mask, lambda events, fd=fd: self._on_event(fd, events))
+                    loop.register(fd, mask, on_event)
                 except PermissionError:
                     # A regular file (or /dev/null) cannot be polled: it is always ready.
                     self._always_ready(fd, mask)
@@ -319,6 +322,7 @@ class Chardev:
             self._loop.unregister(fd)
 
     def _always_ready(self, fd: int, mask: int) -> None:
+        assert self._loop is not None  # called while watching
         if mask & EPOLLOUT:
             self._loop.call_soon_threadsafe(self._flush)
         if mask & EPOLLIN:
@@ -381,6 +385,7 @@ class SocketChardev(Chardev):
         return {}
 
     def _write_fd(self, fd: int, data: memoryview) -> int:
+        assert self._client is not None  # the output descriptor is the client's
         return self._client.send(data, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 
     def _event(self, fd: int, mask: int) -> bool:
@@ -393,6 +398,7 @@ class SocketChardev(Chardev):
         return False
 
     def _accept(self) -> None:
+        assert self._listener is not None  # its event brought us here
         try:
             client = self._listener.accept()
         except (BlockingIOError, InterruptedError):
@@ -408,6 +414,7 @@ class SocketChardev(Chardev):
     def _hang_up(self) -> None:
         """The client is gone: keep what it sent that the guest has not taken (bounded)."""
         client = self._client
+        assert client is not None  # its hang-up brought us here
         if self._reading:
             while len(self._backlog) < MAX_BACKLOG:
                 try:
@@ -420,6 +427,7 @@ class SocketChardev(Chardev):
                 self._backlog += data
         self._drop_client()
         if self._backlog and self._want:
+            assert self._loop is not None  # its event brought us here
             self._loop.call_soon_threadsafe(self._deliver)
 
     def _drop_client(self) -> None:

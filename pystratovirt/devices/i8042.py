@@ -10,7 +10,7 @@ Neither holds any state (every read answers a constant), so a snapshot has nothi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64

@@ -45,10 +45,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from . import debian
 from .debian import log
@@ -285,7 +285,8 @@ def _make(tree: Path, build_dir: Path, jobs: int, targets: list[str], log_path: 
                 done = f"{steps} steps"
                 if expected_steps:
                     done += f" (~{min(99, 100 * steps // expected_steps)}%)"
-                message = f"[guest-kit] building lean kernel: {int(now - start) // 60}m{int(now - start) % 60:02d}s {done}, {last_step}"
+                elapsed = int(now - start)
+                message = f"[guest-kit] building lean kernel: {elapsed // 60}m{elapsed % 60:02d}s {done}, {last_step}"
                 if interactive:
                     print(f"\r\x1b[K{message[:150]}", end="", file=sys.stderr, flush=True)
                 else:

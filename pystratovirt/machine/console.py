@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import select
-from typing import Callable
+from collections.abc import Callable
 
 from ..devices.serial import Serial
 from ..util.eventloop import EPOLLIN, EventLoop

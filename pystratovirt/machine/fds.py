@@ -116,7 +116,7 @@ class Descriptors:
         self._named: dict[str, int] = {}
 
     @classmethod
-    def from_process(cls) -> "Descriptors":
+    def from_process(cls) -> Descriptors:
         """A store owning what :func:`claim_inherited` found (once: a second store gets none)."""
         global _claimed
         inherited, _claimed = (_claimed or []), []

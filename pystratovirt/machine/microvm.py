@@ -19,8 +19,9 @@ import mmap
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
+from typing import Any
 
 from .. import boot
 from ..boot.acpi import write_acpi_tables
@@ -33,9 +34,11 @@ from ..devices.irq import IrqLine
 from ..devices.serial import SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, Serial
 from ..errors import PyStratoVirtError
 from ..kvm import Kvm
-from ..kvm.vcpu import install_kick_signal
+from ..kvm.vcpu import Vcpu, install_kick_signal
+from ..kvm.vm import Vm
 from ..memory import GuestMemory, layout
 from ..util import seccomp
+from ..util.eventloop import EventLoop
 from ..virtio.balloon import VirtioBalloon
 from ..virtio.blk import VirtioBlk
 from ..virtio.block_backend import FileBackend
@@ -48,9 +51,9 @@ from . import requests as rq
 from . import snapshot
 from .fds import Descriptors
 from .mmio_devices import BALLOON_WINDOW, EXTRA_WINDOWS, MmioDevices, window_index
-from .slots import BLOCK_SLOTS, NET_SLOTS, ReplaceableSlots, SlotKind
+from .slots import BLOCK_SLOTS, NET_SLOTS, Backend, BackendSpec, ReplaceableSlots, SlotDevice, SlotKind
 from .vcpu_thread import PauseGate, VcpuThread
-from .vmconfig import VmConfig
+from .vmconfig import VmConfig, VsockConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,8 @@ def _check_consoles(cfg: VmConfig) -> None:
 
 
 class MicroVm:
-    def __init__(self, config: VmConfig, loop, *, serial_sink: Callable[[bytes], None] | None = None):
+    def __init__(self, config: VmConfig, loop: EventLoop, *,
+                 serial_sink: Callable[[bytes], None] | None = None):
         self.config = config
         self.loop = loop
         self.events: rq.EventSink | None = None  # the QMP server, wired by the front end
@@ -121,15 +125,15 @@ class MicroVm:
         self.shutdown_reason: rq.ShutdownReason | None = None
         self.memory: GuestMemory | None = None
         self.kvm: Kvm | None = None
-        self.vm = None
-        self.vcpus = []
+        self.vm: Vm | None = None
+        self.vcpus: list[Vcpu] = []
         self.threads: list[VcpuThread] = []
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.serial: Serial | None = None
         self.acpi_pm: AcpiPm | None = None
         self.msr_index_list: list[int] = []
-        self.boot_info = None
+        self.boot_info: boot.BootInfo | None = None
         self.pvm_compat = False
         self.topology: Topology | None = None
         self._gate: PauseGate | None = None
@@ -178,6 +182,7 @@ class MicroVm:
         self.vm.create_pit2(speaker_dummy=True)
 
         if saved is not None:
+            assert cfg.incoming is not None  # what saved was loaded from
             self.memory = snapshot.map_memory(cfg.incoming.path, mcfg.mem_size)
         elif mcfg.mem_share:
             # mem-share=on: RAM in a memfd mapped shared (what a vhost-user back end would map).
@@ -204,12 +209,14 @@ class MicroVm:
             # The guest's kernel, tables and CPU set-up are all in the snapshot.
             self._create_vcpus(configure=False)
             snapshot.restore(self, saved)
+            assert cfg.incoming is not None  # what saved was loaded from
             log.info("restored the snapshot in %s (taken %s with pystratovirt %s)", cfg.incoming.path,
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(saved.created)), saved.vmm_version)
 
     def _load_kernel(self) -> None:
         cfg = self.config
         mcfg = cfg.machine
+        assert self.memory is not None and self.mmio_devices is not None and mcfg.max_vcpus is not None  # built
         cmdline = f"{cfg.boot.cmdline} {self.mmio_devices.cmdline()}".strip()
         if self.pvm_compat:
             extra = pvm.guest_cmdline_options()
@@ -230,6 +237,7 @@ class MicroVm:
     def _create_vcpus(self, *, configure: bool) -> None:
         """Create the vCPUs; ``configure``: give them the CPU model and the boot CPU its entry
         state (a restored VM gets both from its snapshot instead)."""
+        assert self.kvm is not None and self.vm is not None and self.topology is not None  # built
         model = CpuModel.from_kvm(self.kvm, self.topology) if configure else None
         for index in range(self.config.machine.vcpus):
             vcpu = self.vm.create_vcpu(index)
@@ -237,6 +245,7 @@ class MicroVm:
             if not configure:
                 continue
             boot_cpu = index == 0
+            assert self.boot_info is not None  # _load_kernel ran: configure is for a booted VM
             skipped = configure_vcpu(vcpu, index, kvm=self.kvm, model=model,
                                      msr_index_list=self.msr_index_list,
                                      entry_rip=self.boot_info.entry if boot_cpu else None,
@@ -246,7 +255,7 @@ class MicroVm:
                          ", ".join(f"{m:#x}" for m in skipped))
 
     def _build_legacy_devices(self) -> None:
-        self.serial = Serial(IrqLine(SERIAL_IRQ, lambda level: self.vm.irq_line(SERIAL_IRQ, level)),
+        self.serial = Serial(IrqLine(SERIAL_IRQ, lambda level: self.vm.irq_line(SERIAL_IRQ, level)),  # type: ignore[union-attr]  # vm is built first
                              self._serial_sink)
         self.pio_bus.insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, self.serial)
         self.pio_bus.insert(I8042.BASE, I8042.LENGTH, I8042(lambda: self.guest_shutdown(reset=True)))
@@ -258,12 +267,14 @@ class MicroVm:
         NICs, put in exactly as QMP's blockdev-add/netdev_add followed by device_add would. A
         restored VM attaches what its snapshot says instead."""
         cfg = self.config
+        assert self.vm is not None and self.memory is not None  # built before the devices
         self.mmio_devices = MmioDevices(self.vm, self.memory, self.mmio_bus,
                                         iothreads=[t.id for t in cfg.iothreads],
                                         on_thread_start=lambda: seccomp.install(seccomp.ThreadKind.IO))
         self.add_shutdown_hook(self._close_devices)
         drives = {d.id: d for d in cfg.drives}
-        block_devices = []
+        block_devices: list[SlotDevice] = []
+        device: VirtioBlk | VirtioNet | VirtioConsole
         for slot in range(BLOCK_SLOTS):
             disk = cfg.block_devices[slot] if slot < len(cfg.block_devices) else None
             # Feature bits are negotiated once: a slot filled at boot offers what its disk is.
@@ -271,7 +282,7 @@ class MicroVm:
             device = VirtioBlk(name=f"blk{slot}", read_only=read_only)
             self.mmio_devices.add(window_index(SlotKind.BLOCK, slot), device, disk.iothread if disk else None)
             block_devices.append(device)
-        net_devices = []
+        net_devices: list[SlotDevice] = []
         for slot in range(NET_SLOTS):
             nic = cfg.net_devices[slot] if slot < len(cfg.net_devices) else None
             device = VirtioNet(mac=nic.mac if nic else None, vm_name=cfg.name, slot=slot, name=f"net{slot}")
@@ -309,7 +320,7 @@ class MicroVm:
         for slot, nic in enumerate(cfg.net_devices):
             self._device_add(rq.DeviceAdd(nic.id, "virtio-net-mmio", addr=slot, netdev=nic.netdev)).result(0)
 
-    def _refuse_vsock(self, vsock) -> None:
+    def _refuse_vsock(self, vsock: VsockConfig) -> None:
         """Check Kata's vhost-vsock descriptor (or /dev/vhost-vsock) for real, then refuse: the
         device is not implemented (see virtio/vhost_vsock.py). A passed descriptor is taken
         from the store like any other, and closed since nothing will use it."""
@@ -338,6 +349,7 @@ class MicroVm:
             thread.start()
         for thread in self.threads:
             thread.native_id_ready.wait(JOIN_TIMEOUT)
+        assert self.mmio_devices is not None  # built
         self.mmio_devices.start()
         self.state = rq.RunState.PAUSED if self.config.freeze else rq.RunState.RUNNING
         log.info("VM %s started with %d vCPU(s), %d MiB%s", self.config.name, len(self.vcpus),
@@ -355,7 +367,7 @@ class MicroVm:
         self._on_shutdown.append(fn)
 
     # -- lifecycle (loop thread) ----------------------------------------------------------------
-    def pause(self) -> "Future[None]":
+    def pause(self) -> Future[None]:
         """Stop every vCPU: the future completes once all are parked outside KVM_RUN, and fails
         if they are not within PAUSE_TIMEOUT (they are released again). The state changes on
         the loop thread when it completes; nothing blocks meanwhile."""
@@ -392,6 +404,7 @@ class MicroVm:
 
     def resume(self) -> None:
         gate = self._gate
+        assert gate is not None
         with gate.cond:
             gate.want_pause = False
             gate.cond.notify_all()
@@ -400,7 +413,7 @@ class MicroVm:
     def threads_alive(self) -> list[VcpuThread]:
         return [t for t in self.threads if t.is_alive()]
 
-    def emit(self, event) -> None:
+    def emit(self, event: rq.Event) -> None:
         if self.events is not None:
             self.events.emit(event)
 
@@ -464,28 +477,29 @@ class MicroVm:
             raise rq.MachineError("This command is not supported by this VMM yet.")
         return handler(self, request)
 
-    def _query_status(self, _req) -> rq.StatusInfo:
+    def _query_status(self, _req: rq.QueryStatus) -> rq.StatusInfo:
         return rq.StatusInfo(status=self.state)
 
-    def _query_cpus(self, _req) -> list[rq.CpuInfo]:
+    def _query_cpus(self, _req: rq.QueryCpus) -> list[rq.CpuInfo]:
         return [rq.CpuInfo(cpu_index=t.vcpu.index, props=rq.CpuProps(socket_id=t.vcpu.index),
                            qom_path=QOM_PATH.format(t.vcpu.index), thread_id=t.host_thread_id or 0)
                 for t in self.threads]
 
-    def _query_hotpluggable_cpus(self, _req) -> list[rq.HotpluggableCpu]:
+    def _query_hotpluggable_cpus(self, _req: rq.QueryHotpluggableCpus) -> list[rq.HotpluggableCpu]:
         online = len(self.threads)
+        assert self.config.machine.max_vcpus is not None  # MachineConfig sets it
         return [rq.HotpluggableCpu(props=rq.CpuProps(socket_id=i),
                                    qom_path=QOM_PATH.format(i) if i < online else None)
                 for i in range(self.config.machine.max_vcpus)]
 
-    def _stop(self, _req) -> "Future[None]":
+    def _stop(self, _req: rq.Stop) -> Future[None]:
         if self._pausing:
             raise rq.MachineError("The VM is being paused already.")
         if self.state is not rq.RunState.RUNNING:
             raise rq.MachineError(f"The VM is not running (it is {self.state.value}).")
         return self._after(self.pause(), lambda: self.emit(rq.StopEvent()))
 
-    def _cont(self, _req) -> None:
+    def _cont(self, _req: rq.Cont) -> None:
         if self._pausing:
             raise rq.MachineError("The VM is being paused; resume it once stop has answered.")
         if self.state not in (rq.RunState.PAUSED, rq.RunState.PRELAUNCH):
@@ -493,21 +507,24 @@ class MicroVm:
         self.resume()
         self.emit(rq.ResumeEvent())
 
-    def _quit(self, _req) -> None:
+    def _quit(self, _req: rq.Quit) -> None:
         # The seed's transcript: the SHUTDOWN event comes before quit's {"return":{}}.
         self.shutdown(rq.ShutdownReason.HOST_QMP_QUIT, guest=False)
 
     def _blockdev_add(self, req: rq.BlockdevAdd) -> None:
+        assert self.slots is not None  # built
         self.slots.check_register(req.drive.id)
         self._register(req.drive.id, SlotKind.BLOCK, FileBackend.open(req.drive), req.drive)
 
     def _netdev_add(self, req: rq.NetdevAdd) -> None:
         # The tap is opened (and held) now, as StratoVirt checks it here: a missing or busy tap
         # is reported by netdev_add, not by the device_add after it.
+        assert self.slots is not None  # built
         self.slots.check_register(req.netdev.id)
         self._register(req.netdev.id, SlotKind.NET, Tap.from_config(req.netdev, self.fds.take), req.netdev)
 
-    def _register(self, reg_id: str, kind: SlotKind, backend, spec) -> None:
+    def _register(self, reg_id: str, kind: SlotKind, backend: Backend, spec: BackendSpec) -> None:
+        assert self.slots is not None  # built
         try:
             self.slots.register(reg_id, kind, backend, spec)
         except BaseException:
@@ -515,25 +532,29 @@ class MicroVm:
             raise
 
     def _getfd(self, req: rq.GetFd) -> None:
+        assert req.fd is not None  # the QMP server fills it in
         self.fds.put(req.fdname, req.fd)
 
     def _closefd(self, req: rq.CloseFd) -> None:
         self.fds.close_named(req.fdname)
 
-    def _backend_del(self, req) -> None:
+    def _backend_del(self, req: rq.BlockdevDel | rq.NetdevDel) -> None:
+        assert self.slots is not None  # built
         self.slots.unregister(req.node_name if isinstance(req, rq.BlockdevDel) else req.id)
 
-    def _device_add(self, req: rq.DeviceAdd) -> "Future[None]":
+    def _device_add(self, req: rq.DeviceAdd) -> Future[None]:
         """Answered once the device has switched to the backend (on its I/O thread)."""
+        assert self.slots is not None  # built
         props = {"serial": req.serial} if "blk" in req.driver else {}
         return self.slots.attach(req.id, req.driver, req.slot, req.backend_id, **props)
 
-    def _device_del(self, req: rq.DeviceDel) -> "Future[None]":
+    def _device_del(self, req: rq.DeviceDel) -> Future[None]:
         """DEVICE_DELETED, then the reply, once the slot is empty (after the request in flight)."""
+        assert self.slots is not None  # built
         return self._after(self.slots.detach(req.id),
                            lambda: self.emit(rq.DeviceDeletedEvent(device=req.id, path=req.id)))
 
-    def _after(self, future: "Future[None]", then: Callable[[], None]) -> "Future[None]":
+    def _after(self, future: Future[None], then: Callable[[], None]) -> Future[None]:
         """A future that completes on the loop thread once ``future`` has and ``then()`` ran (not
         run if ``future`` failed: its error passes through)."""
         result: Future[None] = Future()
@@ -558,7 +579,7 @@ class MicroVm:
             raise rq.MachineError("No balloon device has been activated", rq.ErrorClass.DEVICE_NOT_ACTIVE)
         self.balloon.set_target(req.value)
 
-    def _query_balloon(self, _req) -> rq.BalloonInfo:
+    def _query_balloon(self, _req: rq.QueryBalloon) -> rq.BalloonInfo:
         # The device exists from the start; before its driver is up the guest has all its RAM.
         if self.balloon is None:
             raise rq.MachineError("No balloon device has been activated", rq.ErrorClass.DEVICE_NOT_ACTIVE)
@@ -624,11 +645,12 @@ class MicroVm:
                                           total_time_ms=round(saved.seconds * 1000),
                                           ram=snapshot.migration_ram(saved))
 
-    def _query_migrate(self, _req) -> rq.MigrationInfo:
+    def _query_migrate(self, _req: rq.QueryMigrate) -> rq.MigrationInfo:
         return self.migration
 
 
-_HANDLERS = {
+# Each handler takes the request type it is keyed by: a pairing mypy cannot express, hence Any.
+_HANDLERS: dict[type, Callable[[MicroVm, Any], object]] = {
     rq.QueryStatus: MicroVm._query_status,
     rq.QueryCpus: MicroVm._query_cpus,
     rq.QueryHotpluggableCpus: MicroVm._query_hotpluggable_cpus,

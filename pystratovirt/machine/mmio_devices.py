@@ -7,9 +7,10 @@ or not a slot is filled, so a guest always finds a disk or NIC at the same addre
 a configuration may or may not have follow in the windows after them (:meth:`MmioDevices.add_next`):
 the balloon first (so it is always at :data:`BALLOON_WINDOW` when there is one), then the rng,
 then the consoles. IRQs 5-15 make :data:`WINDOW_COUNT` windows, so :data:`EXTRA_WINDOWS` of those
-devices fit (StratoVirt's limit too: ``IRQ number exhausted``). The guest learns about them two ways: one ``virtio_mmio.device=512@0x...:IRQ`` kernel
-parameter per window (StratoVirt's way, for kernels built with VIRTIO_MMIO_CMDLINE_DEVICES) and
-one ACPI device (``LNRO0005``) per window in the DSDT.
+devices fit (StratoVirt's limit too: ``IRQ number exhausted``). The guest learns about them two
+ways: one ``virtio_mmio.device=512@0x...:IRQ`` kernel parameter per window (StratoVirt's way, for
+kernels built with VIRTIO_MMIO_CMDLINE_DEVICES) and one ACPI device (``LNRO0005``) per window in
+the DSDT.
 
 Each device runs on an I/O thread: its own, or a named ``iothread`` (``-iothread id=N`` and a
 device's ``iothread=N``) that several devices share.
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from ..devices.bus import Bus
 from ..memory import GuestMemory
@@ -29,6 +31,9 @@ from ..util.eventloop import EventLoop
 from ..virtio.device import VirtioDevice
 from ..virtio.mmio import VirtioMmio, cmdline_entry, slot_resources
 from .slots import BLOCK_SLOTS, NET_SLOTS, SlotKind
+
+if TYPE_CHECKING:
+    from ..kvm.vm import Vm
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +64,7 @@ class MmioDevices:
     """The windows, and the I/O threads their devices run on (``on_thread_start`` runs first on
     each I/O thread: the machine installs the thread's seccomp filter there)."""
 
-    def __init__(self, vm, memory: GuestMemory, bus: Bus, iothreads: list[str] = (),
+    def __init__(self, vm: Vm, memory: GuestMemory, bus: Bus, iothreads: Sequence[str] = (),
                  on_thread_start: Callable[[], None] | None = None):
         self._vm = vm
         self._memory = memory

@@ -14,8 +14,9 @@ key names and key order are the schema's business.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Union
+from typing import Protocol
 
 from ..errors import ErrorClass as ErrorClass  # re-exported: part of the vocabulary
 from ..errors import PyStratoVirtError
@@ -220,11 +221,11 @@ class QueryMigrate:
 BALLOON_QOM_PATH = "/machine/peripheral/balloon"
 
 
-Request = Union[
-    QmpCapabilities, QueryVersion, QueryCommands, QueryStatus, QueryCpus, QueryHotpluggableCpus,
-    Stop, Cont, Quit, BlockdevAdd, BlockdevDel, NetdevAdd, NetdevDel, DeviceAdd, DeviceDel,
-    Balloon, QueryBalloon, QomGet, QomSet, GetFd, CloseFd, Migrate, QueryMigrate,
-]
+Request = (
+    QmpCapabilities | QueryVersion | QueryCommands | QueryStatus | QueryCpus | QueryHotpluggableCpus
+    | Stop | Cont | Quit | BlockdevAdd | BlockdevDel | NetdevAdd | NetdevDel | DeviceAdd | DeviceDel
+    | Balloon | QueryBalloon | QomGet | QomSet | GetFd | CloseFd | Migrate | QueryMigrate
+)
 
 # --------------------------------------------------------------------------------------------------
 # Results
@@ -454,8 +455,8 @@ class BlockIoErrorEvent:
     reason: str
 
 
-Event = Union[ShutdownEvent, StopEvent, ResumeEvent, DeviceDeletedEvent, BalloonChangedEvent,
-              BlockIoErrorEvent]
+Event = (ShutdownEvent | StopEvent | ResumeEvent | DeviceDeletedEvent | BalloonChangedEvent
+         | BlockIoErrorEvent)
 
 # --------------------------------------------------------------------------------------------------
 # The machine's side of the contract

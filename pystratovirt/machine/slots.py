@@ -21,7 +21,7 @@ import enum
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Any, Protocol
 
 from ..virtio.block_backend import DriveConfig, FileBackend
 from ..virtio.tap import NetdevConfig, Tap
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 BLOCK_SLOTS = 6   # StratoVirt v0.1/v0.2 and the seed (v0.3 cut it to 4)
 NET_SLOTS = 2
 
-Backend = Union[FileBackend, Tap]
-BackendSpec = Union[DriveConfig, NetdevConfig]
+Backend = FileBackend | Tap
+BackendSpec = DriveConfig | NetdevConfig
 
 
 class SlotKind(enum.Enum):
@@ -42,9 +42,12 @@ class SlotKind(enum.Enum):
 
 
 class SlotDevice(Protocol):
-    """A device living in a slot: it takes an (opened) backend, or None to become empty."""
+    """A device living in a slot: it takes an (opened) backend, or None to become empty; a disk
+    also takes its ``serial`` as a keyword. The backend is Any here because the pairing of a
+    disk with a FileBackend and a NIC with a Tap is the slot kind's (checked by
+    :meth:`ReplaceableSlots.attach`), which mypy cannot express."""
 
-    def set_backend(self, backend, **props) -> "Future[None]": ...
+    def set_backend(self, backend: Any, /) -> Future[None]: ...
 
 
 @dataclass
@@ -145,7 +148,7 @@ class ReplaceableSlots:
 
     # -- attach / detach -------------------------------------------------------------------------
     def attach(self, device_id: str, driver: str, slot: int, backend_id: str | None = None,
-               **props) -> "Future[None]":
+               **props: str | None) -> Future[None]:
         """Put the backend registered as ``backend_id`` (default: ``device_id``) into ``slot``;
         ``props`` go to the device (a disk's ``serial``). The future completes once the device
         has switched (on its I/O thread)."""
@@ -173,7 +176,7 @@ class ReplaceableSlots:
         log.info("%s slot %d: attaching %s (%s)", kind.value, slot, device_id, reg.id)
         return devices[slot].set_backend(reg.backend, **props)
 
-    def detach(self, device_id: str) -> "Future[None]":
+    def detach(self, device_id: str) -> Future[None]:
         """Empty the slot holding device ``device_id`` and forget its backend's registration
         (the device closes the backend)."""
         where = self.find(device_id)

@@ -35,8 +35,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .. import __version__
 from ..cpu.state import StateFormatError, StateRestoreError, VcpuState, VmKernelState
@@ -55,9 +56,9 @@ from ..virtio.queue import QueueError
 from ..virtio.tap import NetdevConfig
 from . import requests as rq
 from .mmio_devices import window_index
-from .slots import SlotKind, SlotsState
+from .slots import OccupantState, SlotKind, SlotsState
 from .snapshot_format import Codec, SnapshotError, pack_state, read_state_file, unpack_state, write_state_file
-from .vmconfig import VmConfig
+from .vmconfig import MachineConfig, VmConfig
 
 if TYPE_CHECKING:
     from .microvm import MicroVm
@@ -68,13 +69,18 @@ STATE_FILE = "state"
 MEMORY_FILE = "memory"
 
 
+#: What a virtio device's ``save_state`` returns (the devices without state of their own give
+#: the base VirtioState).
+DeviceState = BlkState | NetState | BalloonState | VirtioState
+
+
 @dataclass(frozen=True)
 class WindowState:
     """One virtio-mmio window: its transport registers and its device's state."""
 
     index: int
     transport: MmioState
-    device: BlkState | NetState | BalloonState | VirtioState
+    device: DeviceState
 
 
 @dataclass(frozen=True)
@@ -112,12 +118,15 @@ class SavedSnapshot:
 # -- saving ----------------------------------------------------------------------------------------
 def capture(machine: MicroVm) -> MachineState:
     """The machine's state; the VM must be paused and its devices quiesced."""
+    assert (machine.vm is not None and machine.mmio_devices is not None and machine.memory is not None
+            and machine.serial is not None and machine.acpi_pm is not None
+            and machine.slots is not None)  # built
     try:
         vcpus = tuple(VcpuState.capture(vcpu, machine.msr_index_list).to_bytes() for vcpu in machine.vcpus)
         vm = VmKernelState.capture(machine.vm).to_bytes()
     except OSError as exc:
         raise SnapshotError(f"KVM refused to report the VM's state: {exc.strerror or exc}.") from exc
-    windows = tuple(WindowState(w.index, w.transport.save_state(), w.device.save_state())
+    windows = tuple(WindowState(w.index, w.transport.save_state(), cast(DeviceState, w.device.save_state()))
                     for w in machine.mmio_devices.windows)
     return MachineState(__version__, time.time(), machine.config, machine.memory.size, vcpus, vm,
                         machine.serial.save_state(), machine.acpi_pm.save_state(), windows,
@@ -128,6 +137,7 @@ def save(machine: MicroVm, directory: str) -> SavedSnapshot:
     """Write a snapshot of the paused machine into ``directory`` (created if missing; an older
     snapshot there is replaced). Raises SnapshotError."""
     started = time.monotonic()
+    assert machine.mmio_devices is not None and machine.memory is not None  # built
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
@@ -239,14 +249,15 @@ def check_config(state: MachineState, config: VmConfig) -> None:
         raise SnapshotError(f"The snapshot was taken with {_mib(old.mem_size)} of memory, but the "
                             f"command line gives {_mib(new.mem_size)}.")
     if (old.vcpus, old.max_vcpus) != (new.vcpus, new.max_vcpus):
-        def cpus(m) -> str:
+        def cpus(m: MachineConfig) -> str:
             return f"{m.vcpus} vCPU(s)" + (f" (maxcpus {m.max_vcpus})" if m.max_vcpus != m.vcpus else "")
         raise SnapshotError(f"The snapshot was taken with {cpus(old)}, but the command line gives {cpus(new)}.")
     if (state.config.balloon is None) != (config.balloon is None):
         if config.balloon is None:
             raise SnapshotError("The snapshot's VM has a balloon device, but the command line has none.")
         raise SnapshotError("The snapshot's VM has no balloon device, but the command line adds one.")
-    if config.balloon is not None and state.config.balloon.deflate_on_oom != config.balloon.deflate_on_oom:
+    if (config.balloon is not None and state.config.balloon is not None
+            and state.config.balloon.deflate_on_oom != config.balloon.deflate_on_oom):
         raise SnapshotError("The snapshot's balloon has deflate-on-oom="
                             f"{_on_off(state.config.balloon.deflate_on_oom)}, but the command line says "
                             f"{_on_off(config.balloon.deflate_on_oom)}.")
@@ -279,6 +290,8 @@ def check_config(state: MachineState, config: VmConfig) -> None:
 def restore(machine: MicroVm, state: MachineState) -> None:
     """Load ``state`` into a machine built for it (same configuration shape, RAM mapped from
     the snapshot, vCPUs created but never run, I/O threads not started). Raises SnapshotError."""
+    assert (machine.vm is not None and machine.mmio_devices is not None and machine.serial is not None
+            and machine.acpi_pm is not None)  # built
     try:
         kernel_state = VmKernelState.from_bytes(state.vm)
         vcpu_states = [VcpuState.from_bytes(data) for data in state.vcpus]
@@ -310,8 +323,8 @@ def restore(machine: MicroVm, state: MachineState) -> None:
             raise SnapshotError(f"The snapshot does not fit this machine: {_sentence(str(exc))}") from None
 
 
-def _same_occupant(occupants: dict, kind: SlotKind, slot: int, device_id: str, backend_id: str,
-                   what: str):
+def _same_occupant(occupants: dict[tuple[SlotKind, int], OccupantState], kind: SlotKind, slot: int,
+                   device_id: str, backend_id: str, what: str) -> OccupantState:
     """The snapshot's occupant of ``slot``, which must be the device the command line puts there."""
     occupant = occupants.get((kind, slot))
     if occupant is None:
@@ -353,6 +366,7 @@ def _restore_slots(machine: MicroVm, slots: SlotsState, config: VmConfig) -> Non
                 occ.device_id, "virtio-blk-mmio" if block else "virtio-net-mmio", addr=occ.slot,
                 drive=occ.registration if block else None, netdev=None if block else occ.registration,
                 serial=props.get("serial") if block else None))
+            assert isinstance(switched, Future)  # device_add answers later
             switched.result(0)  # the I/O threads do not run yet: each device switched at once
     except SnapshotError:
         raise

@@ -25,7 +25,7 @@ import struct
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Generic, TypeVar, Union
 
 from ..errors import PyStratoVirtError, printable
 
@@ -221,11 +221,17 @@ def _decode(r: _Reader, depth: int) -> object:
 
 
 # -- typed values ------------------------------------------------------------------------------------
-class Codec:
-    """Encodes values of the record type ``root`` (a frozen dataclass) and decodes them back,
-    accepting only the dataclasses and enums reachable from ``root``'s field annotations."""
+_Root = TypeVar("_Root")
 
-    def __init__(self, root: type):
+
+class Codec(Generic[_Root]):
+    """Encodes values of the record type ``root`` (a frozen dataclass) and decodes them back,
+    accepting only the dataclasses and enums reachable from ``root``'s field annotations.
+
+    Type forms (``int | None``, ``tuple[X, ...]``) are not all ``type`` objects, so the walk over
+    them below takes them as Any."""
+
+    def __init__(self, root: type[_Root]):
         self.root = root
         self._records: dict[str, type] = {}
         self._enums: dict[str, type[enum.Enum]] = {}
@@ -241,7 +247,7 @@ class Codec:
             return
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
             self._enums[tp.__name__] = tp
-        elif dataclasses.is_dataclass(tp):
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             known = self._records.get(tp.__name__)
             if known is tp:
                 return
@@ -263,14 +269,15 @@ class Codec:
         _encode(value, out)
         return bytes(out)
 
-    def decode(self, data: bytes, what: str = "the snapshot's state") -> Any:
+    def decode(self, data: bytes, what: str = "the snapshot's state") -> _Root:
         """The ``root`` value in ``data``; SnapshotError("<what> is malformed: ...") otherwise."""
         try:
             r = _Reader(bytes(data))
             raw = _decode(r, 0)
             if r.pos != len(r.data):
                 raise _Malformed(f"{len(r.data) - r.pos} bytes follow the value")
-            return self._typed(raw, self.root, self.root.__name__)
+            value: _Root = self._typed(raw, self.root, self.root.__name__)
+            return value
         except _Malformed as exc:
             raise SnapshotError(f"{_capital(what)} is malformed: {printable(str(exc))}.") from None
         except RecursionError:
@@ -330,17 +337,17 @@ class Codec:
                 return tp(raw.value)
             except (ValueError, TypeError):
                 raise _Malformed(f"{where} has no {tp.__name__} {raw.value!r}") from None
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self._record(raw, tp, where)
         raise _Malformed(f"{where} has a type the format cannot hold ({tp!r})")
 
-    def _union(self, raw: object, options: tuple, where: str) -> Any:
+    def _union(self, raw: object, options: tuple[Any, ...], where: str) -> Any:
         if raw is None and type(None) in options:
             return None
         if isinstance(raw, _Record):
             # A record says its own type; it must be one of the alternatives.
             for option in options:
-                if dataclasses.is_dataclass(option) and option.__name__ == raw.name:
+                if isinstance(option, type) and dataclasses.is_dataclass(option) and option.__name__ == raw.name:
                     return self._record(raw, option, where)
             raise _Malformed(f"{where} is a {raw.name}, which cannot stand there")
         failures = []
@@ -378,14 +385,14 @@ def _capital(text: str) -> str:
 
 
 # -- the state file ------------------------------------------------------------------------------------
-def pack_state(codec: Codec, value: object) -> bytes:
+def pack_state(codec: Codec[_Root], value: _Root) -> bytes:
     """The state file's bytes for ``value``: header, payload, SHA-256."""
     payload = codec.encode(value)
     head = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(payload)) + payload
     return head + hashlib.sha256(head).digest()
 
 
-def unpack_state(codec: Codec, data: bytes, name: str = "state file") -> Any:
+def unpack_state(codec: Codec[_Root], data: bytes, name: str = "state file") -> _Root:
     """The value in a state file's bytes, or SnapshotError naming what is wrong with them: not a
     snapshot, a newer format, truncated, trailing data, a checksum mismatch, malformed."""
     if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable, Protocol
+from typing import Protocol
 
 from ..cpu import pvm
 from ..devices.bus import Bus
@@ -28,8 +29,10 @@ class VcpuHost(Protocol):
 
     pio_bus: Bus
     mmio_bus: Bus
-    memory: GuestMemory
     pvm_compat: bool
+
+    @property
+    def memory(self) -> GuestMemory | None: ...  # None only before the machine is built
 
     def guest_shutdown(self, reset: bool) -> None: ...
     def fatal_error(self, message: str) -> None: ...
@@ -62,7 +65,7 @@ class PauseGate:
             self.cond.notify_all()
             return not self.stopping
 
-    def when_parked(self, count: int) -> "Future[None]":
+    def when_parked(self, count: int) -> Future[None]:
         """A future completed (on the vCPU thread that parks last) once ``count`` threads are
         parked, or the machine is stopping; nobody has to block for it."""
         future: Future[None] = Future()
@@ -88,7 +91,7 @@ class PauseGate:
 
 class VcpuThread(threading.Thread):
     def __init__(self, host: VcpuHost, vcpu: Vcpu, gate: PauseGate,
-                 on_exit: Callable[["VcpuThread"], None] | None = None):
+                 on_exit: Callable[[VcpuThread], None] | None = None):
         super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
         self.host = host
         self.vcpu = vcpu
@@ -135,40 +138,40 @@ class VcpuThread(threading.Thread):
             if not self._handle(vcpu.run()):
                 return
 
-    def _handle(self, exit_) -> bool:
+    def _handle(self, exit_: exits.Exit) -> bool:
         """Act on one exit; False when the thread must end."""
         vcpu, host = self.vcpu, self.host
-        kind = type(exit_)
-        if kind is exits.IoOut:
+        # type(exit_) is tested in each branch (not kept in a local) so mypy narrows exit_ there.
+        if type(exit_) is exits.IoOut:
             size = exit_.size
             pio = host.pio_bus
             for chunk in exit_.elements():
                 pio.write(exit_.port, size, int.from_bytes(chunk, "little"))
-        elif kind is exits.IoIn:
+        elif type(exit_) is exits.IoIn:
             size = exit_.size
             pio = host.pio_bus
             data = b"".join(pio.read(exit_.port, size).to_bytes(size, "little")
                             for _ in range(exit_.count))
             exit_.complete(data)
-        elif kind is exits.MmioWrite:
+        elif type(exit_) is exits.MmioWrite:
             host.mmio_bus.write(exit_.addr, exit_.len, int.from_bytes(exit_.data[:exit_.len], "little"))
-        elif kind is exits.MmioRead:
+        elif type(exit_) is exits.MmioRead:
             exit_.complete(host.mmio_bus.read(exit_.addr, exit_.len).to_bytes(exit_.len, "little"))
-        elif kind is exits.Interrupted:
+        elif type(exit_) is exits.Interrupted:
             vcpu.ack_kick()
-        elif kind is exits.Shutdown:
+        elif type(exit_) is exits.Shutdown:
             # A triple fault: on x86 that is how a reboot ends up (reboot=t, or a failed reboot=k).
             log.info("vCPU %d: triple fault (guest reset)", vcpu.index)
             host.guest_shutdown(reset=True)
             return False
-        elif kind is exits.SystemEvent:
+        elif type(exit_) is exits.SystemEvent:
             reset = exit_.type == exits.SystemEventType.RESET
             log.info("vCPU %d: system event %s", vcpu.index, exit_.type)
             host.guest_shutdown(reset=reset)
             return False
-        elif kind is exits.InternalError:
+        elif type(exit_) is exits.InternalError:
             return self._internal_error(exit_)
-        elif kind is exits.Hlt:
+        elif type(exit_) is exits.Hlt:
             # With an in-kernel irqchip KVM handles HLT itself; seeing it means a halted vCPU
             # with interrupts off for good.
             log.info("vCPU %d halted with interrupts disabled", vcpu.index)
@@ -182,7 +185,9 @@ class VcpuThread(threading.Thread):
     def _internal_error(self, exit_: exits.InternalError) -> bool:
         if exit_.is_emulation_failure and self.host.pvm_compat:
             try:
-                note = pvm.handle_emulation_failure(self.vcpu, exit_, self.host.memory)
+                memory = self.host.memory
+                assert memory is not None  # vCPUs run only in a built machine
+                note = pvm.handle_emulation_failure(self.vcpu, exit_, memory)
             except pvm.UnhandledEmulationFailure as exc:
                 self.host.fatal_error(f"vCPU {self.vcpu.index}: {exc}")
                 return False

@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from ..devices.chardev import ChardevConfig
+from ..devices.chardev import ChardevConfig as ChardevConfig  # re-exported: part of the vocabulary
 from ..memory.layout import MEM_SIZE_MAX, MEM_SIZE_MIN, MiB
 from ..virtio.block_backend import DriveConfig
 from ..virtio.tap import NetdevConfig

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..util.jail import capability_number
 from ..errors import PyStratoVirtError
+from ..util.jail import capability_number
 
 MAX_NAME_LEN = 255
 MAX_ID = 65535

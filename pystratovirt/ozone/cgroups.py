@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
 from ..errors import PyStratoVirtError
 
 MOUNTS = "/proc/self/mounts"

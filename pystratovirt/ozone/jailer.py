@@ -33,10 +33,10 @@ import signal
 import stat
 import sys
 
+from ..errors import PyStratoVirtError
+from ..util.libc import LIBC
 from . import cgroups
 from .args import OzoneArgError, OzoneArgs, exec_name, parse
-from ..util.libc import LIBC
-from ..errors import PyStratoVirtError
 
 DEFAULT_BASE = "/srv/ozone"
 BASE_ENV = "OZONE_BASE_DIR"

@@ -28,13 +28,15 @@ import re
 from .schema import MAX_MESSAGE
 
 
-class _TooLong:
+class TooLong:
+    """The type of :data:`TOO_LONG` (its one instance)."""
+
     def __repr__(self) -> str:
         return "TOO_LONG"
 
 
 #: Returned by :meth:`JsonSplitter.feed` in place of a message that exceeded the limit.
-TOO_LONG = _TooLong()
+TOO_LONG = TooLong()
 
 _BETWEEN = re.compile(rb"[ \t\r\n\xff]*")
 # Runs of brackets are taken whole, so a wall of "[[[[" costs one step, not one per byte.
@@ -76,12 +78,12 @@ class JsonSplitter:
         self._in_string = self._escape = self._skipping = False
         self._size = 0
 
-    def feed(self, data: bytes) -> list[bytes | _TooLong]:
-        out: list[bytes | _TooLong] = []
+    def feed(self, data: bytes) -> list[bytes | TooLong]:
+        out: list[bytes | TooLong] = []
         i, n = 0, len(data)
         while i < n:
             if self._kind is None:
-                i = _BETWEEN.match(data, i).end()
+                i = _BETWEEN.match(data, i).end()  # type: ignore[union-attr]  # a '*' pattern always matches
                 if i == n:
                     break
                 first = data[i]

@@ -16,25 +16,62 @@ or getfd names. A refusal names the parameter.
 
 from __future__ import annotations
 
+import enum
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NoReturn
+from typing import NoReturn, TypeVar, overload
 
 from ..errors import PyStratoVirtError
-from ..machine.fds import FD_MAX, NAME as FD_NAME
+from ..machine.fds import FD_MAX
+from ..machine.fds import NAME as FD_NAME
+from ..machine.requests import (
+    Balloon,
+    BalloonChangedEvent,
+    BalloonGuestStats,
+    BalloonInfo,
+    BlockdevAdd,
+    BlockdevDel,
+    BlockIoErrorEvent,
+    CloseFd,
+    CommandInfo,
+    Cont,
+    CpuInfo,
+    CpuProps,
+    DeviceAdd,
+    DeviceDel,
+    DeviceDeletedEvent,
+    ErrorClass,
+    GetFd,
+    HotpluggableCpu,
+    Migrate,
+    MigrationInfo,
+    NetdevAdd,
+    NetdevDel,
+    QmpCapabilities,
+    QomGet,
+    QomSet,
+    QueryBalloon,
+    QueryCommands,
+    QueryCpus,
+    QueryHotpluggableCpus,
+    QueryMigrate,
+    QueryStatus,
+    QueryVersion,
+    Quit,
+    Request,
+    ResumeEvent,
+    ShutdownEvent,
+    ShutdownReason,
+    StatusInfo,
+    Stop,
+    StopEvent,
+    VersionInfo,
+)
 from ..util import strictjson
 from ..virtio.block_backend import DriveConfig
 from ..virtio.tap import NetdevConfig
-from ..machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats, BalloonInfo,
-                                BlockdevAdd, BlockdevDel, BlockIoErrorEvent, CloseFd, CommandInfo,
-                                Cont, CpuInfo, CpuProps, DeviceAdd, DeviceDel, DeviceDeletedEvent,
-                                ErrorClass, GetFd, HotpluggableCpu, Migrate, MigrationInfo,
-                                NetdevAdd, NetdevDel, QmpCapabilities, QomGet, QomSet, QueryBalloon,
-                                QueryCommands, QueryCpus, QueryHotpluggableCpus, QueryMigrate,
-                                QueryStatus, QueryVersion, Quit, Request, ResumeEvent,
-                                ShutdownEvent, ShutdownReason, StatusInfo, Stop, StopEvent,
-                                VersionInfo)
 from .wire import WIRE_0X
 
 #: The QEMU version the default (0.x) dialect announces (``create_greeting(1, 0, 4)``).
@@ -144,7 +181,19 @@ class _ArgumentError(Exception):
     pass
 
 
-_REQUIRED = object()
+#: A command's ``arguments`` (or a nested object of them) as decoded from JSON.
+Arguments = dict[str, object]
+
+
+class _Required(enum.Enum):
+    """The default of an argument that must be present (an enum, so its type can be spelled)."""
+
+    REQUIRED = enum.auto()
+
+
+_REQUIRED = _Required.REQUIRED
+
+_T = TypeVar("_T")
 
 
 class _Args:
@@ -155,7 +204,7 @@ class _Args:
     send them and they mean nothing for a micro VM.
     """
 
-    def __init__(self, values: dict, known: tuple[str, ...], ignored: tuple[str, ...] = (),
+    def __init__(self, values: Arguments, known: tuple[str, ...], ignored: tuple[str, ...] = (),
                  prefix: str = ""):
         self._values = values
         self._prefix = prefix
@@ -169,22 +218,36 @@ class _Args:
     def raw(self, key: str, default: object) -> object:
         if key in self._values:
             return self._values[key]
-        if default is _REQUIRED:
+        return self.missing(key, default)
+
+    def missing(self, key: str, default: _T | _Required) -> _T:
+        """The default of an absent ``key``; an error if it has none."""
+        if isinstance(default, _Required):
             raise _ArgumentError(f"Parameter '{self._prefix}{key}' is missing")
         return default
 
     def wrong(self, key: str, what: str) -> NoReturn:
         raise _ArgumentError(f"Parameter '{self._prefix}{key}' expects {what}")
 
+    # Each typed reader below returns the argument (checked) when it is present, else its
+    # default; without a default, an absent argument is an error. The overloads say so.
+    @overload
+    def string(self, key: str, default: _Required = _REQUIRED, *, nonempty: bool = False,
+               max_bytes: int = MAX_NAME) -> str: ...
+    @overload
+    def string(self, key: str, default: _T, *, nonempty: bool = False,
+               max_bytes: int = MAX_NAME) -> str | _T: ...
+
     def string(self, key: str, default: object = _REQUIRED, *, nonempty: bool = False,
-               max_bytes: int = MAX_NAME):
-        value = self.raw(key, default)
-        if key in self._values:
-            if not isinstance(value, str):
-                self.wrong(key, "a string")
-            if nonempty and not value:
-                self.wrong(key, "a non-empty string")
-            self.text(key, value, max_bytes)
+               max_bytes: int = MAX_NAME) -> object:
+        if key not in self._values:
+            return self.missing(key, default)
+        value = self._values[key]
+        if not isinstance(value, str):
+            self.wrong(key, "a string")
+        if nonempty and not value:
+            self.wrong(key, "a non-empty string")
+        self.text(key, value, max_bytes)
         return value
 
     def text(self, key: str, value: str, max_bytes: int) -> None:
@@ -198,33 +261,60 @@ class _Args:
         if size > max_bytes:
             self.wrong(key, f"a string of at most {max_bytes} bytes")
 
-    def boolean(self, key: str, default: object = _REQUIRED):
-        value = self.raw(key, default)
-        if key in self._values and not isinstance(value, bool):
+    @overload
+    def boolean(self, key: str, default: _Required = _REQUIRED) -> bool: ...
+    @overload
+    def boolean(self, key: str, default: _T) -> bool | _T: ...
+
+    def boolean(self, key: str, default: object = _REQUIRED) -> object:
+        if key not in self._values:
+            return self.missing(key, default)
+        value = self._values[key]
+        if not isinstance(value, bool):
             self.wrong(key, "a boolean")
         return value
 
-    def integer(self, key: str, lo: int, hi: int, default: object = _REQUIRED):
-        value = self.raw(key, default)
-        if key in self._values:
-            if isinstance(value, bool) or not isinstance(value, int):
-                self.wrong(key, "an integer")
-            if not lo <= value <= hi:
-                self.wrong(key, f"an integer from {lo} to {hi}")
+    @overload
+    def integer(self, key: str, lo: int, hi: int, default: _Required = _REQUIRED) -> int: ...
+    @overload
+    def integer(self, key: str, lo: int, hi: int, default: _T) -> int | _T: ...
+
+    def integer(self, key: str, lo: int, hi: int, default: object = _REQUIRED) -> object:
+        if key not in self._values:
+            return self.missing(key, default)
+        value = self._values[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.wrong(key, "an integer")
+        if not lo <= value <= hi:
+            self.wrong(key, f"an integer from {lo} to {hi}")
         return value
 
+    @overload
     def obj(self, key: str, known: tuple[str, ...], ignored: tuple[str, ...] = (),
-               default: object = _REQUIRED):
-        value = self.raw(key, default)
+            default: _Required = _REQUIRED) -> _Args: ...
+    @overload
+    def obj(self, key: str, known: tuple[str, ...], ignored: tuple[str, ...] = (), *,
+            default: _T) -> _Args | _T: ...
+
+    def obj(self, key: str, known: tuple[str, ...], ignored: tuple[str, ...] = (),
+            default: object = _REQUIRED) -> object:
         if key not in self._values:
-            return value
+            return self.missing(key, default)
+        value = self._values[key]
         if not isinstance(value, dict):
             self.wrong(key, "an object")
         return _Args(value, known, ignored, prefix=f"{self._prefix}{key}.")
 
-    def choice(self, key: str, choices: tuple[str, ...], default: object = _REQUIRED):
-        value = self.raw(key, default)
-        if key in self._values and (not isinstance(value, str) or value not in choices):
+    @overload
+    def choice(self, key: str, choices: tuple[str, ...], default: _Required = _REQUIRED) -> str: ...
+    @overload
+    def choice(self, key: str, choices: tuple[str, ...], default: _T) -> str | _T: ...
+
+    def choice(self, key: str, choices: tuple[str, ...], default: object = _REQUIRED) -> object:
+        if key not in self._values:
+            return self.missing(key, default)
+        value = self._values[key]
+        if not isinstance(value, str) or value not in choices:
             self.wrong(key, " or ".join(f"'{c}'" for c in choices))
         return value
 
@@ -314,14 +404,14 @@ _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 CAPABILITIES: tuple[str, ...] = ()
 
 
-def _no_arguments(cls: type) -> Callable[[dict], Request]:
-    def parse(arguments: dict) -> Request:
+def _no_arguments(cls: Callable[[], Request]) -> Callable[[Arguments], Request]:
+    def parse(arguments: Arguments) -> Request:
         _Args(arguments, known=())
         return cls()
     return parse
 
 
-def _qmp_capabilities(arguments: dict) -> QmpCapabilities:
+def _qmp_capabilities(arguments: Arguments) -> QmpCapabilities:
     # Kuasar (qapi-rs) always sends {"enable":[]}; StratoVirt 2.3 would refuse the key.
     a = _Args(arguments, known=("enable",))
     enable = a.raw("enable", [])
@@ -334,7 +424,7 @@ def _qmp_capabilities(arguments: dict) -> QmpCapabilities:
     return QmpCapabilities(tuple(enable))
 
 
-def _blockdev_add(arguments: dict) -> BlockdevAdd:
+def _blockdev_add(arguments: Arguments) -> BlockdevAdd:
     # StratoVirt v0.2 also accepts read-zeros/discard/id/options/backing and ignores them; they
     # never reach a backend, so they are not checked either.
     a = _Args(arguments, known=("node-name", "file", "cache", "read-only", "driver"),
@@ -362,12 +452,12 @@ def _blockdev_add(arguments: dict) -> BlockdevAdd:
     ))
 
 
-def _blockdev_del(arguments: dict) -> BlockdevDel:
+def _blockdev_del(arguments: Arguments) -> BlockdevDel:
     a = _Args(arguments, known=("node-name",))
     return BlockdevDel(a.string("node-name", nonempty=True))
 
 
-def _netdev_add(arguments: dict) -> NetdevAdd:
+def _netdev_add(arguments: Arguments) -> NetdevAdd:
     a = _Args(arguments, known=("id", "ifname", "fds", "vhost", "vhostfds", "type", "script",
                                 "downscript", "queues"),
               ignored=("dnssearch",))  # a user-mode (slirp) option: meaningless for a tap
@@ -390,12 +480,12 @@ def _netdev_add(arguments: dict) -> NetdevAdd:
                                   vhostfds=(vhostfds,) if vhostfds is not None else ()))
 
 
-def _netdev_del(arguments: dict) -> NetdevDel:
+def _netdev_del(arguments: Arguments) -> NetdevDel:
     a = _Args(arguments, known=("id",))
     return NetdevDel(a.string("id", nonempty=True))
 
 
-def _device_add(arguments: dict) -> DeviceAdd:
+def _device_add(arguments: Arguments) -> DeviceAdd:
     a = _Args(arguments, known=("id", "driver", "addr", "lun", "drive", "netdev", "mac", "serial",
                                 "romfile", "share-rw", "bus", "iothread", "disable-modern", "mq",
                                 "vectors"))
@@ -422,22 +512,22 @@ def _device_add(arguments: dict) -> DeviceAdd:
                      serial=a.string("serial", None, max_bytes=SERIAL_MAX))
 
 
-def _device_del(arguments: dict) -> DeviceDel:
+def _device_del(arguments: Arguments) -> DeviceDel:
     a = _Args(arguments, known=("id",))
     return DeviceDel(a.string("id", nonempty=True))
 
 
-def _balloon(arguments: dict) -> Balloon:
+def _balloon(arguments: Arguments) -> Balloon:
     a = _Args(arguments, known=("value",))
     return Balloon(a.integer("value", 0, U64_MAX))
 
 
-def _qom_get(arguments: dict) -> QomGet:
+def _qom_get(arguments: Arguments) -> QomGet:
     a = _Args(arguments, known=("path", "property"))
     return QomGet(path=a.string("path", max_bytes=MAX_PATH), property=a.string("property"))
 
 
-def _qom_set(arguments: dict) -> QomSet:
+def _qom_set(arguments: Arguments) -> QomSet:
     a = _Args(arguments, known=("path", "property", "value"))
     path, prop = a.string("path", max_bytes=MAX_PATH), a.string("property")
     value = a.raw("value", _REQUIRED)
@@ -448,13 +538,13 @@ def _qom_set(arguments: dict) -> QomSet:
     return QomSet(path=path, property=prop, value=value)
 
 
-def _getfd(arguments: dict) -> GetFd:
+def _getfd(arguments: Arguments) -> GetFd:
     # The descriptor itself travels in SCM_RIGHTS; the server adds it to the request.
     a = _Args(arguments, known=("fdname",))
     return GetFd(fdname=_fd_name(a, "fdname"))
 
 
-def _closefd(arguments: dict) -> CloseFd:
+def _closefd(arguments: Arguments) -> CloseFd:
     a = _Args(arguments, known=("fdname",))
     return CloseFd(fdname=_fd_name(a, "fdname"))
 
@@ -463,7 +553,7 @@ def _closefd(arguments: dict) -> CloseFd:
 _LIVE_MIGRATION_SCHEMES = ("tcp", "unix", "exec", "fd", "rdma", "vsock")
 
 
-def _migrate(arguments: dict) -> Migrate:
+def _migrate(arguments: Arguments) -> Migrate:
     # QEMU's other arguments (blk, inc, detach, resume) ask for things a snapshot to a directory
     # does not do; detach is ignored by QEMU itself, so it is the only one accepted.
     a = _Args(arguments, known=("uri",), ignored=("detach",))
@@ -479,7 +569,7 @@ def _migrate(arguments: dict) -> Migrate:
     a.wrong("uri", "a URI of the form 'file:DIR'")
 
 
-_COMMANDS: dict[str, Callable[[dict], Request]] = {
+_COMMANDS: dict[str, Callable[[Arguments], Request]] = {
     "qmp_capabilities": _qmp_capabilities,
     "query-version": _no_arguments(QueryVersion),
     "query-commands": _no_arguments(QueryCommands),
@@ -511,11 +601,11 @@ _COMMANDS: dict[str, Callable[[dict], Request]] = {
 # ==================================================================================================
 
 
-def _props(props: CpuProps) -> dict:
+def _props(props: CpuProps) -> dict[str, object]:
     return {"core-id": props.core_id, "socket-id": props.socket_id, "thread-id": props.thread_id}
 
 
-def _version(v: VersionInfo) -> dict:
+def _version(v: VersionInfo) -> dict[str, object]:
     return {"qemu": {"micro": v.micro, "minor": v.minor, "major": v.major}, "package": v.package}
 
 
@@ -551,7 +641,7 @@ def result_to_json(result: object) -> object:
                     "halted": result.halted, "props": _props(result.props),
                     "qom_path": result.qom_path, "thread_id": result.thread_id}
         case HotpluggableCpu():
-            item: dict = {"props": _props(result.props)}
+            item: dict[str, object] = {"props": _props(result.props)}
             if result.qom_path is not None:  # offline vCPUs have no qom-path
                 item["qom-path"] = result.qom_path
             item["type"] = result.type
@@ -570,7 +660,7 @@ def result_to_json(result: object) -> object:
         case CommandInfo():
             return {"name": result.name}
         case MigrationInfo():
-            info: dict = {"status": result.status.value}
+            info: dict[str, object] = {"status": result.status.value}
             if result.total_time_ms is not None:
                 info["total-time"] = result.total_time_ms
             if result.ram is not None:
@@ -584,7 +674,7 @@ def result_to_json(result: object) -> object:
     raise TypeError(f"no QMP encoding for result {result!r}")
 
 
-def event_to_json(event: object) -> tuple[str, dict]:
+def event_to_json(event: object) -> tuple[str, dict[str, object]]:
     """The QMP name and ``data`` of an event."""
     match event:
         case ShutdownEvent():
@@ -600,7 +690,7 @@ def event_to_json(event: object) -> tuple[str, dict]:
             return "BALLOON_CHANGED", {"actual": event.actual}
         case BlockIoErrorEvent():
             # QEMU 7.2's qapi order; node-name and nospace are optional members.
-            data: dict = {"device": event.device}
+            data: dict[str, object] = {"device": event.device}
             if event.node_name is not None:
                 data["node-name"] = event.node_name
             data["operation"] = event.operation.value
@@ -617,7 +707,7 @@ def _dump(obj: object, line_end: bytes) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + line_end
 
 
-def _with_id(message: dict, cmd_id: object) -> dict:
+def _with_id(message: dict[str, object], cmd_id: object) -> dict[str, object]:
     if cmd_id is not None:
         message["id"] = cmd_id
     return message

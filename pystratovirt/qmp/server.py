@@ -65,9 +65,10 @@ import struct
 import termios
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
-from typing import Callable
+from typing import NoReturn
 
 from ..errors import PyStratoVirtError
 from ..machine.requests import (
@@ -82,11 +83,12 @@ from ..machine.requests import (
     QueryVersion,
     Request,
 )
-from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, EventLoop
+from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, EventLoop, Timer
 from ..util.unixsock import ListenError, ListenFailure, UnixListener
-from .framing import TOO_LONG, JsonSplitter
+from .framing import JsonSplitter, TooLong
 from .schema import (
     MAX_MESSAGE,
+    Command,
     QmpError,
     command_names,
     decode,
@@ -129,7 +131,8 @@ def _close_all(fds: list[int]) -> None:
 def _unconsumed(sock: socket.socket) -> int:
     """Bytes written to ``sock`` that the peer has not read yet (SIOCOUTQ), or -1."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
+        count: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
+        return count
     except OSError:
         return -1
 
@@ -139,7 +142,7 @@ class _Frame:
 
     __slots__ = ("message", "fds")
 
-    def __init__(self, message, fds: list[int] | None = None):
+    def __init__(self, message: bytes | TooLong, fds: list[int] | None = None):
         self.message = message
         self.fds = fds if fds is not None else []
 
@@ -149,12 +152,12 @@ class _Later:
 
     __slots__ = ("command", "future")
 
-    def __init__(self, command, future: Future):
+    def __init__(self, command: Command, future: Future[object]):
         self.command = command
         self.future = future
 
 
-def _reraise(exc: BaseException):
+def _reraise(exc: BaseException) -> NoReturn:
     raise exc
 
 
@@ -172,10 +175,10 @@ class _Client:
         self.mask = EPOLLIN | EPOLLRDHUP
         self.progress = now  # when its socket last accepted output (or output became pending)
         self.in_flight = -1  # bytes it has not consumed from its socket, at the last stall check
-        self.stall_timer = None
+        self.stall_timer: Timer | None = None
         self.events_dropped = 0
         self.answering = False  # a command is executing: its reply is still to come
-        self.later: Future | None = None  # a command whose reply comes when this completes
+        self.later: Future[object] | None = None  # a command whose reply comes when this completes
         self.warned_ctrunc = False
 
     def release_fds(self) -> None:
@@ -245,10 +248,12 @@ class QmpServer:
 
     def _park(self) -> None:
         if self._listening:
+            assert self._listener is not None  # listening means there is a listener
             self._loop.unregister(self._listener.fileno())
             self._listening = False
 
     def _on_accept(self, _mask: int) -> None:
+        assert self._listener is not None  # registered only while listening
         try:
             sock = self._listener.accept()
         except (BlockingIOError, InterruptedError):
@@ -334,7 +339,7 @@ class QmpServer:
         client.frames.extend(frames)
 
     @staticmethod
-    def _received_fds(client: _Client, ancdata, flags: int) -> list[int]:
+    def _received_fds(client: _Client, ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -364,14 +369,14 @@ class QmpServer:
                 return  # dropped (or the server closed) while answering
         self._update(client)
 
-    def _wait_for(self, client: _Client, later: "_Later") -> None:
+    def _wait_for(self, client: _Client, later: _Later) -> None:
         client.later = later.future
 
-        def completed(_future: Future) -> None:  # on whatever thread completed it
+        def completed(_future: Future[object]) -> None:  # on whatever thread completed it
             self._loop.call_soon_threadsafe(lambda: self._finish(client, later))
         later.future.add_done_callback(completed)
 
-    def _finish(self, client: _Client, later: "_Later") -> None:
+    def _finish(self, client: _Client, later: _Later) -> None:
         if self._client is not client:
             return  # the client left while the command ran: nobody to tell
         client.later = None
@@ -385,7 +390,7 @@ class QmpServer:
         if self._client is client:
             self._pump(client)
 
-    def _encode_result(self, command, produce) -> bytes:
+    def _encode_result(self, command: Command, produce: Callable[[], object]) -> bytes:
         """The reply for ``command``: ``produce()``'s result, or the error it raises."""
         line_end = self.wire.line_end
         try:
@@ -398,11 +403,11 @@ class QmpServer:
                                 f"Internal error while executing {command.execute}", command.id,
                                 line_end)
 
-    def _answer(self, frame: _Frame) -> "bytes | _Later":
+    def _answer(self, frame: _Frame) -> bytes | _Later:
         fds, frame.fds = frame.fds, []
         line_end = self.wire.line_end
         try:
-            if frame.message is TOO_LONG:
+            if isinstance(frame.message, TooLong):  # TOO_LONG, its one instance
                 raise QmpError(f"Message is too long (limit {self._max_message} bytes)")
             command = parse_command(decode(frame.message))
             request = command.request
@@ -437,7 +442,7 @@ class QmpServer:
             case QueryCommands():
                 return [CommandInfo(name) for name in command_names()]
         if self.executor is None:
-            if isinstance(request, GetFd):
+            if isinstance(request, GetFd) and request.fd is not None:
                 _close_all([request.fd])  # nobody to own it yet
             raise MachineError("The virtual machine is not ready")
         return self.executor.execute(request)

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
 
 EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 
-Callback = Callable[[int], None]
+Callback = Callable[[int], object]  # what it returns is ignored
 
 
 class Timer:
@@ -50,13 +50,13 @@ class Timer:
 
     __slots__ = ("when", "seq", "fn", "cancelled")
 
-    def __init__(self, when: float, seq: int, fn: Callable[[], None]):
+    def __init__(self, when: float, seq: int, fn: Callable[[], object]):
         self.when, self.seq, self.fn, self.cancelled = when, seq, fn, False
 
     def cancel(self) -> None:
         self.cancelled = True
 
-    def __lt__(self, other: "Timer") -> bool:
+    def __lt__(self, other: Timer) -> bool:
         return (self.when, self.seq) < (other.when, other.seq)
 
 
@@ -68,7 +68,7 @@ class EventLoop:
         self._wake = os.eventfd(0, EFD_FLAGS)
         self._epoll.register(self._wake, EPOLLIN)
         self._lock = threading.Lock()   # the pending queue and the timer heap
-        self._pending: deque[Callable[[], None]] = deque()
+        self._pending: deque[Callable[[], object]] = deque()
         self._timers: list[Timer] = []
         self._seq = itertools.count()
         self._running = False
@@ -102,13 +102,13 @@ class EventLoop:
         return fd in self._handlers
 
     # -- deferred work --------------------------------------------------------------------------
-    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+    def call_soon_threadsafe(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the loop thread as soon as it is free."""
         with self._lock:
             self._pending.append(fn)
         self._kick()
 
-    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+    def call_later(self, delay: float, fn: Callable[[], object]) -> Timer:
         """Run ``fn`` on the loop thread after ``delay`` seconds (unless cancelled)."""
         timer = Timer(time.monotonic() + max(0.0, delay), next(self._seq), fn)
         with self._lock:
@@ -233,7 +233,8 @@ class EventLoop:
                     fn = timer.fn
                 else:
                     return
-            self._guard(lambda _mask, fn=fn: fn(), 0)
+            # _guard calls the lambda before the next iteration rebinds fn.
+            self._guard(lambda _mask: fn(), 0)  # noqa: B023
 
     def _guard(self, handler: Callback, mask: int) -> None:
         try:

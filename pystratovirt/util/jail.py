@@ -29,9 +29,9 @@ import importlib
 import os
 import pkgutil
 import threading
-from .libc import LIBC
-from ..errors import PyStratoVirtError
 
+from ..errors import PyStratoVirtError
+from .libc import LIBC
 
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
@@ -110,6 +110,7 @@ def preload() -> None:
     """Import every module of the VMM a running VM can reach (not the guest kit, nor the
     jailer), then cache every loaded module's source for tracebacks."""
     import pystratovirt
+
     from . import seccomp
 
     for info in pkgutil.walk_packages(pystratovirt.__path__, "pystratovirt."):

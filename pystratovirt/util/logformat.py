@@ -81,7 +81,7 @@ def install_ns_clock() -> None:
     if getattr(factory, "stamps_ns", False):
         return
 
-    def make_record(*args, **kwargs) -> logging.LogRecord:
+    def make_record(*args: object, **kwargs: object) -> logging.LogRecord:
         record = factory(*args, **kwargs)
         record.created_ns = time.time_ns()
         return record

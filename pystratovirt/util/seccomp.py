@@ -34,10 +34,12 @@ import enum
 import logging
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
-from .libc import LIBC
+from typing import Protocol
+
 from ..errors import PyStratoVirtError
+from .libc import LIBC
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +138,23 @@ def active() -> bool:
     return _policy is not None
 
 
-def build_filter(rules: Sequence[Rule]):
+class SeccompFilter(Protocol):
+    """What this module uses of a ``pyseccomp.SyscallFilter`` (pyseccomp publishes no types; its
+    constants are opaque here, hence ``object``)."""
+
+    def set_attr(self, attr: object, value: object) -> None: ...
+    def add_rule(self, action: object, syscall: int, *conditions: object) -> None: ...
+    def load(self) -> None: ...
+
+
+def build_filter(rules: Sequence[Rule]) -> SeccompFilter:
     """A libseccomp filter that allows ``rules`` and kills the process on anything else."""
     try:
         import pyseccomp
     except (ImportError, RuntimeError) as exc:  # RuntimeError: libseccomp.so itself is missing
         raise SeccompError(f"seccomp needs libseccomp and its pyseccomp binding ({exc}); "
                            "install them or run with -disable-seccomp.") from None
-    flt = pyseccomp.SyscallFilter(pyseccomp.KILL_PROCESS)
+    flt: SeccompFilter = pyseccomp.SyscallFilter(pyseccomp.KILL_PROCESS)
     # A system call made through another ABI (int 0x80, x32) is killed like an unlisted one.
     flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
     for rule in rules:

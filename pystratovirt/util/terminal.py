@@ -12,12 +12,13 @@ import atexit
 import os
 import termios
 import tty
+from typing import Any
 
 
 class RawTerminal:
     def __init__(self, fd: int):
         self.fd = fd
-        self._saved: list | None = None
+        self._saved: list[Any] | None = None  # what termios.tcgetattr gave
 
     def enter(self, *, keep_signals: bool = False) -> None:
         """Make ``fd`` raw if it is a terminal (raises termios.error/OSError if that fails)."""

@@ -75,8 +75,8 @@ import logging
 import mmap
 import struct
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
 from ..memory.guest import GuestMemory, GuestMemoryError
 from ..util.eventloop import Timer
@@ -159,15 +159,16 @@ class _RamSpan:
 def merge_runs(sorted_items: Iterable[int]) -> list[tuple[int, int]]:
     """``(start, count)`` runs of consecutive integers from an ascending, duplicate-free sequence."""
     runs: list[tuple[int, int]] = []
-    start = prev = None
+    start: int | None = None
+    prev: int | None = None
     for item in sorted_items:
         if prev is not None and item == prev + 1:
             prev = item
             continue
-        if start is not None:
+        if start is not None and prev is not None:  # set together
             runs.append((start, prev - start + 1))
         start = prev = item
-    if start is not None:
+    if start is not None and prev is not None:
         runs.append((start, prev - start + 1))
     return runs
 
@@ -400,7 +401,8 @@ class VirtioBalloon(VirtioDevice):
         self._report_timer = self.io.call_later(self.report_interval, self._report_moved)
 
     # -- lifecycle (lock held) -------------------------------------------------------------------
-    def activate(self, mem: GuestMemory, queues, interrupt: Interrupt, features: int) -> None:
+    def activate(self, mem: GuestMemory, queues: Sequence[SplitQueue | None], interrupt: Interrupt,
+                 features: int) -> None:
         super().activate(mem, queues, interrupt, features)
         spans = []
         for region in mem.regions:
@@ -448,7 +450,7 @@ class VirtioBalloon(VirtioDevice):
         return BalloonState(self.save_virtio_state(), bitmap.chunks() if bitmap is not None else (),
                             self._stats_interval, self._stats)
 
-    def restore_state(self, state: BalloonState, mem: GuestMemory, interrupt: Interrupt) -> None:
+    def restore_state(self, state: object, mem: GuestMemory, interrupt: Interrupt) -> None:
         """Take back a saved state (lock held, inactive and quiet, I/O thread not started)."""
         if not isinstance(state, BalloonState):
             raise ValueError(f"{self.name} is a balloon; the saved state is a {type(state).__name__}")
@@ -528,6 +530,7 @@ class VirtioBalloon(VirtioDevice):
 
     def _inflate(self, pfns: list[int]) -> None:
         bitmap = self._bitmap
+        assert bitmap is not None  # made by activate; requests come only while active
         added = [i for i in self._indices(pfns, "inflate") if bitmap.set(i)]
         if not added:
             return
@@ -558,6 +561,7 @@ class VirtioBalloon(VirtioDevice):
 
     def _deflate(self, pfns: list[int]) -> None:
         bitmap = self._bitmap
+        assert bitmap is not None  # made by activate; requests come only while active
         for i in self._indices(pfns, "deflate"):
             bitmap.clear(i)  # a page that was not in the balloon is harmless
 

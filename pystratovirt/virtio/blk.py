@@ -32,16 +32,14 @@ from __future__ import annotations
 import errno
 import logging
 import struct
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
 
 from ..memory.guest import GuestMemory
 from ..util.eventloop import Timer
-
 from .block_backend import SECTOR_SHIFT, SECTOR_SIZE, FileBackend
-from .device import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice,
-                     VirtioState, bit)
+from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, VirtioState, bit
 from .queue import Buffers, DescChain, QueueError, read_buffers, split_buffers, write_buffers
 
 log = logging.getLogger(__name__)
@@ -118,7 +116,7 @@ class BlkRequest:
     status: int
 
     @classmethod
-    def parse(cls, chain: DescChain, mem: GuestMemory) -> "BlkRequest":
+    def parse(cls, chain: DescChain, mem: GuestMemory) -> BlkRequest:
         if chain.readable_len < REQUEST_HEADER:
             raise QueueError(f"virtio-blk request {chain.head} has a {chain.readable_len}-byte header "
                              f"(needs {REQUEST_HEADER})")
@@ -284,7 +282,7 @@ class VirtioBlk(VirtioDevice):
         return int.from_bytes(self._config[CONFIG_CAPACITY:CONFIG_CAPACITY + 8], "little")
 
     # -- hot-replace -----------------------------------------------------------------------------
-    def set_backend(self, backend: FileBackend | None, serial: str | None = None) -> "Future[None]":
+    def set_backend(self, backend: FileBackend | None, serial: str | None = None) -> Future[None]:
         """Replace the drive (None empties the slot) and the serial number GET_ID reports; see
         the module docstring. Any thread: the swap, and the old image's flush and close, run on
         the I/O thread after the request in flight; the future says when it is done."""
@@ -330,7 +328,7 @@ class VirtioBlk(VirtioDevice):
         so no chain is ever held."""
         return BlkState(self.save_virtio_state(), self.serial, self.read_only)
 
-    def restore_state(self, state: BlkState, mem: GuestMemory, interrupt: Interrupt) -> None:
+    def restore_state(self, state: object, mem: GuestMemory, interrupt: Interrupt) -> None:
         """Take back a saved state (lock held, inactive, after the machine attached the drive):
         the attached drive must have the capacity the guest was shown (ValueError otherwise)."""
         if not isinstance(state, BlkState):
@@ -401,6 +399,6 @@ class VirtioBlk(VirtioDevice):
 
     def _emit_io_error(self, error: tuple[str, bool, str]) -> None:
         try:
-            self.on_io_error(*error)
+            self.on_io_error(*error)  # type: ignore[misc]  # _report_io_error checked it is set
         except Exception:  # the machine's bug must not take the disk down
             log.exception("%s: on_io_error callback failed", self.name)

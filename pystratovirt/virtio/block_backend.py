@@ -17,9 +17,9 @@ import logging
 import mmap
 import os
 import stat
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 from ..errors import PyStratoVirtError
 from ..util.libc import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
@@ -54,8 +54,11 @@ BOUNCE_SIZE = 1 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENODEV)
 
+#: os.preadv or os.pwritev: (fd, buffers, offset) -> bytes transferred.
+VectorIo = Callable[[int, Sequence[memoryview], int], int]
 
-def _io_all(op, fd: int, views: Sequence[memoryview], offset: int) -> None:
+
+def _io_all(op: VectorIo, fd: int, views: Sequence[memoryview], offset: int) -> None:
     """preadv/pwritev every byte of ``views`` at ``offset``, in IOV_MAX batches, across short
     transfers; a read hitting end of file is an I/O error."""
     pending = [v for v in views if len(v)]
@@ -154,7 +157,7 @@ class FileBackend:
         return self.size >> SECTOR_SHIFT
 
     @classmethod
-    def open(cls, config: DriveConfig) -> "FileBackend":
+    def open(cls, config: DriveConfig) -> FileBackend:
         """Open the image ``config`` names; raises BackendError with a one-sentence reason."""
         path, read_only, direct = config.path, config.read_only, config.direct
         try:
@@ -196,7 +199,7 @@ class FileBackend:
             raise OSError(errno.EROFS, "read-only drive")
         self._transfer(os.pwritev, offset, views, reading=False)
 
-    def _transfer(self, op, offset: int, views: Sequence[memoryview], reading: bool) -> None:
+    def _transfer(self, op: VectorIo, offset: int, views: Sequence[memoryview], reading: bool) -> None:
         views = [v for v in views if len(v)]
         total = sum(len(v) for v in views)
         if not total:
@@ -212,7 +215,7 @@ class FileBackend:
         if all(len(v) % a == 0 and (addr := _address(v)) is not None and addr % a == 0 for v in views):
             _io_all(op, self.fd, views, offset)  # zero-copy: guest pages satisfy O_DIRECT
             return
-        with memoryview(self._bounce) as bounce:
+        with memoryview(self._bounce) as bounce:  # type: ignore[arg-type]  # made when direct is set
             pos = 0
             while pos < total:
                 chunk = bounce[:min(BOUNCE_SIZE, total - pos)]

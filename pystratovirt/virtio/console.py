@@ -33,8 +33,8 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from ..devices.chardev import Chardev
 from ..memory.guest import GuestMemory
@@ -210,7 +210,7 @@ class VirtioConsole(VirtioDevice):
             self.notify_used(queue)
         self.chardev.want_input(bool(self._rx_chains) and not self.needs_reset)
 
-    def _once(self, key: str, msg: str, *args) -> None:
+    def _once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._logged:
             self._logged.add(key)
             log.warning(msg + " (logged once)", *args)

@@ -28,9 +28,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from ..memory.guest import GuestMemory
 from ..util.eventloop import EFD_FLAGS, EventLoop
@@ -273,7 +274,7 @@ class VirtioDevice:
         own return their own value holding :meth:`save_virtio_state`'s."""
         return self.save_virtio_state()
 
-    def restore_state(self, state, mem: GuestMemory, interrupt: Interrupt) -> None:
+    def restore_state(self, state: object, mem: GuestMemory, interrupt: Interrupt) -> None:
         """Take back what :meth:`save_state` gave (lock held, device inactive and quiet)."""
         if not isinstance(state, VirtioState):
             raise ValueError(f"{self.name}: the saved state is a {type(state).__name__}")
@@ -301,7 +302,7 @@ class VirtioDevice:
                 raise ValueError(f"{self.name}: {len(state.queues)} queues, the device has "
                                  f"{len(self.queue_max_sizes)}")
             queues = []
-            for index, (qstate, max_size) in enumerate(zip(state.queues, self.queue_max_sizes)):
+            for index, (qstate, max_size) in enumerate(zip(state.queues, self.queue_max_sizes, strict=True)):
                 if qstate is not None and qstate.size > max_size:
                     raise ValueError(f"{self.name}: queue {index} of {qstate.size} entries, more "
                                      f"than its maximum {max_size}")
@@ -347,7 +348,7 @@ class VirtioDevice:
         if state is not None and queue.needs_notification():
             state.interrupt.signal_used()
 
-    def on_io_thread(self, fn: Callable[[], T]) -> "Future[T]":
+    def on_io_thread(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the device's I/O thread, after the work in progress there (so a backend
         swap never races a request), and return its future; inline when the I/O thread is not
         running or this is it. Control-plane changes to a device go through here."""

@@ -26,15 +26,30 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..memory.guest import GuestMemory
 from ..memory.layout import VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
 from ..util.eventloop import EFD_FLAGS, EPOLLIN, EventLoop
-from .device import (STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-                     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-                     INT_CONFIG, INT_VRING, Interrupt, VirtioDevice, bit)
+from .device import (
+    INT_CONFIG,
+    INT_VRING,
+    STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    Interrupt,
+    VirtioDevice,
+    bit,
+)
 from .queue import QueueError, SplitQueue
+
+if TYPE_CHECKING:  # only for annotations: the machine passes its Vm in
+    from ..kvm.vm import Vm
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +179,9 @@ class VirtioMmio:
         device.attach_io(self.io)
         self._notify_fds = [os.eventfd(0, EFD_FLAGS) for _ in self._queues]
         for index, fd in enumerate(self._notify_fds):
-            self.io.register(fd, EPOLLIN, lambda _mask, fd=fd, index=index: self._on_notify(fd, index))
+            def on_notify(_mask: int, fd: int = fd, index: int = index) -> None:
+                self._on_notify(fd, index)
+            self.io.register(fd, EPOLLIN, on_notify)
         self._lock = threading.Lock()   # the registers below; vCPU threads only
         self._status = 0
         self._device_features_sel = 0
@@ -185,20 +202,20 @@ class VirtioMmio:
         """The eventfd to register with KVM_IRQFD on the device's GSI."""
         return self.interrupt.eventfd
 
-    def kvm_attach(self, vm, base: int, irq: int) -> None:
+    def kvm_attach(self, vm: Vm, base: int, irq: int) -> None:
         """Register this transport's eventfds with KVM: one KVM_IOEVENTFD per queue on
         ``base + QUEUE_NOTIFY`` (4 bytes, datamatch = queue index) and KVM_IRQFD on ``irq``."""
         for fd, index in self.notify_eventfds():
             vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index)
         vm.irqfd(self.irq_eventfd, irq)
 
-    def kvm_detach(self, vm, base: int, irq: int) -> None:
+    def kvm_detach(self, vm: Vm, base: int, irq: int) -> None:
         """Undo :meth:`kvm_attach` (not needed when the whole VM is being closed)."""
         for fd, index in self.notify_eventfds():
             vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index, deassign=True)
         vm.irqfd(self.irq_eventfd, irq, deassign=True)
 
-    def start(self, on_start=None) -> None:
+    def start(self, on_start: Callable[[], None] | None = None) -> None:
         """Start the device's own I/O thread (a shared one is the caller's to start)."""
         if self._own_io:
             self.io.start(on_start)
@@ -244,7 +261,7 @@ class VirtioMmio:
                                for q in self._queues),
                          self.interrupt.status)
 
-    def restore_state(self, state: MmioState, device_state) -> None:
+    def restore_state(self, state: MmioState, device_state: object) -> None:
         """Take back saved registers and hand ``device_state`` to the device's ``restore_state``
         (the machine attached its backend first). Before :meth:`start`, with the VM not running.
         Every ready queue is then notified once, so chains the driver made available while the
@@ -260,7 +277,7 @@ class VirtioMmio:
             raise ValueError(f"{self.name}: driver features {state.driver_features:#x} are not 64-bit")
         if state.interrupt_status & ~(INT_VRING | INT_CONFIG):
             raise ValueError(f"{self.name}: interrupt status {state.interrupt_status:#x} has unknown bits")
-        for index, (regs, saved) in enumerate(zip(self._queues, state.queues)):
+        for index, saved in enumerate(state.queues):
             if not 0 <= saved.num <= 0xFFFF_FFFF or not all(0 <= a < 1 << 64 for a in
                                                              (saved.desc, saved.driver, saved.device)):
                 raise ValueError(f"{self.name}: queue {index} registers out of range")
@@ -270,28 +287,29 @@ class VirtioMmio:
             self._driver_features_sel = state.driver_features_sel
             self._driver_features = state.driver_features
             self._queue_sel = state.queue_sel
-            for regs, saved in zip(self._queues, state.queues):
+            for regs, saved in zip(self._queues, state.queues, strict=True):
                 regs.num, regs.ready = saved.num, saved.ready
                 regs.desc, regs.driver, regs.device = saved.desc, saved.driver, saved.device
             with self.device.lock:
                 self.device.restore_state(device_state, self.mem, self.interrupt)
                 self._check_restored()
             self.interrupt.restore(state.interrupt_status)
-        for q, fd in zip(self._queues, self._notify_fds):
+        for q, fd in zip(self._queues, self._notify_fds, strict=False):  # no fds once closed
             if q.ready and self.device.active:
                 os.eventfd_write(fd, 1)
 
     def _check_restored(self) -> None:  # both locks held
         """The device's restored queues must be the ones these registers describe."""
         device = self.device
-        active = device.active
+        state = device.state
+        active = state is not None
         if active != bool(self._status & STATUS_DRIVER_OK) and not device.needs_reset:
             raise ValueError(f"{self.name}: the device is {'active' if active else 'inactive'} but "
                              f"Status {self._status:#x} says otherwise")
-        if not active:
+        if state is None:
             return
-        if device.state.features != self._driver_features:
-            raise ValueError(f"{self.name}: the device runs with features {device.state.features:#x}, "
+        if state.features != self._driver_features:
+            raise ValueError(f"{self.name}: the device runs with features {state.features:#x}, "
                              f"the driver accepted {self._driver_features:#x}")
         event_idx = bool(self._driver_features & bit(VIRTIO_RING_F_EVENT_IDX))
         indirect = bool(self._driver_features & bit(VIRTIO_RING_F_INDIRECT_DESC))
@@ -505,7 +523,7 @@ class VirtioMmio:
                 return
         # Buffers the driver made available before DRIVER_OK (allowed for some devices) get
         # picked up now; for a driver that waited this finds nothing.
-        for q, fd in zip(self._queues, self._notify_fds):
+        for q, fd in zip(self._queues, self._notify_fds, strict=False):  # no fds once closed
             if q.ready:
                 os.eventfd_write(fd, 1)
 

@@ -16,8 +16,16 @@ from dataclasses import dataclass, field
 
 from ..memory.guest import GuestMemory
 from . import mmio as r
-from .device import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-                     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, bit)
+from .device import (
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    bit,
+)
+from .mmio import VirtioMmio
 from .queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 _DESC = struct.Struct("<QIHH")
@@ -61,7 +69,7 @@ class VirtioDriver:
     """Drives one virtio-mmio transport. Rings live at ``ring_base``; ``alloc`` hands out
     buffer memory from ``[data_base, data_base + data_size)``."""
 
-    def __init__(self, transport, mem: GuestMemory, *, ring_base: int = 0x10_0000,
+    def __init__(self, transport: VirtioMmio, mem: GuestMemory, *, ring_base: int = 0x10_0000,
                  data_base: int = 0x20_0000, data_size: int = 0x40_0000):
         self.t = transport
         self.mem = mem

@@ -70,14 +70,13 @@ import os
 import string
 import struct
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from ..memory.guest import GuestMemory
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-from .device import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice,
-                     VirtioState, bit)
+from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, VirtioState, bit
 from .queue import DescChain, QueueError, SplitQueue, read_buffers, write_buffers
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN, Tap
 
@@ -295,13 +294,13 @@ class VirtioNet(VirtioDevice):
             except OSError:
                 pass
 
-    def _warn_once(self, key: str, msg: str, *args) -> None:
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(msg + " (further occurrences are counted, not logged)", *args)
 
     # -- hot-plug --------------------------------------------------------------------------------
-    def set_backend(self, tap: Tap | None) -> "Future[None]":
+    def set_backend(self, tap: Tap | None) -> Future[None]:
         """Attach ``tap`` (the device owns it from now on) or, with None, empty the slot; the old
         tap is closed. Any thread: the swap runs on the I/O thread after the batch in flight;
         the future says when it is done."""
@@ -371,7 +370,7 @@ class VirtioNet(VirtioDevice):
         """The NIC's state (lock held, device quiet)."""
         return NetState(self.save_virtio_state(), self.mac, self._link_up)
 
-    def restore_state(self, state: NetState, mem: GuestMemory, interrupt: Interrupt) -> None:
+    def restore_state(self, state: object, mem: GuestMemory, interrupt: Interrupt) -> None:
         """Take back a saved state (lock held, inactive, after the machine attached the tap)."""
         if not isinstance(state, NetState):
             raise ValueError(f"{self.name} is a NIC; the saved state is a {type(state).__name__}")
@@ -558,7 +557,7 @@ class VirtioNet(VirtioDevice):
             if tap is None:
                 break
             rx = self._rx_chains[0]
-            iov = rx.iov
+            iov: Sequence[memoryview | bytearray] | None = rx.iov
             if iov is None:
                 if self._bounce is None:
                     self._bounce = bytearray(OVERFLOW_SIZE)
@@ -581,7 +580,7 @@ class VirtioNet(VirtioDevice):
                 stats.rx_dropped += 1
                 continue
             if rx.iov is None:
-                write_buffers(self.mem, rx.bufs, memoryview(self._bounce)[:n])
+                write_buffers(self.mem, rx.bufs, memoryview(self._bounce)[:n])  # type: ignore[arg-type]  # set above
             first = rx.views[0] if rx.views else None
             if first is not None and len(first) >= HDR_LEN:
                 # The usual layout (header and frame in one buffer): patch the header in place.

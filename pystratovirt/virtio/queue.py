@@ -163,7 +163,7 @@ class SplitQueue:
                           self._signalled_used)
 
     @classmethod
-    def from_state(cls, mem: GuestMemory, state: QueueState) -> "SplitQueue":
+    def from_state(cls, mem: GuestMemory, state: QueueState) -> SplitQueue:
         """A queue continuing from ``state``; the geometry is validated as for a new queue
         (QueueError), the indices must be u16 values (ValueError)."""
         for name in ("last_avail_idx", "used_idx"):

@@ -37,8 +37,8 @@ import logging
 import os
 import stat
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from ..errors import PyStratoVirtError
 from ..memory.guest import GuestMemory
@@ -197,6 +197,7 @@ class VirtioRng(VirtioDevice):
                 self._stats.throttled += 1
                 break   # the period timer resumes
             chain = self._pending[0]
+            n: int | None  # bytes served; None: the source would block
             if not chain.writable:
                 self._once("no-writable", "%s: request %d has no device-writable buffer; returned "
                            "empty", self.name, chain.head)
@@ -294,7 +295,7 @@ class VirtioRng(VirtioDevice):
             self._retry_timer = None
             self._resume()
 
-    def _once(self, key: str, msg: str, *args) -> None:
+    def _once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._logged:
             self._logged.add(key)
             log.warning(msg + " (logged once)", *args)

@@ -31,8 +31,8 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import PyStratoVirtError
 from .vhost_net import open_vhost_net
@@ -137,7 +137,7 @@ class Tap:
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
-    def open(cls, ifname: str) -> "Tap":
+    def open(cls, ifname: str) -> Tap:
         """Attach to the existing tap ``ifname``; raises TapError."""
         if not _valid_ifname(ifname):
             raise TapError(f"'{ifname}' is not a valid network interface name.")
@@ -178,7 +178,7 @@ class Tap:
             raise
 
     @classmethod
-    def from_config(cls, config: NetdevConfig, take_fd: Callable[[str], int]) -> "Tap":
+    def from_config(cls, config: NetdevConfig, take_fd: Callable[[str], int]) -> Tap:
         """Open the tap ``config`` names: by name, or by adopting the descriptor ``take_fd``
         hands over for its one ``fds`` reference (ownership passes to the tap only once it is
         accepted; a refused descriptor is closed, since the caller gave it up). Raises TapError,
@@ -200,7 +200,7 @@ class Tap:
             raise
 
     @classmethod
-    def from_fd(cls, fd: int) -> "Tap":
+    def from_fd(cls, fd: int) -> Tap:
         """Adopt a tap file descriptor someone else attached (``fds=``); takes ownership of it
         once this returns (a refused descriptor stays the caller's). It must be a tap opened with
         IFF_NO_PI and IFF_VNET_HDR."""

@@ -6,16 +6,21 @@ import subprocess
 
 import pytest
 
-from pystratovirt.boot import BootError, aml
-from pystratovirt.boot import acpi
+from pystratovirt.boot import BootError, acpi, aml
 from pystratovirt.boot.acpi import build_acpi_tables, write_acpi_tables
-from pystratovirt.boot.e820 import build_e820
 from pystratovirt.boot.bootparams import E820_RESERVED
+from pystratovirt.boot.e820 import build_e820
 from pystratovirt.boot.mptable import build_mptable, ioapic_id
 from pystratovirt.devices import acpi_pm
-from pystratovirt.memory.layout import (ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, IOAPIC_ADDR,
-                                        LAPIC_ADDR, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_BASE,
-                                        VIRTIO_MMIO_SIZE)
+from pystratovirt.memory.layout import (
+    ACPI_SLEEP_CONTROL_PORT,
+    ACPI_SLEEP_STATUS_PORT,
+    IOAPIC_ADDR,
+    LAPIC_ADDR,
+    VIRTIO_IRQ_FIRST,
+    VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
+)
 
 SERIAL = [(0x3F8, 4)]
 

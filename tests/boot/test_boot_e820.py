@@ -1,5 +1,7 @@
 """The e820 map for typical VM sizes, from real GuestMemory region lists."""
 
+import itertools
+
 import pytest
 
 from pystratovirt.boot import BootError
@@ -31,7 +33,7 @@ def test_e820(size, expected_tail):
         mem.close()
     assert table == LOW_FIXED + expected_tail
     # every RAM byte of the map is guest RAM, and nothing overlaps
-    for a, b in zip(table, table[1:]):
+    for a, b in itertools.pairwise(table):
         assert a.end <= b.addr
     ram = sum(e.size for e in table if e.type == E820_RAM)
     assert ram == size - (0x100000 - 0x9FC00)

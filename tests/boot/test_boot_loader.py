@@ -13,8 +13,16 @@ from pystratovirt.boot.gdt import gdt_bytes
 from pystratovirt.boot.mptable import build_mptable
 from pystratovirt.boot.pagetables import page_tables
 from pystratovirt.memory import GuestMemory
-from pystratovirt.memory.layout import (CMDLINE_ADDR, EBDA_START, GDT_ADDR, GiB, INITRD_ADDR_MAX,
-                                        MiB, VMLINUX_LOAD_ADDR, ZERO_PAGE_ADDR)
+from pystratovirt.memory.layout import (
+    CMDLINE_ADDR,
+    EBDA_START,
+    GDT_ADDR,
+    INITRD_ADDR_MAX,
+    VMLINUX_LOAD_ADDR,
+    ZERO_PAGE_ADDR,
+    GiB,
+    MiB,
+)
 
 CODECS = ["gzip", "xz", "lz4", "zstd"]
 

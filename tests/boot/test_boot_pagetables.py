@@ -4,7 +4,7 @@ import struct
 
 from pystratovirt.boot.pagetables import page_tables, write_page_tables
 from pystratovirt.memory import GuestMemory
-from pystratovirt.memory.layout import GiB, MiB, PD_ADDR, PD_COUNT, PDPT_ADDR, PML4_ADDR
+from pystratovirt.memory.layout import PD_ADDR, PD_COUNT, PDPT_ADDR, PML4_ADDR, GiB, MiB
 
 
 def walk(mem, vaddr):

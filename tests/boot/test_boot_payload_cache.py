@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from boot.bootimages import START_KERNEL_MAP, compress, make_bzimage, make_elf, vmlinux
+from boot.bootimages import START_KERNEL_MAP, compress, make_bzimage, make_elf
 from pystratovirt.boot import elf, load_kernel, loader, payload_cache
 from pystratovirt.boot.payload_cache import ENTRY_SUFFIX, TMP_PREFIX, PayloadCache
 from pystratovirt.memory import GuestMemory

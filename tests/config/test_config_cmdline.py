@@ -7,11 +7,17 @@ import socket
 
 import pytest
 
-from pystratovirt.config import ConfigError, parse_command_line
 from config.early import console, consoles, consoles_of, disks, drive, drives_of, net, nics, nics_of
+from pystratovirt.config import ConfigError, parse_command_line
 from pystratovirt.machine.vmconfig import (
-    BalloonConfig, BootSource, IothreadConfig, MachineConfig, RngConfig,
-    SerialConfig, VmConfig, VsockConfig,
+    BalloonConfig,
+    BootSource,
+    IothreadConfig,
+    MachineConfig,
+    RngConfig,
+    SerialConfig,
+    VmConfig,
+    VsockConfig,
 )
 from pystratovirt.memory.layout import GiB, MiB
 

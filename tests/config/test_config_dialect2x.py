@@ -14,8 +14,20 @@ from pystratovirt.config import ConfigError, parse_command_line
 from pystratovirt.config.args import tokenize
 from pystratovirt.config.dialect import pick_dialect
 from pystratovirt.machine.vmconfig import (
-    BalloonConfig, BlockDeviceConfig, BootSource, ChardevConfig, ConsoleConfig, Dialect, IncomingConfig,
-    IothreadConfig, MachineConfig, NetDeviceConfig, RngConfig, SerialConfig, VmConfig, VsockConfig,
+    BalloonConfig,
+    BlockDeviceConfig,
+    BootSource,
+    ChardevConfig,
+    ConsoleConfig,
+    Dialect,
+    IncomingConfig,
+    IothreadConfig,
+    MachineConfig,
+    NetDeviceConfig,
+    RngConfig,
+    SerialConfig,
+    VmConfig,
+    VsockConfig,
 )
 from pystratovirt.memory.layout import GiB, MiB
 from pystratovirt.virtio.block_backend import DriveConfig

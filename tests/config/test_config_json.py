@@ -6,11 +6,17 @@ import json
 
 import pytest
 
-from pystratovirt.config import ConfigError, parse_command_line
 from config.early import console, disks, drive, net, nics
+from pystratovirt.config import ConfigError, parse_command_line
 from pystratovirt.machine.vmconfig import (
-    BalloonConfig, BootSource, IothreadConfig, MachineConfig, RngConfig,
-    SerialConfig, VmConfig, VsockConfig,
+    BalloonConfig,
+    BootSource,
+    IothreadConfig,
+    MachineConfig,
+    RngConfig,
+    SerialConfig,
+    VmConfig,
+    VsockConfig,
 )
 from pystratovirt.memory.layout import GiB, MiB
 
@@ -163,7 +169,7 @@ def test_duplicate_key(env):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_standard_numbers(env, literal):
-    assert error(env, '{"machine-config": {"vcpu_count": %s}}' % literal) == (
+    assert error(env, '{"machine-config": {"vcpu_count": ' + literal + '}}') == (
         f"Failed to parse config file: {literal} is not a valid JSON number.")
 
 

@@ -6,7 +6,14 @@ import pytest
 
 from pystratovirt.config import ConfigError
 from pystratovirt.config.values import (
-    byte_len, check_len, check_mac, parse_bool, parse_fd, parse_kv, parse_mem_size, parse_uint,
+    byte_len,
+    check_len,
+    check_mac,
+    parse_bool,
+    parse_fd,
+    parse_kv,
+    parse_mem_size,
+    parse_uint,
 )
 from pystratovirt.memory.layout import GiB, MiB
 

@@ -9,11 +9,13 @@ import pytest
 
 import pystratovirt.machine.vmconfig as vmconfig
 from pystratovirt.machine.vmconfig import (
-    BootSource, MachineConfig, VmConfig,
+    BootSource,
+    MachineConfig,
+    VmConfig,
 )
+from pystratovirt.memory.layout import MEM_SIZE_MAX, MEM_SIZE_MIN, MiB
 from pystratovirt.virtio.block_backend import DriveConfig
 from pystratovirt.virtio.tap import NetdevConfig
-from pystratovirt.memory.layout import MEM_SIZE_MAX, MEM_SIZE_MIN, MiB
 
 
 def test_hand_built_config_has_stratovirt_defaults():

@@ -189,7 +189,7 @@ def test_amd_core_count_leaf():
 def test_vcpus_differ_only_in_apic_id_fields():
     m = model(cpus=4)
     a, b = m.entries_for(0), m.entries_for(3)
-    diffs = {(x.function, x.index) for x, y in zip(a, b) if x != y}
+    diffs = {(x.function, x.index) for x, y in zip(a, b, strict=True) if x != y}
     assert diffs == {(1, 0), (0xB, 0), (0xB, 1), (0xB, 2), (0x1F, 0), (0x1F, 1), (0x1F, 2)}
     assert m.supported == tuple(SUPPORTED)  # the model never mutates its input
 

@@ -15,8 +15,7 @@ import pytest
 from cpu.cpu_guest_helpers import CODE_ADDR, TEST_IDT_ADDR, LongModeVm, idt_gate, make_vm, map_lapic_page
 from pystratovirt.cpu import CpuModel, Topology, configure_vcpu
 from pystratovirt.cpu.regs import MSR_IA32_TSC
-from pystratovirt.cpu.state import (MSR_IA32_TSC_DEADLINE, StateRestoreError, VcpuState,
-                                    VmKernelState, saved_msr_indices)
+from pystratovirt.cpu.state import MSR_IA32_TSC_DEADLINE, StateRestoreError, VcpuState, VmKernelState, saved_msr_indices
 from pystratovirt.kvm import Interrupted, IoOut
 from pystratovirt.kvm import structs as s
 from pystratovirt.memory import GuestMemory, layout

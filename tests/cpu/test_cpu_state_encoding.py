@@ -14,8 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pystratovirt.cpu.state import (FORMAT_VERSION, MTRR_FIXED, MTRR_VARIABLE, StateFormatError,
-                                    VcpuState, VmKernelState, saved_msr_indices)
+from pystratovirt.cpu.state import (
+    FORMAT_VERSION,
+    MTRR_FIXED,
+    MTRR_VARIABLE,
+    StateFormatError,
+    VcpuState,
+    VmKernelState,
+    saved_msr_indices,
+)
 from pystratovirt.kvm import structs as s
 from pystratovirt.kvm.structs import CpuidEntry
 

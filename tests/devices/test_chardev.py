@@ -10,8 +10,17 @@ import time
 
 import pytest
 
-from pystratovirt.devices.chardev import (MAX_BACKLOG, MAX_BUFFERED, ChardevConfig, ChardevError, FileChardev,
-                                          PtyChardev, SocketChardev, StdioChardev, open_chardev)
+from pystratovirt.devices.chardev import (
+    MAX_BACKLOG,
+    MAX_BUFFERED,
+    ChardevConfig,
+    ChardevError,
+    FileChardev,
+    PtyChardev,
+    SocketChardev,
+    StdioChardev,
+    open_chardev,
+)
 from pystratovirt.util.eventloop import EventLoop
 
 pytestmark = pytest.mark.timeout(60)

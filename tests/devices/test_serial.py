@@ -1,8 +1,20 @@
 """16550A model: register semantics and interrupt levels, as Linux's 8250 driver relies on them."""
 
 from pystratovirt.devices.irq import IrqLine
-from pystratovirt.devices.serial import (IER_DLM, IER_RDA, IER_THRE, IIR_FCR, LCR, LSR, MCR, MSR,
-                                         RBR_THR_DLL, RX_FIFO_LIMIT, SCR, Serial)
+from pystratovirt.devices.serial import (
+    IER_DLM,
+    IER_RDA,
+    IER_THRE,
+    IIR_FCR,
+    LCR,
+    LSR,
+    MCR,
+    MSR,
+    RBR_THR_DLL,
+    RX_FIFO_LIMIT,
+    SCR,
+    Serial,
+)
 
 
 def make():

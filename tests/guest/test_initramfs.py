@@ -188,8 +188,8 @@ def test_gnu_cpio_extracts_the_archive(tmp_path: Path) -> None:
     dest.mkdir()
     root = os.geteuid() == 0
     cmd = ["cpio", "-idm", "--quiet", "-H", "newc", "--no-absolute-filenames"]
-    proc = subprocess.run(cmd, cwd=dest, stdin=archive.open("rb"), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, cwd=dest, stdin=archive.open("rb"), capture_output=True,
+                          text=True)
     if root:
         assert proc.returncode == 0, proc.stderr
     assert (dest / "bin" / "tool").read_bytes() == b"\x7fELF" + b"x" * 9

@@ -214,6 +214,7 @@ def test_init_runs_in_a_chroot(tmp_path: Path, action: str) -> None:
 
 
 # -- module ordering -----------------------------------------------------------
+# One line of modules.dep per module (the backslash below only wraps the long one).
 MODULES_DEP = """\
 kernel/drivers/virtio/virtio.ko:
 kernel/drivers/virtio/virtio_ring.ko:
@@ -221,7 +222,8 @@ kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio_ring.ko kerne
 kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/net/core/failover.ko:
 kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
-kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko \
+kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/drivers/virtio/virtio_balloon.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/fs/some-thing.ko:
 """
@@ -295,7 +297,8 @@ def _debugfs_cat(image: Path, path: str) -> bytes:
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
 
 
-@pytest.mark.skipif(shutil.which("busybox") is None or shutil.which("debugfs", path="/sbin:/usr/sbin:/usr/bin:/bin") is None,
+@pytest.mark.skipif(shutil.which("busybox") is None
+                    or shutil.which("debugfs", path="/sbin:/usr/sbin:/usr/bin:/bin") is None,
                     reason="needs busybox and e2fsprogs on the host")
 def test_write_rootfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/usr/sbin:/sbin:" + os.environ.get("PATH", ""))

@@ -20,7 +20,7 @@ import pytest
 
 from pystratovirt.guest import build
 from pystratovirt.guest.__main__ import main as guest_main
-from pystratovirt.memory.layout import MiB, VMLINUX_LOAD_ADDR
+from pystratovirt.memory.layout import VMLINUX_LOAD_ADDR, MiB
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 needs_binutils = pytest.mark.skipif(shutil.which("objdump") is None or shutil.which("nm") is None,

@@ -70,7 +70,8 @@ class VmProcess:
         # same numbers, as Kata passes tap and vhost descriptors.
         if program is not None:  # test helpers it may run live in tests/; the package in the cwd
             tests_dir = str(Path(__file__).resolve().parent.parent)
-            full_env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), tests_dir, full_env.get("PYTHONPATH")) if p)
+            paths = (os.getcwd(), tests_dir, full_env.get("PYTHONPATH"))
+            full_env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         self.proc = subprocess.Popen((prefix or []) + (program or STRATOVIRT) + args, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd,
                                      pass_fds=pass_fds)
@@ -138,7 +139,7 @@ class VmProcess:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"the VMM did not exit within {timeout}s\n--- serial (tail) ---\n"
-                                 f"{self.serial()[-2000:]}\n--- stderr ---\n{self.err.text()[-2000:]}")
+                                 f"{self.serial()[-2000:]}\n--- stderr ---\n{self.err.text()[-2000:]}") from None
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
@@ -153,7 +154,7 @@ class VmProcess:
             except OSError:
                 pass
 
-    def __enter__(self) -> "VmProcess":
+    def __enter__(self) -> VmProcess:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -237,7 +238,7 @@ class Qmp:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "Qmp":
+    def __enter__(self) -> Qmp:
         return self
 
     def __exit__(self, *exc) -> None:

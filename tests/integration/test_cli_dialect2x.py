@@ -15,7 +15,7 @@ import zlib
 import pytest
 
 from helpers.netns import NetNs
-from helpers.vmproc import STRATOVIRT, Qmp, VmProcess, run_stratovirt, wait_for_path
+from helpers.vmproc import STRATOVIRT, Qmp, VmProcess, run_stratovirt
 
 pytestmark = pytest.mark.kvm
 
@@ -143,7 +143,8 @@ def test_inherited_descriptor_that_is_not_a_tap_is_one_sentence(probe_elf, tmp_p
     r, w = os.pipe()
     try:
         res = subprocess.run(STRATOVIRT + ["-kernel", str(probe_elf), "-qmp", f"unix:{tmp_path / 'q'},server,nowait",
-                                           "-netdev", f"tap,id=eth0,fds={r}", "-device", "virtio-net-device,netdev=eth0"],
+                                           "-netdev", f"tap,id=eth0,fds={r}",
+                                           "-device", "virtio-net-device,netdev=eth0"],
                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, pass_fds=(r,))
     finally:
         os.close(r)
@@ -185,7 +186,7 @@ def test_daemonize_pidfile_and_log_file(probe_elf, tmp_path):
 
     lines = log.read_text().splitlines()
     parsed = [LOG_LINE.match(ln) for ln in lines]
-    assert all(parsed), [ln for ln, m in zip(lines, parsed) if not m]
+    assert all(parsed), [ln for ln, m in zip(lines, parsed, strict=True) if not m]
     assert {int(m.group(1)) for m in parsed} == {pid}
     messages = [m.group(4) for m in parsed]
     first_config = next(i for i, msg in enumerate(messages) if msg.startswith("VmConfig is VmConfig("))

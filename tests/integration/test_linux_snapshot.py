@@ -12,6 +12,7 @@ import re
 import time
 
 import pytest
+
 from helpers.heldlinux import GUEST_IP, HOST_IP, held_linux_args, wait_held
 from helpers.netns import NetNs
 from helpers.vmproc import Qmp, VmProcess

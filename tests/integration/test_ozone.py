@@ -8,11 +8,11 @@ removes the directory and the cgroups it made.
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import signal
 import subprocess
-import itertools
-import shutil
 import sys
 import tempfile
 import time
@@ -146,7 +146,8 @@ def test_vm_through_ozone_is_jailed_unprivileged_and_cleaned_up(jail):
             extra.write_bytes(data)
             os.chown(extra, NOBODY, NOBODY)
             assert qmp.execute("blockdev-add", blockdev("d1", "extra.img"))[1] == {"return": {}}
-            assert qmp.execute("device_add", {"id": "d1", "driver": "virtio-blk-mmio", "addr": "0x1"})[1] == {"return": {}}
+            reply = qmp.execute("device_add", {"id": "d1", "driver": "virtio-blk-mmio", "addr": "0x1"})[1]
+            assert reply == {"return": {}}
             out = vm.command("blk 1 wait-config 10000")
             assert f"capacity: {len(data) // SECTOR}" in out or f"capacity={len(data) // SECTOR}" in " ".join(out)
             assert f"0x{zlib.crc32(data[:8 * SECTOR]):08x}" in " ".join(vm.command("blk 1 read 0 8"))

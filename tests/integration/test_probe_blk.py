@@ -143,10 +143,12 @@ def test_hot_plug_and_unplug(probe_elf, disks):
             "node-name": "drive-0", "file": {"driver": "file", "filename": str(extra)},
             "cache": {"direct": False}, "read-only": False})
         assert reply == {"return": {}} and events == []
-        assert qmp.execute("device_add", {"id": "drive-0", "driver": "virtio-blk-mmio", "addr": "0x1"})[1] == {"return": {}}
+        reply = qmp.execute("device_add", {"id": "drive-0", "driver": "virtio-blk-mmio", "addr": "0x1"})[1]
+        assert reply == {"return": {}}
         out = vm.command("blk 1 wait-config 10000")
         assert kv(out, "capacity") == str(len(extra_data) // SECTOR)
-        assert kv(vm.command("blk 1 read 6000 16"), "crc32") == f"0x{zlib.crc32(extra_data[6000 * SECTOR:6016 * SECTOR]):08x}"
+        expected_crc = zlib.crc32(extra_data[6000 * SECTOR:6016 * SECTOR])
+        assert kv(vm.command("blk 1 read 6000 16"), "crc32") == f"0x{expected_crc:08x}"
         assert kv(vm.command("blk 1 write 7 1 pattern"), "status") == "0"
 
         events, reply = qmp.execute("device_del", {"id": "drive-0"})
@@ -176,8 +178,9 @@ def test_hot_plug_errors_leave_the_vm_untouched(probe_elf, disks):
         assert events == [] and "error" in reply, reply
         return reply["error"]["desc"]
 
-    blockdev = lambda name, path: {"node-name": name, "file": {"driver": "file", "filename": str(path)},
-                                   "cache": {"direct": False}}
+    def blockdev(name, path):
+        return {"node-name": name, "file": {"driver": "file", "filename": str(path)}, "cache": {"direct": False}}
+
     with boot(probe_elf, sock, "-drive", f"file={root},id=rootfs,direct=off") as vm, Qmp(sock) as qmp:
         assert "No such file" in error(qmp, "blockdev-add", blockdev("d-missing", tmp / "nope.img"))
         assert "regular file" in error(qmp, "blockdev-add", blockdev("d-dir", tmp))
@@ -199,7 +202,8 @@ def test_hot_plug_errors_leave_the_vm_untouched(probe_elf, disks):
         for slot in range(1, 6):
             assert kv(vm.command(f"blk {slot} info"), "capacity") == "0"
         # And the registered backend still plugs in fine afterwards.
-        assert qmp.execute("device_add", {"id": "drive-9", "driver": "virtio-blk-mmio", "addr": "0x5"})[1] == {"return": {}}
+        reply = qmp.execute("device_add", {"id": "drive-9", "driver": "virtio-blk-mmio", "addr": "0x5"})[1]
+        assert reply == {"return": {}}
         assert kv(vm.command("blk 5 wait-config 10000"), "capacity") == str((1 << 20) // SECTOR)
 
 

@@ -177,7 +177,8 @@ def test_consoles_the_machine_refuses(probe_elf, tmp_path, kw, message):
 def test_too_many_devices_for_the_windows(probe_elf, tmp_path):
     result = run_stratovirt(["-kernel", str(probe_elf), "-balloon", "deflate-on-oom=true",
                              "-rng", "random_file=/dev/urandom",
-                             "-chardev", f"id=a,path={tmp_path / 'a.sock'}", "-chardev", f"id=b,path={tmp_path / 'b.sock'}"])
+                             "-chardev", f"id=a,path={tmp_path / 'a.sock'}",
+                             "-chardev", f"id=b,path={tmp_path / 'b.sock'}"])
     assert result.returncode == 1
     assert result.stderr.strip() == (
         "stratovirt: Too many devices: besides the disk and net slots the micro-VM has room for 3 (its "

@@ -91,7 +91,8 @@ def test_nic_hot_plug_traffic_and_unplug(probe_elf, ns, tmp_path):
     with boot(probe_elf, ns, sock, "-netdev", "id=net0,netdev=tap0") as vm, Qmp(sock) as qmp:
         assert kv(vm.command("net 1 info"), "link") == "down"
         assert qmp.execute("netdev_add", {"id": "net-1", "ifname": "tap1"})[1] == {"return": {}}
-        assert qmp.execute("device_add", {"id": "net-1", "driver": "virtio-net-mmio", "addr": "0x1"})[1] == {"return": {}}
+        reply = qmp.execute("device_add", {"id": "net-1", "driver": "virtio-net-mmio", "addr": "0x1"})[1]
+        assert reply == {"return": {}}
         deadline = time.monotonic() + 10
         while kv(vm.command("net 1 info"), "link") != "up":
             assert time.monotonic() < deadline
@@ -132,8 +133,9 @@ def test_tap_deleted_under_running_vm(probe_elf, ns, tmp_path):
 
 
 def test_unknown_boot_tap_is_a_clear_error(probe_elf, ns):
-    from helpers.vmproc import STRATOVIRT
     import subprocess
+
+    from helpers.vmproc import STRATOVIRT
     res = subprocess.run(["ip", "netns", "exec", ns.name, *STRATOVIRT, "-kernel", str(probe_elf),
                           "-netdev", "id=n0,netdev=nosuchtap"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1

@@ -4,6 +4,7 @@ the host's."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -64,8 +65,8 @@ def test_without_a_limit_it_is_far_faster(probe_elf):
 
 def test_rng_from_the_json_config(probe_elf, tmp_path):
     cfg = tmp_path / "vm.json"
-    cfg.write_text('{"boot-source": {"kernel_image_path": "%s"}, "rng": {"random_file": "/dev/urandom"}}'
-                   % probe_elf)
+    cfg.write_text(json.dumps({"boot-source": {"kernel_image_path": str(probe_elf)},
+                               "rng": {"random_file": "/dev/urandom"}}))
     vm = VmProcess(["-config", str(cfg), "-serial", "stdio", "-D"])
     with vm:
         vm.wait_for(r"(?m)^ready\r?$", 60)

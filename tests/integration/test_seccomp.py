@@ -5,7 +5,6 @@ forbidden call would kill the VMM with SIGSYS and fail the test."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

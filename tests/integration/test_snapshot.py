@@ -15,8 +15,8 @@ import time
 import zlib
 
 import pytest
-from helpers.vmproc import Qmp, VmProcess, run_stratovirt, wait_for_path
 
+from helpers.vmproc import Qmp, VmProcess, run_stratovirt, wait_for_path
 from pystratovirt.cpu import pvm
 
 pytestmark = pytest.mark.kvm

@@ -6,9 +6,8 @@ import re
 
 import pytest
 
-from pystratovirt.kvm import Cap, Kvm, KvmUnavailableError
+from pystratovirt.kvm import Cap, Kvm, KvmUnavailableError, system
 from pystratovirt.kvm import ioctl as k
-from pystratovirt.kvm import system
 
 
 def _one_sentence(text: str) -> bool:

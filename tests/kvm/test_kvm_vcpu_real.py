@@ -10,8 +10,17 @@ import time
 import pytest
 
 from kvm.kvm_guest_helpers import CODE
-from pystratovirt.kvm import (Cap, Hlt, Interrupted, IoIn, IoOut, MmioRead, MmioWrite,
-                              MsrAccessError, install_kick_signal)
+from pystratovirt.kvm import (
+    Cap,
+    Hlt,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    MsrAccessError,
+    install_kick_signal,
+)
 from pystratovirt.kvm import structs as s
 
 pytestmark = pytest.mark.kvm

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from pystratovirt.devices.chardev import ChardevConfig, FileChardev
 from pystratovirt.devices.bus import Bus
+from pystratovirt.devices.chardev import ChardevConfig, FileChardev
 from pystratovirt.machine import requests as rq
 from pystratovirt.machine.microvm import _check_consoles
 from pystratovirt.machine.mmio_devices import BALLOON_WINDOW, EXTRA_WINDOWS, WINDOW_COUNT, MmioDevices
-from pystratovirt.machine.vmconfig import (BalloonConfig, BootSource, ConsoleConfig, RngConfig, SerialConfig,
-                                           VmConfig)
+from pystratovirt.machine.vmconfig import BalloonConfig, BootSource, ConsoleConfig, RngConfig, SerialConfig, VmConfig
 from pystratovirt.memory.guest import GuestMemory
 from pystratovirt.virtio.balloon import VirtioBalloon
 from pystratovirt.virtio.console import VirtioConsole

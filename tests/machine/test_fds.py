@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from pystratovirt.machine.fds import (FD_MAX, MAX_NAMED, DescriptorError, Descriptors,
-                                      parse_reference)
+from pystratovirt.machine.fds import FD_MAX, MAX_NAMED, DescriptorError, Descriptors, parse_reference
 from pystratovirt.machine.requests import ErrorClass, MachineError
 
 

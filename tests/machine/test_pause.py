@@ -55,7 +55,7 @@ def vm():
     machine.events = Events()
     machine.vcpus = [FakeVcpu(), FakeVcpu()]
     machine._gate = PauseGate(2)
-    parkers = [Parker(machine._gate, v, d) for v, d in zip(machine.vcpus, (0.05, 0.3))]
+    parkers = [Parker(machine._gate, v, d) for v, d in zip(machine.vcpus, (0.05, 0.3), strict=True)]
     machine.threads = parkers
     machine.state = rq.RunState.RUNNING
     for p in parkers:

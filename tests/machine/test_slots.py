@@ -122,7 +122,8 @@ def test_busy_slot_double_attach_and_duplicate_device_id(slots, image):
 def test_registration_rules(slots, image):
     disk = image("a.img")
     slots.register("a", SlotKind.BLOCK, disk, SPEC[SlotKind.BLOCK])
-    assert refusal(slots.register, "a", SlotKind.BLOCK, image("b.img"), SPEC[SlotKind.BLOCK]) == "Add the id a repeatedly"
+    assert refusal(slots.register, "a", SlotKind.BLOCK, image("b.img"),
+                   SPEC[SlotKind.BLOCK]) == "Add the id a repeatedly"
     again = FileBackend.open(DriveConfig("c", disk.path, direct=False))
     try:
         assert "a disk image (the root disk included) can be attached only once" in refusal(

@@ -16,14 +16,33 @@ from types import SimpleNamespace
 import pytest
 
 from pystratovirt.machine.fds import Descriptors
-from pystratovirt.machine.requests import (Balloon, BalloonChangedEvent, BalloonInfo, CloseFd,
-                                           Cont, CpuInfo, CpuProps, DeviceDel,
-                                           DeviceDeletedEvent, ErrorClass, GetFd,
-                                           HotpluggableCpu, MachineError,
-                                           QueryBalloon, QueryCpus, QueryHotpluggableCpus,
-                                           QueryStatus, Quit, ResumeEvent, RunState,
-                                           ShutdownEvent, ShutdownReason, StatusInfo, Stop,
-                                           StopEvent)
+from pystratovirt.machine.requests import (
+    Balloon,
+    BalloonChangedEvent,
+    BalloonInfo,
+    CloseFd,
+    Cont,
+    CpuInfo,
+    CpuProps,
+    DeviceDel,
+    DeviceDeletedEvent,
+    ErrorClass,
+    GetFd,
+    HotpluggableCpu,
+    MachineError,
+    QueryBalloon,
+    QueryCpus,
+    QueryHotpluggableCpus,
+    QueryStatus,
+    Quit,
+    ResumeEvent,
+    RunState,
+    ShutdownEvent,
+    ShutdownReason,
+    StatusInfo,
+    Stop,
+    StopEvent,
+)
 from pystratovirt.qmp.server import QmpServer
 from pystratovirt.util.eventloop import EventLoop
 

@@ -9,12 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pystratovirt.machine.fds import parse_reference
+from pystratovirt.machine.requests import BlockdevAdd, CloseFd, DeviceAdd, ErrorClass, GetFd, NetdevAdd, QmpCapabilities
+from pystratovirt.qmp.schema import QmpError, command_names, decode, parse_command
 from pystratovirt.virtio.block_backend import DriveConfig
 from pystratovirt.virtio.tap import NetdevConfig
-from pystratovirt.machine.fds import parse_reference
-from pystratovirt.machine.requests import (BlockdevAdd, CloseFd, DeviceAdd, ErrorClass, GetFd,
-                                           NetdevAdd, QmpCapabilities)
-from pystratovirt.qmp.schema import QmpError, command_names, decode, parse_command
 
 FDS = ("Parameter 'fds' expects a file descriptor number (0 to 2147483647) or a getfd name, "
        "or several joined by ':'")

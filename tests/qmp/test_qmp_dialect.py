@@ -6,12 +6,20 @@ import json
 
 import pytest
 
-from helpers.decoders import (GO_CPU_INFO, GO_GREETING, GO_STATUS, DecodeError, go_decode,
-                              serde_cpu_infos, serde_greeting, serde_status)
+from helpers.decoders import (
+    GO_CPU_INFO,
+    GO_GREETING,
+    GO_STATUS,
+    DecodeError,
+    go_decode,
+    serde_cpu_infos,
+    serde_greeting,
+    serde_status,
+)
 from pystratovirt.machine.requests import RunState, StopEvent
-from pystratovirt.qmp.wire import WIRE_0X, WIRE_2X
 from pystratovirt.qmp.schema import GREETING
 from pystratovirt.qmp.server import QmpServer
+from pystratovirt.qmp.wire import WIRE_0X, WIRE_2X
 
 GREETING_2X = (b'{"QMP":{"version":{"qemu":{"micro":1,"minor":0,"major":5},'
                b'"package":"StratoVirt-2.3.0"},"capabilities":[]}}\r\n')

@@ -103,6 +103,6 @@ def test_any_sequence_of_json_values_comes_back_whole(values, data):
     texts = [json.dumps(v, ensure_ascii=data.draw(st.booleans())).encode() for v in values]
     stream = b"".join(t + data.draw(st.sampled_from([b"", b"\n", b" ", b"\r\n"])) for t in texts)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
-    chunks = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+    chunks = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)], strict=True)]
     out = feed_all(JsonSplitter(limit=1 << 20), *chunks)
     assert [json.loads(m) for m in out] == values

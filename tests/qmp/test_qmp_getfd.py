@@ -58,6 +58,7 @@ def test_getfd_takes_the_descriptor_sent_with_it(greeted, qmp, pipe):
 
 def test_qemu_qmp_send_fd_scm_then_getfd(qmp, pipe):
     # qemu.qmp sends the descriptor with a lone space, then getfd as a separate message.
+    from qemu.qmp import ExecuteError
     from qemu.qmp.legacy import QEMUMonitorProtocol
     monitor = QEMUMonitorProtocol(qmp.path)
     try:
@@ -65,7 +66,7 @@ def test_qemu_qmp_send_fd_scm_then_getfd(qmp, pipe):
         monitor.send_fd_scm(pipe[1])
         assert monitor.cmd("getfd", fdname="fd-w") == {}
         assert monitor.cmd("closefd", fdname="fd-w") == {}
-        with pytest.raises(Exception):
+        with pytest.raises(ExecuteError):
             monitor.cmd("closefd", fdname="fd-w")
     finally:
         monitor.close()

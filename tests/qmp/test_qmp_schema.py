@@ -5,20 +5,59 @@ import json
 
 import pytest
 
+from pystratovirt.machine.requests import (
+    Balloon,
+    BalloonChangedEvent,
+    BalloonGuestStats,
+    BalloonInfo,
+    BlockdevAdd,
+    BlockdevDel,
+    BlockErrorAction,
+    BlockIoErrorEvent,
+    CommandInfo,
+    Cont,
+    CpuInfo,
+    CpuProps,
+    DeviceAdd,
+    DeviceDel,
+    DeviceDeletedEvent,
+    ErrorClass,
+    HotpluggableCpu,
+    IoOperation,
+    NetdevAdd,
+    NetdevDel,
+    QmpCapabilities,
+    QomGet,
+    QomSet,
+    QueryBalloon,
+    QueryCommands,
+    QueryCpus,
+    QueryHotpluggableCpus,
+    QueryStatus,
+    QueryVersion,
+    Quit,
+    ResumeEvent,
+    RunState,
+    ShutdownEvent,
+    ShutdownReason,
+    StatusInfo,
+    Stop,
+    StopEvent,
+)
+from pystratovirt.qmp.schema import (
+    GREETING,
+    VERSION,
+    Command,
+    QmpError,
+    command_names,
+    decode,
+    encode_error,
+    encode_event,
+    encode_return,
+    parse_command,
+)
 from pystratovirt.virtio.block_backend import DriveConfig
 from pystratovirt.virtio.tap import NetdevConfig
-from pystratovirt.machine.requests import (Balloon, BalloonChangedEvent, BalloonGuestStats,
-                                           BalloonInfo, BlockdevAdd, BlockErrorAction,
-                                           BlockIoErrorEvent, IoOperation,
-                                           BlockdevDel, CommandInfo, Cont, CpuInfo, CpuProps,
-                                           DeviceAdd, DeviceDel, DeviceDeletedEvent, ErrorClass,
-                                           HotpluggableCpu, NetdevAdd, NetdevDel, QmpCapabilities, QomGet, QomSet,
-                                           QueryBalloon, QueryCommands, QueryCpus,
-                                           QueryHotpluggableCpus, QueryStatus, QueryVersion, Quit,
-                                           ResumeEvent, RunState, ShutdownEvent, ShutdownReason,
-                                           StatusInfo, Stop, StopEvent)
-from pystratovirt.qmp.schema import (GREETING, VERSION, Command, QmpError, command_names, decode,
-                                     encode_error, encode_event, encode_return, parse_command)
 
 
 def parse(obj):
@@ -219,12 +258,16 @@ def test_netdev_add_options():
         "id": "n", "ifname": "tap1", "vhost": False}}) == NetdevAdd(NetdevConfig("n", ifname="tap1"))
 
 
+FDS_EXPECTED = ("Parameter 'fds' expects a file descriptor number (0 to 2147483647) or a getfd name, "
+                "or several joined by ':'")
+
+
 @pytest.mark.parametrize("arguments, desc", [
     ({"ifname": "tap0"}, "Parameter 'id' is missing"),
     ({"id": "n"}, "Parameter 'ifname' or 'fds' is missing"),
     ({"id": "n", "ifname": 0}, "Parameter 'ifname' expects a string"),
-    ({"id": "n", "fds": -1}, "Parameter 'fds' expects a file descriptor number (0 to 2147483647) or a getfd name, or several joined by ':'"),
-    ({"id": "n", "fds": [3]}, "Parameter 'fds' expects a file descriptor number (0 to 2147483647) or a getfd name, or several joined by ':'"),
+    ({"id": "n", "fds": -1}, FDS_EXPECTED),
+    ({"id": "n", "fds": [3]}, FDS_EXPECTED),
     ({"id": "n", "ifname": "t", "vhost": "maybe"},
      "Parameter 'vhost' expects a boolean (or 'on' or 'off')"),
     ({"id": "n", "ifname": "t", "type": "user"}, "Parameter 'type' expects 'tap'"),
@@ -512,8 +555,7 @@ def test_migrate_rejects(arguments, desc):
 
 
 def test_query_migrate_in_qemu_names():
-    from pystratovirt.machine.requests import (MigrationInfo, MigrationRam, MigrationStatus,
-                                               QueryMigrate)
+    from pystratovirt.machine.requests import MigrationInfo, MigrationRam, MigrationStatus, QueryMigrate
     assert parse({"execute": "query-migrate"}) == QueryMigrate()
     assert encode_return(MigrationInfo(MigrationStatus.NONE)) == b'{"return":{"status":"none"}}\n'
     done = MigrationInfo(MigrationStatus.COMPLETED, total_time_ms=14,

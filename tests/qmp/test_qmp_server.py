@@ -12,11 +12,9 @@ import time
 
 import pytest
 
-from pystratovirt.machine.requests import (BalloonChangedEvent, DeviceAdd, QueryStatus, RunState,
-                                           StopEvent)
+from pystratovirt.machine.requests import BalloonChangedEvent, DeviceAdd, QueryStatus, RunState, StopEvent
 from pystratovirt.qmp.schema import GREETING, MAX_MESSAGE, command_names
 from pystratovirt.qmp.server import QmpServer, QmpSocketError
-
 
 STATUS = b'{"execute":"query-status"}'
 RUNNING = b'{"return":{"running":true,"singlestep":false,"status":"running"}}\n'
@@ -39,7 +37,7 @@ def silent(c, wait: float = 0.2) -> bool:
     c.sock.settimeout(wait)
     try:
         c.sock.recv(1, socket.MSG_PEEK)
-    except socket.timeout:
+    except TimeoutError:
         return True
     finally:
         c.sock.settimeout(5)

@@ -4,12 +4,18 @@ inside RAM, a hand-built split ring writer, and a small echo device for transpor
 from __future__ import annotations
 
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from pystratovirt.memory.guest import GuestMemory
 from pystratovirt.virtio.device import VirtioDevice, bit
-from pystratovirt.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
-                                       QueueError, read_buffers, write_buffers)
+from pystratovirt.virtio.queue import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    QueueError,
+    read_buffers,
+    write_buffers,
+)
 
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 DESC = struct.Struct("<QIHH")

@@ -5,6 +5,7 @@ requests, the statistics queue, and property tests of random PFN lists."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -14,12 +15,20 @@ from hypothesis import strategies as st
 from pystratovirt.memory.guest import GuestMemory
 from pystratovirt.memory.layout import GiB, MiB
 from pystratovirt.virtio import mmio as r
-from pystratovirt.virtio.balloon import (BATCH, MAX_REQUEST_BYTES, STAT_NAMES, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
-                                         VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_ID_BALLOON, PageBitmap, VirtioBalloon,
-                                         merge_runs)
+from pystratovirt.virtio.balloon import (
+    BATCH,
+    MAX_REQUEST_BYTES,
+    STAT_NAMES,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_ID_BALLOON,
+    PageBitmap,
+    VirtioBalloon,
+    merge_runs,
+)
 from pystratovirt.virtio.device import INT_CONFIG, VIRTIO_F_VERSION_1, Interrupt, bit
-from pystratovirt.virtio.mock_driver import VirtioDriver
 from pystratovirt.virtio.mmio import VirtioMmio
+from pystratovirt.virtio.mock_driver import VirtioDriver
 from pystratovirt.virtio.queue import SplitQueue
 from virtio.helper import WRITE, Ring
 
@@ -600,7 +609,7 @@ def test_discards_are_exactly_the_valid_new_pages(big_mem, requests):
                 assert length > 0 and gpa % PAGE == 0 and length % PAGE == 0
                 assert any(reg.contains(gpa, length) for reg in big_mem.regions)
             ordered = sorted(ranges)
-            for (a, la), (b, _) in zip(ordered, ordered[1:]):
+            for (a, la), (b, _) in itertools.pairwise(ordered):
                 assert a + la < b  # adjacent runs would have been merged
             new = {p for p in pfns if valid(p)} - expected
             assert pages_of(ranges) == new

@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 
 from pystratovirt.memory.guest import GuestMemory
 from pystratovirt.virtio import blk
-from pystratovirt.virtio.blk import (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, BlkRequest,
-                                     VirtioBlk)
+from pystratovirt.virtio.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, BlkRequest, VirtioBlk
 from pystratovirt.virtio.block_backend import DriveConfig, FileBackend
 from pystratovirt.virtio.mmio import VirtioMmio
 from pystratovirt.virtio.mock_driver import BlkDriver
@@ -123,7 +122,9 @@ def test_fuzz_parse_and_execute(tmp_path_factory, readable, writable, header, se
     path.write_bytes(bytes(64 * 1024))
     backend = FileBackend.open(DriveConfig("d", str(path), direct=False))
     try:
-        inside = lambda bufs: tuple((a, n) for a, n in bufs if mem.contains(a, n))  # what the queue allows
+        def inside(bufs):  # what the queue allows
+            return tuple((a, n) for a, n in bufs if mem.contains(a, n))
+
         readable, writable = inside(readable), inside(writable)
         if readable and readable[0][1] >= 16:
             mem.write(readable[0][0], header)

@@ -12,11 +12,16 @@ import pytest
 
 from pystratovirt.devices.chardev import MAX_BUFFERED, FileChardev, SocketChardev
 from pystratovirt.virtio import mmio as r
-from pystratovirt.virtio.console import (CONFIG, MAX_TX_CHAIN, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_ID_CONSOLE,
-                                         VirtioConsole)
+from pystratovirt.virtio.console import (
+    CONFIG,
+    MAX_TX_CHAIN,
+    VIRTIO_CONSOLE_F_MULTIPORT,
+    VIRTIO_ID_CONSOLE,
+    VirtioConsole,
+)
 from pystratovirt.virtio.device import bit
-from pystratovirt.virtio.mock_driver import DriverError, VirtioDriver
 from pystratovirt.virtio.mmio import VirtioMmio
+from pystratovirt.virtio.mock_driver import DriverError, VirtioDriver
 from virtio.helper import spied_memory
 
 MEM = 32 << 20

@@ -12,7 +12,6 @@ import struct
 import time
 
 import pytest
-from virtio.helper import WRITE, EchoDevice, Ring, spied_memory
 
 from pystratovirt.memory.guest import GuestMemory
 from pystratovirt.memory.layout import MiB
@@ -26,6 +25,7 @@ from pystratovirt.virtio.mock_driver import BlkDriver, VirtioDriver
 from pystratovirt.virtio.net import HDR_LEN, NetState, VirtioNet
 from pystratovirt.virtio.queue import QueueError, QueueState, SplitQueue
 from pystratovirt.virtio.tap import Tap
+from virtio.helper import WRITE, EchoDevice, Ring, spied_memory
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,20 +23,37 @@ import time
 
 import pytest
 
+from helpers.netns import NetNs
 from pystratovirt.virtio import mmio as r
 from pystratovirt.virtio import net as netmod
-from pystratovirt.virtio.device import (INT_CONFIG, STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_VERSION_1,
-                                        VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit)
-from pystratovirt.virtio.mock_driver import VirtioDriver
+from pystratovirt.virtio.device import (
+    INT_CONFIG,
+    STATUS_DEVICE_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    bit,
+)
 from pystratovirt.virtio.mmio import VirtioMmio
-from pystratovirt.virtio.net import (HDR_LEN, NET_HDR, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
-                                     VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC,
-                                     VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
-                                     VIRTIO_NET_HDR_GSO_TCPV4, VirtioNet, generated_mac, parse_mac)
+from pystratovirt.virtio.mock_driver import VirtioDriver
+from pystratovirt.virtio.net import (
+    HDR_LEN,
+    NET_HDR,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VirtioNet,
+    generated_mac,
+    parse_mac,
+)
 from pystratovirt.virtio.queue import read_buffers
 from pystratovirt.virtio.tap import Tap
 from virtio.helper import SpyMemory
-from helpers.netns import NetNs
 
 MEM = 32 << 20
 ETH_P_ALL = 0x0003
@@ -283,7 +300,7 @@ def _rx_three_frames(nic: Nic) -> None:
     for f in frames:
         nic.peer.send(f)
     got = nic.guest.recv(3)
-    for (header, data), f in zip(got, frames):
+    for (header, data), f in zip(got, frames, strict=True):
         assert data == f
         assert header == (0, 0, 0, 0, 0, 0, 1)   # no offloads: flags 0, GSO none, num_buffers 1
     assert len(nic.guest.rx) == 1 and set(nic.guest.rx) < set(heads)

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from pystratovirt.virtio.device import VIRTIO_F_VERSION_1, bit
-from pystratovirt.virtio.mock_driver import DriverError, VirtioDriver
-from pystratovirt.virtio.mmio import VirtioMmio
-from pystratovirt.virtio.rng import MAX_REQUEST, VIRTIO_ID_RNG, RngError, RngSource, VirtioRng
 from pystratovirt.virtio import mmio as r
+from pystratovirt.virtio.device import VIRTIO_F_VERSION_1, bit
+from pystratovirt.virtio.mmio import VirtioMmio
+from pystratovirt.virtio.mock_driver import DriverError, VirtioDriver
+from pystratovirt.virtio.rng import MAX_REQUEST, VIRTIO_ID_RNG, RngError, RngSource, VirtioRng
 from virtio.helper import spied_memory
 
 MEM = 32 << 20
@@ -134,7 +134,7 @@ def test_rate_limit_spreads_bytes_over_periods(rig):
     assert times[-1] >= 0.55
     assert dev.stats.bytes == 2600 and dev.stats.throttled >= 2
     # Bytes served within any one period never exceed the budget.
-    assert sum(n for n, t in zip(lengths, times) if t < 0.29) <= 1000
+    assert sum(n for n, t in zip(lengths, times, strict=True) if t < 0.29) <= 1000
 
 
 def test_without_limit_the_same_is_fast(rig):

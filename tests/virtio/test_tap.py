@@ -16,11 +16,10 @@ import sys
 
 import pytest
 
+from helpers.netns import NetNs
 from pystratovirt.virtio import tap as tapmod
 from pystratovirt.virtio import vhost_net
 from pystratovirt.virtio.tap import Tap, TapError
-
-from helpers.netns import NetNs
 
 TUNGETVNETHDRSZ = 0x800454D7
 

@@ -17,17 +17,38 @@ import pytest
 from pystratovirt.virtio import blk as blkmod
 from pystratovirt.virtio import block_backend as backendmod
 from pystratovirt.virtio import mmio as r
-from pystratovirt.virtio.blk import (MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX, VIRTIO_BLK_F_BLK_SIZE,
-                                     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-                                     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
-                                     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
-                                     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-                                     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VirtioBlk)
+from pystratovirt.virtio.blk import (
+    MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEG,
+    SEG_MAX,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    VirtioBlk,
+)
 from pystratovirt.virtio.block_backend import BackendError, DriveConfig, FileBackend
-from pystratovirt.virtio.device import (INT_CONFIG, STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_VERSION_1,
-                                        VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit)
-from pystratovirt.virtio.mock_driver import BLK_HEADER, BlkDriver
+from pystratovirt.virtio.device import (
+    INT_CONFIG,
+    STATUS_DEVICE_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    bit,
+)
 from pystratovirt.virtio.mmio import VirtioMmio
+from pystratovirt.virtio.mock_driver import BLK_HEADER, BlkDriver
 from virtio.helper import spied_memory
 
 MEM = 32 << 20

@@ -11,11 +11,20 @@ import pytest
 from pystratovirt.devices.bus import Bus
 from pystratovirt.memory.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
 from pystratovirt.virtio import mmio as r
-from pystratovirt.virtio.device import (INT_CONFIG, INT_VRING, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET,
-                                        STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-                                        VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, bit)
-from pystratovirt.virtio.mock_driver import VirtioDriver
+from pystratovirt.virtio.device import (
+    INT_CONFIG,
+    INT_VRING,
+    STATUS_ACKNOWLEDGE,
+    STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    bit,
+)
 from pystratovirt.virtio.mmio import VirtioMmio, cmdline_entry, slot_resources
+from pystratovirt.virtio.mock_driver import VirtioDriver
 from virtio.helper import EchoDevice, spied_memory
 
 MEM = 16 << 20

@@ -122,7 +122,7 @@ def check_hostile_ring(spec):
         ring = Ring(mem, size, DESC, AVAIL, USED)
         for i, (a, n, f, nx) in enumerate(spec["table"]):
             ring.set_desc(i, a, n, f, nx)
-        for base, table in zip(TABLES, spec["indirect_tables"]):
+        for base, table in zip(TABLES, spec["indirect_tables"], strict=True):
             for i, (a, n, f, nx) in enumerate(table):
                 ring.set_desc(i, a, n, f, nx, table=base)
         for slot, head in enumerate(spec["ring"]):

@@ -3,8 +3,15 @@ EVENT_IDX / NO_INTERRUPT notification rules with wrap-around, and hostile rings.
 
 import pytest
 
-from pystratovirt.virtio.queue import (DescChain, QueueError, SplitQueue, read_buffers, split_buffers,
-                                       vring_need_event, write_buffers)
+from pystratovirt.virtio.queue import (
+    DescChain,
+    QueueError,
+    SplitQueue,
+    read_buffers,
+    split_buffers,
+    vring_need_event,
+    write_buffers,
+)
 from virtio.helper import INDIRECT, NEXT, WRITE, Ring, spied_memory
 
 RAM = 1 << 20
@@ -46,7 +53,7 @@ def test_simple_chain_and_used_ring(mem):
 
 def test_chains_in_ring_order_and_used_wraps_slots(mem):
     ring, q = make(mem, size=4)
-    for round_ in range(3):  # 12 chains through a 4-entry ring
+    for _ in range(3):  # 12 chains through a 4-entry ring
         for i in range(4):
             ring.set_desc(i, 0x10000 + i * 0x100, 8 + i, WRITE)
             ring.push(3 - i)
