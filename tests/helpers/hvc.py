@@ -92,7 +92,7 @@ class HvcConsole:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "HvcConsole":
+    def __enter__(self) -> HvcConsole:
         return self
 
     def __exit__(self, *exc) -> None:
