@@ -185,8 +185,9 @@ class MicroVM:
                  f"socket,path={self.console_address},id=virtioconsole0,server,nowait",
                  "-device", "virtconsole,chardev=virtioconsole0,id=console_0"]
         if self.balloon:
-            args += ["-device", "virtio-balloon-device,deflate-on-oom=%s,free-page-reporting=%s" % (
-                "true" if self.deflate_on_oom else "false", "true" if self.free_page_reporting else "false")]
+            on_off = {True: "true", False: "false"}
+            args += ["-device", f"virtio-balloon-device,deflate-on-oom={on_off[self.deflate_on_oom]},"
+                                f"free-page-reporting={on_off[self.free_page_reporting]}"]
         return args
 
     def _args(self) -> list[str]:
