@@ -174,6 +174,8 @@ def run_vm(config: VmConfig, on_ready: Callable[[], None] | None = None) -> int:
         machine.start()
         if on_ready is not None:
             on_ready()
+        if not config.disable_seccomp:
+            seccomp.cache_sources()  # for the filtered threads' tracebacks; the guest runs meanwhile
         try:
             seccomp.install(seccomp.ThreadKind.CONTROL)  # last: every other thread exists by now
         except seccomp.SeccompError as exc:

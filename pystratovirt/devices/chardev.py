@@ -409,7 +409,9 @@ class SocketChardev(Chardev):
         self._client = client
         self._reading = True
         self.stats.connections += 1
-        log.info("chardev %s: client connected on %s", self.id, self.path)
+        # Debug, not info: a routine event after start-up must not move hydropper's quickstart
+        # figure, which takes the time of the last log line after the vCPUs started.
+        log.debug("chardev %s: client connected on %s", self.id, self.path)
 
     def _hang_up(self) -> None:
         """The client is gone: keep what it sent that the guest has not taken (bounded)."""
@@ -440,7 +442,7 @@ class SocketChardev(Chardev):
             self.stats.dropped += len(self._out)
             self._out.clear()
         self._reading = True
-        log.info("chardev %s: client disconnected", self.id)
+        log.debug("chardev %s: client disconnected", self.id)
 
     def _input_ended(self) -> None:
         # The client shut down its sending side; it may still read the guest's output.

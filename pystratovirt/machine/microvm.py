@@ -279,7 +279,8 @@ class MicroVm:
             disk = cfg.block_devices[slot] if slot < len(cfg.block_devices) else None
             # Feature bits are negotiated once: a slot filled at boot offers what its disk is.
             read_only = disk is not None and disk.drive in drives and drives[disk.drive].read_only
-            device = VirtioBlk(name=f"blk{slot}", read_only=read_only)
+            device = VirtioBlk(name=f"blk{slot}", read_only=read_only,
+                               on_io_error=self._block_io_error_reporter(slot))
             self.mmio_devices.add(window_index(SlotKind.BLOCK, slot), device, disk.iothread if disk else None)
             block_devices.append(device)
         net_devices: list[SlotDevice] = []
@@ -319,6 +320,25 @@ class MicroVm:
                                           serial=disk.serial)).result(0)
         for slot, nic in enumerate(cfg.net_devices):
             self._device_add(rq.DeviceAdd(nic.id, "virtio-net-mmio", addr=slot, netdev=nic.netdev)).result(0)
+
+    def _block_io_error_reporter(self, slot: int) -> Callable[[str, bool, str], None]:
+        """Block slot ``slot``'s ``on_io_error``: called on the disk's I/O thread (already
+        rate-limited by the device), it hands the report to the control loop, which emits
+        BLOCK_IO_ERROR naming the slot's disk."""
+        def report(operation: str, nospace: bool, reason: str) -> None:
+            self.loop.call_soon_threadsafe(lambda: self._emit_block_io_error(slot, operation, nospace, reason))
+        return report
+
+    def _emit_block_io_error(self, slot: int, operation: str, nospace: bool, reason: str) -> None:
+        """BLOCK_IO_ERROR with QEMU's meanings (loop thread): ``device`` the disk's device id
+        (``device_add``'s id, ``-device ...,id=``), ``node-name`` its drive (``blockdev-add``'s
+        node-name, ``-drive id=``), action ``report``: the guest got VIRTIO_BLK_S_IOERR."""
+        names = self.slots.last_occupant(SlotKind.BLOCK, slot) if self.slots is not None else None
+        device_id, drive_id = names if names is not None else ("", None)
+        log.info("BLOCK_IO_ERROR: disk %s (drive %s), %s failed: %s%s", device_id or "?", drive_id or "?",
+                    operation, reason, " (no space left)" if nospace else "")
+        self.emit(rq.BlockIoErrorEvent(device=device_id, node_name=drive_id, operation=rq.IoOperation(operation),
+                                       action=rq.BlockErrorAction.REPORT, nospace=nospace, reason=reason))
 
     def _refuse_vsock(self, vsock: VsockConfig) -> None:
         """Check Kata's vhost-vsock descriptor (or /dev/vhost-vsock) for real, then refuse: the

@@ -108,6 +108,9 @@ class ReplaceableSlots:
         self._devices = {SlotKind.BLOCK: block_devices, SlotKind.NET: net_devices}
         self._regs: dict[str, Registration] = {}
         self._slots: dict[tuple[SlotKind, int], Occupant] = {}
+        # The last occupant of each slot, kept after device_del: a disk's I/O error found just
+        # before its unplug is reported after it, and still names that disk.
+        self._last: dict[tuple[SlotKind, int], Occupant] = {}
 
     @property
     def max_registrations(self) -> int:
@@ -172,7 +175,7 @@ class ReplaceableSlots:
                                   f"{self._slots[(kind, slot)].device_id}")
         if self.find(device_id) is not None:
             raise rq.MachineError(f"Duplicate device ID '{device_id}'")
-        self._slots[(kind, slot)] = Occupant(device_id, reg, tuple(sorted(props.items())))
+        self._slots[(kind, slot)] = self._last[(kind, slot)] = Occupant(device_id, reg, tuple(sorted(props.items())))
         log.info("%s slot %d: attaching %s (%s)", kind.value, slot, device_id, reg.id)
         return devices[slot].set_backend(reg.backend, **props)
 
@@ -199,6 +202,12 @@ class ReplaceableSlots:
         """The id of the device in ``slot``, if any."""
         occupant = self._slots.get((kind, slot))
         return occupant.device_id if occupant is not None else None
+
+    def last_occupant(self, kind: SlotKind, slot: int) -> tuple[str, str] | None:
+        """(device id, backend registration id) of the device in ``slot``, or of the last one
+        that was there if the slot has been emptied since; None if it never held one."""
+        occupant = self._last.get((kind, slot))
+        return (occupant.device_id, occupant.registration.id) if occupant is not None else None
 
     def registrations(self) -> list[Registration]:
         return list(self._regs.values())

@@ -21,9 +21,10 @@ are given back to their rings in the saved state (see ``SplitQueue.save_state``)
 not changed and may continue.
 
 Restoring: :func:`load` reads and checks the files; :func:`check_config` compares the snapshot
-with the new command line (memory, vCPUs, the balloon, and every disk and NIC the command line
-names: same slot, id, serial, read-only setting, MAC); the machine builds itself as for a boot
-but with RAM mapped from the memory file and no kernel loaded; then :func:`restore` loads the
+with the new command line (memory, vCPUs, the balloon, the rng and the number of consoles, and
+every disk and NIC the command line names: same slot, id, serial, read-only setting, MAC); the
+machine builds itself as for a boot but with RAM mapped from the memory file and no kernel
+loaded; then :func:`restore` loads the
 in-kernel devices and vCPUs, reopens every registered backend -- the command line's spec where it
 names the same id (a clone may use its own disk copy or tap), else the snapshot's (disks and NICs
 hot-plugged before the snapshot) -- puts them back in their slots, and restores every device.
@@ -49,10 +50,11 @@ from ..memory.layout import PAGE_SIZE
 from ..virtio.balloon import BalloonState
 from ..virtio.blk import BlkState, VirtioBlk
 from ..virtio.block_backend import DriveConfig
-from ..virtio.device import VirtioState
+from ..virtio.console import ConsoleState
 from ..virtio.mmio import MmioState
 from ..virtio.net import NetState, format_mac
 from ..virtio.queue import QueueError
+from ..virtio.rng import RngState
 from ..virtio.tap import NetdevConfig
 from . import requests as rq
 from .mmio_devices import window_index
@@ -69,9 +71,8 @@ STATE_FILE = "state"
 MEMORY_FILE = "memory"
 
 
-#: What a virtio device's ``save_state`` returns (the devices without state of their own give
-#: the base VirtioState).
-DeviceState = BlkState | NetState | BalloonState | VirtioState
+#: What a virtio device's ``save_state`` returns (each device's own state value).
+DeviceState = BlkState | NetState | BalloonState | RngState | ConsoleState
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,13 @@ def check_config(state: MachineState, config: VmConfig) -> None:
         raise SnapshotError("The snapshot's balloon has deflate-on-oom="
                             f"{_on_off(state.config.balloon.deflate_on_oom)}, but the command line says "
                             f"{_on_off(config.balloon.deflate_on_oom)}.")
+    if (state.config.rng is None) != (config.rng is None):
+        if config.rng is None:
+            raise SnapshotError("The snapshot's VM has an rng device, but the command line has none.")
+        raise SnapshotError("The snapshot's VM has no rng device, but the command line adds one.")
+    if len(state.config.consoles) != len(config.consoles):
+        raise SnapshotError(f"The snapshot's VM has {len(state.config.consoles)} console device(s), but "
+                            f"the command line gives {len(config.consoles)}.")
     occupants = {(o.kind, o.slot): o for o in state.slots.occupants}
     specs = {r.id: r.spec for r in state.slots.registrations}
     windows = {w.index: w for w in state.windows}

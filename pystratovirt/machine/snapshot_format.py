@@ -30,7 +30,9 @@ from typing import Any, Generic, TypeVar, Union
 from ..errors import PyStratoVirtError, printable
 
 MAGIC = b"PYSVSNAP"
-FORMAT_VERSION = 1
+# 1: the first format. 2: the rng and console windows hold RngState/ConsoleState (their held
+# chains given back), where 1 had a bare VirtioState that lost them.
+FORMAT_VERSION = 2
 _HEADER = struct.Struct("<8sIIQ")  # magic, format version, flags (0), payload length
 _DIGEST = 32                      # SHA-256
 MAX_STATE_FILE = 256 << 20        # a state file is kilobytes; refuse to read anything absurd
@@ -407,6 +409,9 @@ def unpack_state(codec: Codec[_Root], data: bytes, name: str = "state file") -> 
                             f"pystratovirt reads ({FORMAT_VERSION}); use the version that wrote it.")
     if version < 1:
         raise SnapshotError(f"The snapshot's {name} has format version {version}, which never existed.")
+    if version < FORMAT_VERSION:
+        raise SnapshotError(f"The snapshot's {name} has format version {version}, older than this "
+                            f"pystratovirt reads ({FORMAT_VERSION}); use the version that wrote it.")
     expected = _HEADER.size + length + _DIGEST
     if len(data) < expected:
         raise SnapshotError(f"The snapshot's {name} is truncated: it has {len(data)} bytes, its header "

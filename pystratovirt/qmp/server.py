@@ -16,8 +16,9 @@ Behaviour, after StratoVirt:
 * The :class:`~.wire.Wire` given at construction picks the greeting's version and the line
   end (0.x: the seed's bytes and ``\n``; 2.x: major 5 and ``\r\n``).
 * Events emitted while a command executes are written before that command's reply, which is what
-  puts STOP/RESUME/DEVICE_DELETED/SHUTDOWN ahead of ``{"return":{}}``. With no client, events are
-  dropped.
+  puts STOP/RESUME/DEVICE_DELETED/SHUTDOWN ahead of ``{"return":{}}``, and in the same write: a
+  client that reads one chunk per command (hydropper's single ``recv(1024)``, which returns the
+  first non-event line and drops the rest) finds both in it. With no client, events are dropped.
 * An over-long message is answered with an error and the rest of it skipped (see
   :mod:`.framing`); the connection stays open.
 * No rate limit: StratoVirt's 100 commands/second leak bucket guards a shared process, but every
@@ -539,6 +540,12 @@ class QmpServer:
             return
         data = encode_event(event, self._clock_ns() if timestamp_ns is None else timestamp_ns,
                             self.wire.line_end)
+        if client.answering or client.later is not None:
+            # Held for the reply that follows, so the two leave in one write (see above).
+            if not client.out:
+                client.progress = time.monotonic()
+            client.out += data
+            return
         self._send(data)
         if self._client is client:
             self._update(client)

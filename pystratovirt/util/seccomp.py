@@ -95,15 +95,43 @@ def activate(policy: Policy) -> None:
 
     Every filter is built once here, on the calling thread, so a policy that libseccomp refuses
     (an unknown system call name) fails at start-up with a clear sentence, not in a vCPU thread.
+    From now on a thread that has installed its filter never makes :mod:`linecache` touch the
+    file system (see :func:`_guard_linecache`); :func:`cache_sources` gives them source lines,
+    and may run later, off the start-up path.
     """
     global _policy
     for kind in ThreadKind:
         if kind not in policy:
             raise SeccompError(f"The seccomp policy has no allow-list for {kind.value} threads.")
         build_filter(policy[kind])
-    cache_sources()
+    _guard_linecache()
     with _lock:
         _policy = policy
+
+
+_filtered = threading.local()  # .on: this thread has loaded its filter
+
+
+def _guard_linecache() -> None:
+    """Formatting a traceback reads each frame's source through :mod:`linecache`: a stat() to
+    re-check a cached file, a stat() and an open() for an uncached one. A filtered thread may
+    make neither (it would die of SIGSYS instead of logging), so in such a thread an uncached
+    file has no source lines and nothing is re-checked; other threads are unchanged."""
+    import linecache
+
+    if getattr(linecache, "_pystratovirt_guarded", False):
+        return
+    update, check = linecache.updatecache, linecache.checkcache
+
+    def updatecache(filename: str, module_globals: dict[str, object] | None = None) -> list[str]:
+        return [] if getattr(_filtered, "on", False) else update(filename, module_globals)
+
+    def checkcache(filename: str | None = None) -> None:
+        if not getattr(_filtered, "on", False):
+            check(filename)
+
+    linecache.updatecache, linecache.checkcache = updatecache, checkcache
+    linecache._pystratovirt_guarded = True  # type: ignore[attr-defined]  # our mark on the module
 
 
 def cache_sources() -> None:
@@ -112,8 +140,10 @@ def cache_sources() -> None:
 
     A traceback (``log.exception`` in a thread's last-resort handler) looks up each frame's
     source line; uncached, that is a stat() and an open() of the .py file, which a vCPU or I/O
-    thread may not make (it would die of SIGSYS instead of logging), and which inside a
-    ``-run-with chroot`` jail would find nothing. About 3 MB of text for the running VMM.
+    thread may not make (the guard installed by :func:`activate` then shows the frame without
+    its line), and which inside a ``-run-with chroot`` jail would find nothing. About 3 MB of
+    text for the running VMM, some 25 ms: the front end reads it once the vCPUs run, before the
+    control loop's own filter, so the guest does not wait for it.
     """
     import linecache
     import sys
@@ -193,6 +223,7 @@ def install(kind: ThreadKind) -> None:
             flt = build_filter(policy[kind])
             _name_thread()
             flt.load()
+            _filtered.on = True
         except OSError as exc:
             raise SeccompError(f"Cannot install the seccomp filter of a {kind.value} thread: "
                                f"{exc.strerror or exc}.") from None

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from ..devices.chardev import Chardev
 from ..memory.guest import GuestMemory
 from ..util.eventloop import EventLoop
-from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, bit
+from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, VirtioState, bit
 from .queue import DescChain, SplitQueue, write_buffers
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,18 @@ class ConsoleStats:
     tx_bytes: int = 0
     tx_dropped: int = 0
     rx_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ConsoleState:
+    """virtio-console as a value (for snapshots): the virtio base state (the config space is
+    all zeros: nothing offered). The receive buffers the driver posted and the device keeps are
+    given back to the ring (:meth:`VirtioConsole.unfinished_chains`) and kept again after the
+    restore, so host input reaches the guest. The chardev is host-side: the restored device has
+    the new command line's (a new socket, pty or file); bytes it held -- output not yet taken by
+    the host, input not yet given to the guest -- belong to the old process and are not saved."""
+
+    virtio: VirtioState
 
 
 class VirtioConsole(VirtioDevice):
@@ -128,6 +140,23 @@ class VirtioConsole(VirtioDevice):
         log.info("%s: guest sent %d bytes (%d beyond a chain's limit), received %d; chardev %s took "
                  "%d, dropped %d", self.name, s.tx_bytes, s.tx_dropped, s.rx_bytes, self.chardev.id,
                  c.bytes_out, c.dropped)
+
+    # -- state as a value (lock held) -------------------------------------------------------------
+    def unfinished_chains(self, index: int) -> int:
+        # Receive chains are filled oldest first, so the kept ones are the last ones popped;
+        # transmit chains are completed as they are popped.
+        return len(self._rx_chains) if index == RX_QUEUE else 0
+
+    def save_state(self) -> ConsoleState:
+        """The device's state (lock held, device quiet)."""
+        return ConsoleState(self.save_virtio_state())
+
+    def restore_state(self, state: object, mem: GuestMemory, interrupt: Interrupt) -> None:
+        """Take back a saved state (lock held, inactive, I/O thread not started); the receive
+        buffers are popped and kept again when the machine notifies the queue."""
+        if not isinstance(state, ConsoleState):
+            raise ValueError(f"{self.name} is a console; the saved state is a {type(state).__name__}")
+        self.restore_virtio_state(state.virtio, mem, interrupt)
 
     # -- guest notifications (I/O thread, lock held) ---------------------------------------------
     def process_queue(self, index: int) -> bool:

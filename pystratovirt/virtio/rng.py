@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 from ..errors import PyStratoVirtError
 from ..memory.guest import GuestMemory
 from ..util.eventloop import EPOLLIN, Timer
-from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, bit
+from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, VirtioState, bit
 from .queue import DescChain, SplitQueue, split_buffers
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,17 @@ class RngStats:
     throttled: int = 0
 
 
+@dataclass(frozen=True)
+class RngState:
+    """virtio-rng as a value (for snapshots): the virtio base state. Requests waiting for bytes
+    (for the budget or the source) are given back to the ring (:meth:`VirtioRng.unfinished_chains`)
+    and served again after the restore. The source, the limit and the counters are host-side:
+    the restored device has the new command line's, and its budget starts full (a new process
+    starts a new period; the limit is host policy, not guest state)."""
+
+    virtio: VirtioState
+
+
 class VirtioRng(VirtioDevice):
     """A virtio-rng fed from ``source`` (the device owns it), at most ``max_bytes`` every
     ``period_ms`` milliseconds (``max_bytes`` None: no limit)."""
@@ -179,6 +190,22 @@ class VirtioRng(VirtioDevice):
         s = self._stats
         log.info("%s: served %d requests, %d bytes (budget ran out %d times)", self.name,
                  s.requests, s.bytes, s.throttled)
+
+    # -- state as a value (lock held) -------------------------------------------------------------
+    def unfinished_chains(self, index: int) -> int:
+        # Served oldest first, so the waiting chains are the last ones popped.
+        return len(self._pending) if index == 0 else 0
+
+    def save_state(self) -> RngState:
+        """The device's state (lock held, device quiet)."""
+        return RngState(self.save_virtio_state())
+
+    def restore_state(self, state: object, mem: GuestMemory, interrupt: Interrupt) -> None:
+        """Take back a saved state (lock held, inactive, I/O thread not started); the requests
+        that were waiting are popped again when the machine notifies the queue."""
+        if not isinstance(state, RngState):
+            raise ValueError(f"{self.name} is an rng; the saved state is a {type(state).__name__}")
+        self.restore_virtio_state(state.virtio, mem, interrupt)
 
     # -- requests --------------------------------------------------------------------------------
     def process_queue(self, index: int) -> bool:  # lock held

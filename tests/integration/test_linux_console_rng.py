@@ -1,5 +1,8 @@
-"""Slow tier: the lean Linux kernel booted once with ``console=hvc0`` on a socket chardev and a
-virtio-rng, the way Kata and hydropper start their guests. One boot serves every check.
+"""Slow tier: the lean Linux kernel booted once from StratoVirt 2.x's command line, the way Kata
+and hydropper start their guests: ``console=hvc0`` on a socket chardev (``-device
+virtio-serial-device -chardev socket,...,server,nowait -device virtconsole``), a virtio-rng
+(``-object rng-random`` + ``-device virtio-rng-device``), the root disk as ``-drive`` + ``-device
+virtio-blk-device``, ``-qmp``, a bare ``-m`` in MiB. One boot serves every check.
 
 What is observed without guest user space:
 
@@ -11,7 +14,8 @@ What is observed without guest user space:
 * the rng: the kernel's hwrng core reads the device as soon as virtio_rng registers (the VMM logs
   the first request, and the totals at exit), and credits it, so the kernel prints ``random:
   crng init done`` right away (without the rng this kernel on this host reaches ``Run /init``
-  with its pool still uninitialised).
+  with its pool still uninitialised);
+* the disk: virtio_blk finds vda with the image's size (and the five empty slots with none).
 """
 
 from __future__ import annotations
@@ -28,17 +32,27 @@ from helpers.vmproc import Qmp, VmProcess, wait_for_path
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
 BOOT_TIMEOUT = 900
+DISK_BYTES = 24 << 20
 
 
 @pytest.fixture(scope="module")
 def boot(lean_guest, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hvc")
-    con, qmp_sock, log = tmp / "console.sock", tmp / "qmp.sock", tmp / "vmm.log"
+    con, qmp_sock, log, disk = tmp / "console.sock", tmp / "qmp.sock", tmp / "vmm.log", tmp / "rootfs.img"
+    with open(disk, "wb") as f:
+        f.truncate(DISK_BYTES)
     obs: dict = {}
-    vm = VmProcess(["-kernel", str(lean_guest.bzimage), "-initrd", str(lean_guest.initramfs),
-                    "-append", f"{lean_guest.cmdline} console=hvc0", "-m", "256M", "-serial", "stdio",
-                    "-chardev", f"id=charconsole0,path={con}", "-rng", "random_file=/dev/urandom",
-                    "-api-channel", f"unix:{qmp_sock}", "-D", str(log)])
+    vm = VmProcess(["-name", "sandbox-hvc", "-smp", "1", "-m", "256", "-kernel", str(lean_guest.bzimage),
+                    "-initrd", str(lean_guest.initramfs), "-append", f"{lean_guest.cmdline} console=hvc0",
+                    "-qmp", f"unix:{qmp_sock},server,nowait", "-D", str(log),
+                    "-machine", "type=microvm,dump-guest-core=off", "-serial", "stdio",
+                    "-object", "rng-random,id=objrng0,filename=/dev/urandom",
+                    "-device", "virtio-rng-device,rng=objrng0,id=virtio-rng0",
+                    "-device", "virtio-serial-device,id=virtio-serial0",
+                    "-chardev", f"socket,id=charconsole0,path={con},server,nowait",
+                    "-device", "virtconsole,chardev=charconsole0,id=virtio-console0,nr=0",
+                    "-drive", f"id=rootfs,file={disk},direct=off",
+                    "-device", "virtio-blk-device,drive=rootfs,id=virtio-blk0"])
     received = bytearray()
     try:
         wait_for_path(con, 60)
@@ -126,3 +140,15 @@ def test_rng_driver_registered_and_requests_grow(boot):
 def test_the_vmm_ends_cleanly_and_removes_the_socket(boot):
     assert boot["exit_code"] == 0
     assert not boot["socket_left"]
+
+
+def test_the_disk_given_as_drive_and_device_is_found_with_its_size(boot):
+    serial = boot["serial"]
+    sectors = DISK_BYTES // 512
+    assert re.search(rf"virtio_blk virtio\d+: \[vda\] {sectors} 512-byte logical blocks \(25\.2 MB/24\.0 MiB\)",
+                     serial), re.findall(r".*\[vda\].*", serial)
+    for name in "bcdef":   # the empty slots
+        assert re.search(rf"\[vd{name}\] 0 512-byte logical blocks", serial)
+    assert "blk0: backend " in boot["log"] and f", {sectors} sectors" in boot["log"]
+    # StratoVirt 2.x's dialect, from its -qmp: the log says so.
+    assert "dialect=<Dialect.V2: '2.x'>" in boot["log"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import time
 import zlib
 
 import pytest
@@ -238,3 +240,91 @@ def test_permission_denied_is_a_clear_error(probe_elf, tmp_path):
             subprocess.run([chattr, "-i", img], capture_output=True)
         os.unlink(img)
         os.rmdir(d)
+
+
+# -- BLOCK_IO_ERROR --------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 256 KiB tmpfs of the test's own: a disk image there runs out of host space for real."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "pystratovirt-test", str(mnt)],
+                   check=True, capture_output=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True, capture_output=True)
+
+
+def io_errors(qmp: Qmp, events: list[dict], seconds: float) -> list[dict]:
+    """BLOCK_IO_ERROR events among ``events`` and whatever else arrives within ``seconds``."""
+    found = [e for e in events if e["event"] == "BLOCK_IO_ERROR"]
+    deadline = time.monotonic() + seconds
+    qmp.sock.settimeout(0.2)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                msg = qmp.read()
+            except TimeoutError:
+                continue
+            if msg.get("event") == "BLOCK_IO_ERROR":
+                found.append(msg)
+    finally:
+        qmp.sock.settimeout(30)
+    return found
+
+
+def stamp(event: dict) -> float:
+    return event["timestamp"]["seconds"] + event["timestamp"]["microseconds"] / 1e6
+
+
+def test_host_io_errors_reach_qmp_as_block_io_error(probe_elf, tmp_path, tiny_tmpfs):
+    """A disk image on a full tmpfs: the guest's writes get VIRTIO_BLK_S_IOERR, and QMP gets QEMU's
+    BLOCK_IO_ERROR naming the disk (device id) and its drive (node-name), ENOSPC as nospace, at once
+    for the first error and then at most once a second while errors go on."""
+    image = tiny_tmpfs / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(4 << 20)       # sparse: 4 MiB of disk on 256 KiB of host space
+    sock, log = tmp_path / "qmp.sock", tmp_path / "vmm.log"
+    vm = VmProcess(["-kernel", str(probe_elf), "-serial", "stdio", "-D", str(log), "-m", "256",
+                    "-qmp", f"unix:{sock},server,nowait",
+                    "-drive", f"id=drive-full,file={image},direct=off",
+                    "-device", "virtio-blk-device,drive=drive-full,id=disk-full"])
+    with vm:
+        vm.wait_for(r"(?m)^ready\r?$", 60)
+        with Qmp(sock) as qmp:
+            qmp.execute("qmp_capabilities")
+            # Fill the host file system: 32 KiB per request until the host says no.
+            sector, failed_at = 0, None
+            while sector < 1024:
+                if kv(vm.command(f"blk 0 write {sector} 64 pattern"), "status") != "0":
+                    failed_at = sector
+                    break
+                sector += 64
+            assert failed_at is not None and 64 * 3 <= failed_at < 1024, failed_at
+            first = io_errors(qmp, [], 2.0)
+            assert len(first) == 1, first
+            assert first[0]["data"] == {"device": "disk-full", "node-name": "drive-full", "operation": "write",
+                                        "action": "report", "nospace": True, "reason": "No space left on device"}
+
+            # A guest that keeps failing for ~3 s: one event per second, never one per error.
+            started, failures = time.monotonic(), 0
+            while time.monotonic() - started < 3.0:
+                assert kv(vm.command(f"blk 0 write {failed_at + 64} 8 a5"), "status") == "1"
+                failures += 1
+            burst = io_errors(qmp, [], 2.5)   # the last window's held report comes at its end
+            assert failures >= 10, failures
+            assert 2 <= len(burst) <= 5, (failures, burst)
+            times = [stamp(first[0])] + [stamp(e) for e in burst]
+            assert all(b - a >= 0.9 for a, b in zip(times, times[1:], strict=False)), times
+            assert all(e["data"]["nospace"] and e["data"]["device"] == "disk-full" for e in burst)
+
+            # Reads of what was written still work; the VM runs on.
+            assert kv(vm.command("blk 0 read 0 64"), "crc32") == f"0x{zlib.crc32(pattern(0, 64)):08x}"
+            assert qmp.execute("query-status")[1]["return"]["status"] == "running"
+            qmp.execute("quit")
+        assert vm.wait_exit() == 0
+    text = log.read_text()
+    assert "BLOCK_IO_ERROR: disk disk-full (drive drive-full), write failed: No space left on device" in text

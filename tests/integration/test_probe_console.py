@@ -198,3 +198,27 @@ def test_a_failing_console_leaves_no_socket_behind(probe_elf, tmp_path):
     assert vm.err.text().strip() == (f"stratovirt: Cannot open the file '{tmp_path}/no-such-dir/b.log' of "
                                      "chardev 'b': No such file or directory.")
     assert not os.path.exists(tmp_path / "a.sock")
+
+
+def test_hvc0_is_a_command_console_too(probe_elf, tmp_path):
+    """With console=hvc0 (Kata's debug argv, hydropper's), the probe takes commands on the virtio
+    console and mirrors all it prints there, so a VM with no serial on stdio can be driven."""
+    from helpers.hvc import HvcConsole
+    con, sock = tmp_path / "console.sock", tmp_path / "qmp.sock"
+    vm = VmProcess(["-kernel", str(probe_elf), "-append", "console=hvc0", "-m", "256",
+                    "-qmp", f"unix:{sock},server,nowait", "-device", "virtio-serial-device,id=virtio-serial0",
+                    "-chardev", f"socket,id=charconsole0,path={con},server,nowait",
+                    "-device", "virtconsole,chardev=charconsole0,id=virtio-console0,nr=0"])
+    with vm, HvcConsole(con) as hvc:
+        hvc.wait_ready()
+        assert hvc.command("echo over hvc0") == ["over hvc0"]
+        assert any(ln.startswith("cmdline: console=hvc0") for ln in hvc.command("cmdline"))
+        assert hvc.command("cpus")[-1] == "cpus online: 1"
+        # An unknown command is reported there too; a blank line is nothing.
+        hvc.sock.sendall(b"\n")
+        with pytest.raises(AssertionError, match="unknown command nosuch"):
+            hvc.command("nosuch")
+        assert vm.serial() == ""   # no -serial: the UART's output goes nowhere
+        with Qmp(sock) as qmp:
+            qmp.execute("quit")
+        assert vm.wait_exit() == 0

@@ -280,6 +280,77 @@ def test_the_balloon_keeps_its_size(probe_elf, tmp_path):
         vm.kill()
 
 
+# -- the rng and the console ------------------------------------------------------------------------------
+def console_client(path) -> socket.socket:
+    wait_for_path(path)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(30)
+    client.connect(str(path))
+    time.sleep(0.2)   # accepted on the console's I/O thread
+    return client
+
+
+def console_round_trip(vm, client, word: str) -> None:
+    vm.command(f"console write {word} from the guest")
+    got = b""
+    while b"\n" not in got:
+        got += client.recv(4096)
+    assert got == f"{word} from the guest\n".encode()
+    client.sendall(f"{word} from the host\r\n".encode())
+    line = f"{word} from the host"
+    assert f"console: line {len(line)} bytes: {line}" in vm.command("console read 5000")
+
+
+def rng_fields(line: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+def test_rng_and_console_work_after_restore(probe_elf, tmp_path):
+    """A VM with a rate-limited rng and a console on a socket chardev. The snapshot is taken while
+    the probe's rng read waits for the next period (the device holds its request) and while the
+    console holds the receive buffers the probe posted at start: both are given back to their
+    rings, so after the restore the read completes and host input reaches the guest."""
+    sock, snap, con = tmp_path / "s", tmp_path / "snap", tmp_path / "console.sock"
+    args = ("-rng", "random_file=/dev/urandom,bytes_per_sec=64", "-chardev", f"id=console0,path={con}")
+    vm = start(probe_elf, sock, *args)
+    try:
+        client = console_client(con)
+        try:
+            console_round_trip(vm, client, "before")
+        finally:
+            client.close()
+        assert rng_fields(vm.command("rng read 64")[0])["bytes"] == "64"
+        # 64 bytes a second: a 256-byte read takes four periods. Save it in the middle.
+        before = len(vm.serial())
+        vm.send("rng read 256\n")
+        time.sleep(1.5)
+        snapshot_and_quit(vm, sock, snap)
+        assert not con.exists()
+        assert vm.serial()[before:] == ""   # the read had not finished
+    finally:
+        vm.kill()
+
+    vm = restore(probe_elf, sock, snap, *args)
+    try:
+        # The read goes on where it stopped, still rate-limited, and finishes with all its bytes.
+        m = vm.wait_for(r"(?m)^(rng: [^\r\n]*)\r?\n(ok|error: [^\r\n]*)\r?$", 30)
+        assert m.group(2) == "ok", m.group(0)
+        assert rng_fields(m.group(1))["bytes"] == "256"
+        assert rng_fields(vm.command("rng read 64")[0])["bytes"] == "64"
+        client = console_client(con)
+        try:
+            console_round_trip(vm, client, "after")
+            console_round_trip(vm, client, "again")
+        finally:
+            client.close()
+    finally:
+        vm.kill()
+    # The same devices are needed: here the console is missing.
+    res = run_stratovirt(["-kernel", str(probe_elf), "-incoming", f"file:{snap}", args[0], args[1]])
+    assert res.returncode == 1 and res.stderr == ("stratovirt: The snapshot's VM has 1 console device(s), but "
+                                                  "the command line gives 0.\n"), res.stderr
+
+
 # -- broken and mismatched snapshots ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved(probe_elf, tmp_path_factory):
@@ -316,7 +387,7 @@ def flip(path, offset):
     (lambda d: flip(d / "state", 300), (), "The snapshot's state file is corrupted: its checksum does not match."),
     (lambda d: (d / "state").write_bytes((d / "state").read_bytes()[:1000]), (),
      "The snapshot's state file is truncated: it has 1000 bytes, its header says"),
-    (lambda d: flip(d / "state", 8), (), "has format version 65, newer than this pystratovirt reads (1)"),
+    (lambda d: flip(d / "state", 8), (), "has format version 66, newer than this pystratovirt reads (2)"),
     (lambda d: os.truncate(d / "memory", 128 * MiB), (),
      "The snapshot's memory file is 134217728 bytes, but its state says 268435456"),
     (lambda d: (d / "memory").unlink(), (), "has no memory file"),
@@ -324,6 +395,7 @@ def flip(path, offset):
     (None, ("-m", "512M"), "The snapshot was taken with 256 MiB of memory, but the command line gives 512 MiB."),
     (None, ("-smp", "1"), "The snapshot was taken with 2 vCPU(s), but the command line gives 1 vCPU(s)."),
     (None, ("-balloon",), "The snapshot's VM has no balloon device, but the command line adds one."),
+    (None, ("-rng", "random_file=/dev/urandom"), "The snapshot's VM has no rng device, but the command line adds one."),
 ])
 def test_a_bad_snapshot_ends_the_process_with_one_line(probe_elf, saved, tmp_path, spoil, args, message):
     directory = spoiled(saved, tmp_path, spoil)

@@ -178,3 +178,18 @@ def test_state_says_which_spec_is_where(slots, image):
                    OccupantState(SlotKind.NET, 1, "net-0", "net-0", ())))
     slots.detach("virtio-0").result()
     assert [o.device_id for o in slots.save_state().occupants] == ["net-0"]
+
+
+def test_last_occupant_names_a_disk_after_its_unplug(slots, image):
+    """BLOCK_IO_ERROR names the slot's disk even when its report reaches the control loop after
+    device_del emptied the slot; a later disk in the slot takes over the name."""
+    assert slots.last_occupant(SlotKind.BLOCK, 2) is None
+    slots.register("drive-a", SlotKind.BLOCK, image("a.img"), SPEC[SlotKind.BLOCK])
+    slots.attach("disk-a", "virtio-blk-mmio", 2, "drive-a")
+    assert slots.last_occupant(SlotKind.BLOCK, 2) == ("disk-a", "drive-a")
+    slots.detach("disk-a")
+    assert slots.last_occupant(SlotKind.BLOCK, 2) == ("disk-a", "drive-a")
+    slots.register("drive-b", SlotKind.BLOCK, image("b.img"), SPEC[SlotKind.BLOCK])
+    slots.attach("disk-b", "virtio-blk-mmio", 2, "drive-b")
+    assert slots.last_occupant(SlotKind.BLOCK, 2) == ("disk-b", "drive-b")
+    assert slots.last_occupant(SlotKind.NET, 2) is None

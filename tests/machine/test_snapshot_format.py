@@ -100,7 +100,8 @@ def test_a_whole_machine_state_round_trips():
 def test_the_codec_knows_every_record_type_from_the_annotations():
     names = {t.__name__ for t in CODEC.record_types}
     assert {"MachineState", "VmConfig", "DriveConfig", "NetdevConfig", "BlkState", "NetState", "BalloonState",
-            "BalloonStats", "QueueState", "MmioState", "SlotsState", "OccupantState"} <= names
+            "BalloonStats", "RngState", "ConsoleState", "QueueState", "MmioState", "SlotsState",
+            "OccupantState"} <= names
 
 
 def repack(payload: bytes, version: int = FORMAT_VERSION, flags: int = 0) -> bytes:
@@ -119,7 +120,8 @@ def payload_of(data: bytes) -> bytes:
     (lambda d: d[:-1], "is truncated: it has"),
     (lambda d: d + b"x", "1 bytes of unexpected data after its end"),
     (lambda d: d[:100] + bytes([d[100] ^ 1]) + d[101:], "is corrupted: its checksum does not match"),
-    (lambda d: repack(payload_of(d), version=FORMAT_VERSION + 1), "format version 2, newer than"),
+    (lambda d: repack(payload_of(d), version=FORMAT_VERSION + 1), "format version 3, newer than"),
+    (lambda d: repack(payload_of(d), version=1), "format version 1, older than this pystratovirt reads (2)"),
     (lambda d: repack(payload_of(d), version=0), "format version 0, which never existed"),
     (lambda d: repack(payload_of(d), flags=4), "uses flags 0x4"),
     (lambda d: repack(payload_of(d) + b"N"), "is malformed: 1 bytes follow the value"),

@@ -101,3 +101,27 @@ def test_a_client_leaving_while_its_command_runs_costs_nothing(slow, qmp_kit):
         assert nxt.ask(b'{"execute":"query-status"}') == EMPTY  # and no stray reply came with it
     finally:
         nxt.close()
+
+
+def test_a_commands_events_leave_in_the_same_write_as_its_reply(slow):
+    """hydropper reads one recv(1024) per command and keeps only the first non-event line of it:
+    an event sent on its own, with the reply a moment later, would be taken for the reply. So
+    the events a command causes go out with its reply, in one write, whether the reply is
+    immediate or comes later."""
+    machine, client, lt = slow
+    assert client.buf == b""
+    client.send(b'{"execute":"device_del","arguments":{"id":"d1"}}')
+    assert machine.ready.wait(5)
+    machine.finish()
+    chunk = client.sock.recv(65536)   # one read gets both lines
+    event, reply, rest = chunk.split(b"\n")
+    assert json.loads(event)["event"] == "DEVICE_DELETED" and reply + b"\n" == EMPTY and rest == b""
+
+    # An event emitted while a command executes, with its reply at once (quit's SHUTDOWN, cont's
+    # RESUME), leaves together too; and an event with no command running goes out by itself.
+    lt.call(lambda: setattr(machine, "execute", lambda request: machine.server.emit(DeviceDeletedEvent("x", "x"))))
+    client.send(b'{"execute":"query-status"}')
+    chunk = client.sock.recv(65536)
+    assert chunk.count(b"\n") == 2 and chunk.endswith(EMPTY)
+    lt.call(lambda: machine.server.emit(DeviceDeletedEvent("y", "y")))
+    assert json.loads(client.sock.recv(65536))["data"]["device"] == "y"

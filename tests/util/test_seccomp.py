@@ -28,6 +28,7 @@ from pystratovirt.util.seccomp import ThreadKind
 logging.basicConfig(level=logging.INFO, format="%(threadName)s %(message)s")
 log = logging.getLogger("t")
 seccomp.activate(POLICY)
+seccomp.cache_sources()  # as the VMM does once its threads run, before the control loop's filter
 
 def in_thread(kind, body, name="worker"):
     # Workers install their filter at their start, as the VMM's threads do; the main thread
@@ -115,6 +116,29 @@ def test_a_vcpu_thread_does_what_exit_handling_needs():
     assert res.returncode == 0, res.stderr
     assert "survived" in res.stdout and "done" in res.stdout
     assert "raise SeccompError(" in res.stderr  # the traceback shows its source line
+
+
+def test_a_traceback_from_an_uncached_file_costs_its_source_lines_not_the_process(tmp_path):
+    """Before the sources are cached (the VMM caches them once the vCPUs run), or for a file that
+    was never loaded as a module, a filtered thread's traceback shows the frame without its line
+    instead of dying of SIGSYS on linecache's stat() and open()."""
+    helper = tmp_path / "failing_helper.py"
+    helper.write_text("def fail():\n    raise ValueError('deep down')\n")
+    res = run_case(f"""
+        import linecache, runpy
+        fail = runpy.run_path({str(helper)!r})["fail"]
+        linecache.clearcache()
+        def body():
+            try:
+                fail()
+            except ValueError:
+                log.exception("formatted without source lines")
+        in_thread(ThreadKind.VCPU, body, "vcpu0")
+        print("done", flush=True)
+    """)
+    assert res.returncode == 0, res.stderr
+    assert "survived" in res.stdout and "done" in res.stdout
+    assert 'failing_helper.py", line 2, in fail' in res.stderr and "raise ValueError" not in res.stderr
 
 
 def test_an_io_thread_does_disk_and_epoll_work(tmp_path):

@@ -2,7 +2,8 @@
 balloon devices are saved from one instance and restored into a fresh one over the same guest
 memory, and the driver carries on against the new one as if nothing happened. Chains a device
 held (a NIC's receive buffers, transmit frames the tap refused, the balloon's statistics buffer)
-are given back to the ring by the saved value and served by the restored device."""
+are given back to the ring by the saved value and served by the restored device; so are the
+rng's requests waiting for its budget and the console's kept receive buffers."""
 
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ import time
 
 import pytest
 
+from pystratovirt.devices.chardev import SocketChardev
 from pystratovirt.memory.guest import GuestMemory
 from pystratovirt.memory.layout import MiB
 from pystratovirt.virtio import mmio as r
 from pystratovirt.virtio.balloon import STATS_QUEUE, BalloonState, VirtioBalloon
 from pystratovirt.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlkState, VirtioBlk
 from pystratovirt.virtio.block_backend import DriveConfig, FileBackend
+from pystratovirt.virtio.console import ConsoleState, VirtioConsole
 from pystratovirt.virtio.device import Interrupt, VirtioState
 from pystratovirt.virtio.mmio import VirtioMmio
 from pystratovirt.virtio.mock_driver import BlkDriver, VirtioDriver
 from pystratovirt.virtio.net import HDR_LEN, NetState, VirtioNet
 from pystratovirt.virtio.queue import QueueError, QueueState, SplitQueue
+from pystratovirt.virtio.rng import RngSource, RngState, VirtioRng
 from pystratovirt.virtio.tap import Tap
 from virtio.helper import WRITE, EchoDevice, Ring, spied_memory
 
@@ -208,11 +212,91 @@ def test_a_state_of_another_kind_is_refused(mem):
     saved = save(t)
     t.close(timeout=5)
     irq = Interrupt()
-    for dev in (VirtioBlk(), VirtioNet(mac=GUEST_MAC), VirtioBalloon(MEM)):
+    for dev in (VirtioBlk(), VirtioNet(mac=GUEST_MAC), VirtioBalloon(MEM), VirtioRng(RngSource("/dev/urandom"))):
         with pytest.raises(ValueError, match="the saved state is a VirtioState"):
             dev.restore_state(saved[1], mem, irq)
         dev.close()
+    rng = VirtioRng(RngSource("/dev/urandom"))
+    with pytest.raises(ValueError, match="rng is an rng; the saved state is a BlkState"):
+        rng.restore_state(BlkState(saved[1], None, False), mem, irq)
+    rng.close()
     irq.close()
+
+
+# -- virtio-rng and virtio-console ---------------------------------------------------------------------------
+def test_rng_gives_requests_waiting_for_its_budget_back(mem):
+    """64 bytes per minute: the first request takes the budget, the next two wait. They are given
+    back to the ring and a restored device (its budget full: a new process, a new period) serves them."""
+    dev = VirtioRng(RngSource("/dev/urandom"), max_bytes=64, period_ms=60_000)
+    t = VirtioMmio(dev, mem, name="rng")
+    t.start()
+    drv = VirtioDriver(t, mem, data_size=0x100_0000)
+    drv.initialize()
+    bufs = {}
+    for _ in range(3):
+        addr = drv.alloc(64)
+        bufs[drv.submit(0, [], [(addr, 64)])] = addr
+    drv.notify(0)
+    (first, n), = drv.wait_used(0, 1)
+    assert n == 64
+    assert wait_for(lambda: dev.waiting == 2)
+    saved = save(t)
+    assert isinstance(saved[1], RngState)
+    q = saved[1].virtio.queues[0]
+    assert (q.last_avail_idx, q.used_idx) == (1, 1)   # the two waiting requests given back
+    assert dev.queue(0).last_avail_idx == 3           # ... in the value only
+
+    dev2 = VirtioRng(RngSource("/dev/urandom"), max_bytes=64, period_ms=60_000)
+    t2 = restored(t, dev2, mem, saved)
+    try:
+        drv.t = t2
+        (second, n2), = drv.wait_used(0, 1)            # the new budget serves one of them
+        assert second != first and n2 == 64
+        assert wait_for(lambda: dev2.waiting == 1)
+    finally:
+        t2.close(timeout=5)
+
+
+def test_console_gives_its_receive_buffers_back(mem, tmp_path):
+    def console(path):
+        dev = VirtioConsole(SocketChardev("con0", str(path)), name="console0")
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        return dev, client
+
+    dev, client = console(tmp_path / "a.sock")
+    t = VirtioMmio(dev, mem, name="console0")
+    t.start()
+    client.connect(str(tmp_path / "a.sock"))
+    drv = VirtioDriver(t, mem, data_size=0x100_0000)
+    drv.initialize()
+    bufs = {}
+    for _ in range(4):
+        addr = drv.alloc(256)
+        bufs[drv.submit(0, [], [(addr, 256)])] = addr
+    drv.notify(0)
+    assert wait_for(lambda: dev.receive_buffers == 4)
+    client.sendall(b"one")
+    (head, n), = drv.wait_used(0, 1)
+    assert mem.read(bufs[head], n) == b"one"
+    saved = save(t)
+    assert isinstance(saved[1], ConsoleState)
+    rx, tx = saved[1].virtio.queues
+    assert (rx.last_avail_idx, rx.used_idx) == (1, 1) and tx.last_avail_idx == 0
+    client.close()
+
+    # The restored device is on a chardev of its own (the new command line's socket).
+    dev2, client2 = console(tmp_path / "b.sock")
+    t2 = restored(t, dev2, mem, saved)
+    try:
+        drv.t = t2
+        assert wait_for(lambda: dev2.receive_buffers == 3)
+        client2.connect(str(tmp_path / "b.sock"))
+        client2.sendall(b"two")
+        (head, n), = drv.wait_used(0, 1)
+        assert mem.read(bufs[head], n) == b"two"
+    finally:
+        t2.close(timeout=5)
+        client2.close()
 
 
 # -- virtio-net: a socket pair stands in for the tap ------------------------------------------------------

@@ -372,6 +372,12 @@ static int read_line(void)
 	for (;;) {
 		int c = serial_getc();
 		if (c < 0) {
+			/* A whole line from hvc0, unless one is half typed on the UART. */
+			if (!n && !overflow) {
+				int k = hvc_poll_line(line, LINE_MAX);
+				if (k > 0 || k == -2)
+					return k > 0 ? k : -1;
+			}
 			wait_for_input();
 			continue;
 		}

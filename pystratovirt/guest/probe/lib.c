@@ -124,11 +124,15 @@ struct out {
 	size_t pos, cap;
 };
 
+void (*console_mirror)(char c);
+
 static void put(struct out *o, char c)
 {
-	if (!o->buf)
+	if (!o->buf) {
 		serial_putc(c);
-	else if (o->pos + 1 < o->cap)
+		if (console_mirror)
+			console_mirror(c);
+	} else if (o->pos + 1 < o->cap)
 		o->buf[o->pos] = c;
 	o->pos++;
 }

@@ -28,6 +28,9 @@ int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
 void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* The same, for a caller that already holds the console lock. */
 void printf_locked(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* When set, every character printf sends to the serial console goes here as well (hvc0: the
+ * virtio console carrying the command console too; see virtio_console.c). */
+extern void (*console_mirror)(char c);
 /* Format an error message into a static buffer, for command handlers to return. */
 const char *errorf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -20,6 +20,7 @@ void probe_main(uint64_t boot_params)
 	smp_boot();
 	virtio_init();
 	console_input_init();
+	hvc_init();
 	printf("ready\n");
 	command_loop();
 }

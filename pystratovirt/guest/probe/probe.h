@@ -163,6 +163,14 @@ struct command {
 void console_input_init(void);
 void command_loop(void) __attribute__((noreturn));
 
+/* -- hvc0: the virtio console as a second command console (virtio_console.c) ----------------- */
+/* With console=hvc0 on the command line and a virtio console present, mirror all output to it
+ * from now on and take command lines from it. */
+void hvc_init(void);
+/* A command line the host sent on hvc0, copied into buf (NUL-terminated): its length, -1 when
+ * none is complete yet, -2 when one longer than the buffer was dropped. */
+int hvc_poll_line(char *buf, unsigned cap);
+
 /* -- start.S ------------------------------------------------------------------------------- */
 extern const char ap_trampoline_start[], ap_trampoline_end[];
 extern uint32_t ap_tramp_cr3, ap_tramp_efer_lo, ap_tramp_efer_hi;

@@ -9,7 +9,13 @@
  * host that sends more than we read is held back by the device (it stops reading its chardev)
  * and nothing is lost.
  *
- * Sending is synchronous: one chain per write of at most CON_TXBUF bytes, waited for. */
+ * Sending is synchronous: one chain per write of at most CON_TXBUF bytes, waited for.
+ *
+ * hvc0: with console=hvc0 on the command line (as Kata's debug mode and hydropper boot their
+ * guests), port 0 is also a command console, the way Linux's hvc0 carries a shell: every line
+ * the probe prints from then on goes out on it too (one chain per line, from a buffer of its
+ * own), and the command loop runs the lines the host sends (commands.c polls hvc_poll_line).
+ * The `console` command still reads and writes the same port. */
 #include "probe.h"
 #include "lib.h"
 #include "x86.h"
@@ -117,6 +123,93 @@ static void console_started(struct virtio_dev *d)
 	for (unsigned i = 0; i < CON_RXBUFS; i++)
 		held[i] = 1;
 	repost(d);
+}
+
+/* -- hvc0 ------------------------------------------------------------------------------------ */
+static struct virtio_dev *hvc_dev;
+static char hvc_out[CON_TXBUF] __attribute__((aligned(64)));
+static unsigned hvc_out_len;
+static int hvc_busy; /* sending: what printf says meanwhile is not mirrored (no recursion) */
+
+static void hvc_flush(void)
+{
+	if (!hvc_out_len || hvc_busy)
+		return;
+	hvc_busy = 1;
+	if (!virtio_check(hvc_dev)) {
+		struct virtq_buf b = {(uint64_t)hvc_out, hvc_out_len, 0};
+		uint32_t used = 0;
+		/* Nobody to tell if this fails: the serial console has the same line. */
+		if (!virtq_run(hvc_dev, &hvc_dev->vq[CON_TXQ], &b, 1, CON_TIMEOUT_US, &used))
+			tx_total += hvc_out_len;
+	}
+	hvc_out_len = 0;
+	hvc_busy = 0;
+}
+
+static void hvc_putc(char c)
+{
+	if (hvc_busy)
+		return;
+	hvc_out[hvc_out_len++] = c;
+	if (c == '\n' || hvc_out_len == sizeof(hvc_out))
+		hvc_flush();
+}
+
+static int wants_hvc0(void)
+{
+	const char *cur = boot.cmdline;
+	struct cmdline_arg a;
+	while (cmdline_next(&cur, &a))
+		if (a.key_len == 7 && !memcmp(a.key, "console", 7) && a.val && a.val_len == 4 &&
+		    !memcmp(a.val, "hvc0", 4))
+			return 1;
+	return 0;
+}
+
+void hvc_init(void)
+{
+	const char *err = 0;
+	if (!wants_hvc0())
+		return;
+	struct virtio_dev *d = virtio_find(VIRTIO_ID_CONSOLE, 0, &err);
+	if (!d || virtio_check(d)) {
+		printf("console: console=hvc0 given, but there is no working virtio console\n");
+		return;
+	}
+	hvc_dev = d;
+	console_mirror = hvc_putc;
+	printf("console: hvc0 carries the command console too\n");
+}
+
+int hvc_poll_line(char *buf, unsigned cap)
+{
+	if (!hvc_dev || virtio_check(hvc_dev))
+		return -1;
+	collect(hvc_dev);
+	unsigned n = line_len();
+	if (!n) {
+		if (pending_len + CON_RXBUF > PENDING_CAP) {
+			/* No newline in all that: drop it, or no buffer would ever be posted again. */
+			consume(pending_len);
+			repost(hvc_dev);
+			return -2;
+		}
+		return -1;
+	}
+	unsigned k = 0;
+	for (unsigned i = 0; i < n && k + 1 < cap; i++) {
+		char c = (char)pending[i];
+		if (c == '\t')
+			c = ' ';
+		if (c >= 0x20 && c < 0x7f)
+			buf[k++] = c;
+	}
+	buf[k] = '\0';
+	int too_long = n - 1 >= cap;
+	consume(n);
+	repost(hvc_dev);
+	return too_long ? -2 : (int)k;
 }
 
 const struct virtio_driver virtio_console_driver = {
