@@ -6,6 +6,7 @@ is the one a QMP client connects to.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import re
@@ -219,6 +220,10 @@ class Qmp:
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def send_fds(self, data: bytes, fds: list[int]) -> None:
+        """Send ``data`` with ``fds`` attached as SCM_RIGHTS (what ``getfd`` expects)."""
+        self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 
     def execute(self, command: str, arguments: dict | None = None, **extra) -> tuple[list[dict], dict]:
         """Send a command; return (events received before the reply, the reply)."""

@@ -140,3 +140,54 @@ def test_unknown_boot_tap_is_a_clear_error(probe_elf, ns):
                           "-netdev", "id=n0,netdev=nosuchtap"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert "nosuchtap" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_nic_hot_plug_by_descriptor(probe_elf, ns, tmp_path):
+    # issue 9 defect 1: the manager opens the taps (in a namespace the VMM never enters) and hands
+    # them over, one inherited at start-up as Kata does, one over QMP with getfd; netdev_add then
+    # names the descriptor, device_add plugs it, and frames flow both ways on each.
+    ns.add_tap("tap0")
+    ns.add_tap("tap1")
+    inherited, sent = ns.open_tap("tap0"), ns.open_tap("tap1")
+    sock = tmp_path / "s"
+    vm = VmProcess(["-kernel", str(probe_elf), "-serial", "stdio", "-D", "-api-channel", f"unix:{sock}"],
+                   pass_fds=(inherited.fd,))
+    try:
+        with vm, Qmp(sock) as qmp:
+            vm.wait_for(r"(?m)^ready\r?$", 60)
+            assert qmp.execute("netdev_add", {"id": "net-0", "fds": str(inherited.fd)})[1] == {"return": {}}
+            qmp.send_fds(b'{"execute":"getfd","arguments":{"fdname":"tapfd"}}\n', [sent.fd])
+            assert qmp.read() == {"return": {}}
+            assert qmp.execute("netdev_add", {"id": "net-1", "fds": "tapfd"})[1] == {"return": {}}
+            # The store gave the descriptor to the netdev: the name is spent.
+            assert "not found" in qmp.execute("closefd", {"fdname": "tapfd"})[1]["error"]["desc"]
+            for slot in (0, 1):
+                reply = qmp.execute("device_add", {"id": f"net-{slot}", "driver": "virtio-net-mmio",
+                                                   "addr": hex(slot)})[1]
+                assert reply == {"return": {}}
+            deadline = time.monotonic() + 10
+            while any(kv(vm.command(f"net {slot} info"), "link") != "up" for slot in (0, 1)):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+
+            for slot, ifname in ((0, "tap0"), (1, "tap1")):
+                peer = packet_socket(ns, ifname)
+                vm.command(f"net {slot} send {PEER_MAC.hex(':')} 88b5 {100 + slot} 5{slot}")
+                frame = recv_from_guest(peer, 0x88B5)
+                assert len(frame) == 100 + slot and frame[14:] == bytes([0x50 + slot]) * (86 + slot)
+                vm.command(f"net {slot} drain")
+                mac = bytes.fromhex(kv(vm.command(f"net {slot} info"), "mac").replace(":", ""))
+                assert frame[6:12] == mac
+                out_frame = mac + PEER_MAC + b"\x88\xb6" + os.urandom(200)
+                peer.send(out_frame)
+                line = vm.command(f"net {slot} recv 5000")[0]
+                assert f"crc32=0x{zlib.crc32(out_frame):08x}" in line
+                peer.close()
+
+            # Unplugging the first leaves the second working.
+            assert qmp.execute("device_del", {"id": "net-0"})[1] == {"return": {}}
+            assert kv(vm.command("net 0 info"), "link") == "down"
+            assert kv(vm.command("net 1 info"), "link") == "up"
+    finally:
+        inherited.close()
+        sent.close()

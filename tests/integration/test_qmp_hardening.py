@@ -3,9 +3,7 @@ back-pressure, unchecked strings, descriptor passing, and a seeded fuzz run. iss
 
 from __future__ import annotations
 
-import array
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -42,10 +40,6 @@ def fd_targets(pid: int) -> dict[int, str]:
 
 def pipe_name(fd: int) -> str:
     return f"pipe:[{os.fstat(fd).st_ino}]"
-
-
-def send_with_fds(qmp: Qmp, data: bytes, fds: list[int]) -> None:
-    qmp.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 
 
 @pytest.fixture
@@ -154,7 +148,7 @@ def test_no_argument_value_makes_the_machine_fail(live, command):
 def test_getfd_and_closefd_over_scm_rights(probe_elf, sock, pipe):
     with start(probe_elf, sock) as vm, Qmp(sock) as qmp:
         before = fd_targets(vm.pid)
-        send_with_fds(qmp, b'{"execute":"getfd","arguments":{"fdname":"fd0"}}\n', [pipe[0]])
+        qmp.send_fds(b'{"execute":"getfd","arguments":{"fdname":"fd0"}}\n', [pipe[0]])
         assert qmp.read() == {"return": {}}
         added = {fd: t for fd, t in fd_targets(vm.pid).items() if fd not in before}
         assert list(added.values()) == [pipe_name(pipe[0])]
@@ -164,7 +158,7 @@ def test_getfd_and_closefd_over_scm_rights(probe_elf, sock, pipe):
         assert flags & O_CLOEXEC_FLAG  # received with MSG_CMSG_CLOEXEC
 
         # Descriptors that come with any other command are closed at once.
-        send_with_fds(qmp, b'{"execute":"query-status"}\n', [pipe[1], pipe[0]])
+        qmp.send_fds(b'{"execute":"query-status"}\n', [pipe[1], pipe[0]])
         assert qmp.read()["return"]["status"] == "running"
         assert fd_targets(vm.pid).keys() == before.keys() | {held}
 
