@@ -12,8 +12,20 @@ kind as the first thing it does, before it touches anything the guest or a clien
 
 A system call outside the kind's allow-list kills the whole process with SIGSYS
 (SECCOMP_RET_KILL_PROCESS): a half-dead VMM (a vCPU thread gone, the loop still answering) would
-be worse than a clean death. The filters are built by libseccomp (through the ``pyseccomp``
-binding), never assembled by hand.
+be worse than a clean death. The filters are built by libseccomp, never assembled by hand: a
+small ctypes binding of its own (:class:`_Libseccomp`) compiles each kind's allow-list once, in
+:func:`activate`, and keeps the BPF program libseccomp exports; a thread then installs its
+program with one ``seccomp(SECCOMP_SET_MODE_FILTER)``, as ``seccomp_load`` would (no_new_privs
+first, no flags). The library is opened by its soname, so nothing runs ``ldconfig`` at start-up (as
+``ctypes.util.find_library`` would: ~8 ms per name).
+
+Tracebacks and warnings look up source lines through :mod:`linecache`, which stats and opens the
+``.py`` file; a vCPU or I/O thread may do neither (it would die of SIGSYS). Rather than reading
+every module's source into memory up front (megabytes of text kept for a traceback that may
+never come), :func:`activate` makes linecache answer "no source" in threads whose filter has no
+file access (:func:`_guard_linecache`): their tracebacks name file, line and function; the
+control loop's still show source lines (it may open files), and a ``-run-with`` jail caches the
+sources before the chroot (:func:`cache_sources`), since nothing can be read after it.
 
 This module is only the mechanism. What each kind may call (the policy) belongs to the layer
 that knows the KVM and tun/tap ioctl numbers: :mod:`pystratovirt.machine.seccomp_policy`. The
@@ -84,35 +96,36 @@ def allow_ioctls(*requests: int) -> list[Rule]:
 
 Policy = Mapping[ThreadKind, Sequence[Rule]]
 
-_policy: Policy | None = None
+# Kinds whose threads may not touch the file system (see _guard_linecache).
+_NO_FILES = frozenset({ThreadKind.VCPU, ThreadKind.IO})
+
+_programs: dict[ThreadKind, bytes] | None = None   # the active policy, compiled
 _lock = threading.Lock()
+_local = threading.local()                          # .kind: the calling thread's filter, if any
 
 
 def activate(policy: Policy) -> None:
     """From now on, :func:`install` loads ``policy``'s filter in each calling thread.
 
-    Every filter is built once here, on the calling thread, so a policy that libseccomp refuses
-    (an unknown system call name) fails at start-up with a clear sentence, not in a vCPU thread.
+    Every filter is compiled once here, on the calling thread, so a policy that libseccomp
+    refuses (an unknown system call name) fails at start-up with a clear sentence, not in a
+    vCPU thread; threads then only load the compiled program.
     """
-    global _policy
+    global _programs
     for kind in ThreadKind:
         if kind not in policy:
             raise SeccompError(f"The seccomp policy has no allow-list for {kind.value} threads.")
-        build_filter(policy[kind])
-    cache_sources()
+    programs = {kind: build_filter(policy[kind]) for kind in ThreadKind}
+    _guard_linecache()
     with _lock:
-        _policy = policy
+        _programs = programs
 
 
 def cache_sources() -> None:
     """Read the source of every loaded Python module into :mod:`linecache` now, marked as never
-    to be re-checked (an entry without mtime is not re-validated).
-
-    A traceback (``log.exception`` in a thread's last-resort handler) looks up each frame's
-    source line; uncached, that is a stat() and an open() of the .py file, which a vCPU or I/O
-    thread may not make (it would die of SIGSYS instead of logging), and which inside a
-    ``-run-with chroot`` jail would find nothing. About 3 MB of text for the running VMM.
-    """
+    to be re-checked (an entry without mtime is not re-validated), so that tracebacks show
+    source lines where the files cannot be read any more (inside a ``-run-with`` chroot).
+    About 3 MB of text for the running VMM: only the jail pays for it."""
     import linecache
     import sys
 
@@ -125,38 +138,148 @@ def cache_sources() -> None:
             linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
 
 
+def _guard_linecache() -> None:
+    """Make :mod:`linecache` look at no file in a thread whose filter forbids file access.
+
+    ``traceback`` (and so ``log.exception``) and ``warnings`` find source lines through
+    ``linecache.getlines``, which calls ``linecache.updatecache`` for a file it has not cached
+    (stat, open, read) and ``linecache.checkcache`` to re-validate a cached one (stat). Both are
+    looked up as module attributes at call time, so wrapping them here covers every caller: in
+    a vCPU or I/O thread the source is "unavailable" (the traceback keeps file, line and
+    function) and nothing is cached for it, so the control loop still finds it later.
+    """
+    import linecache
+
+    if getattr(linecache.updatecache, "_pystratovirt_guard", False):
+        return
+    update, check = linecache.updatecache, linecache.checkcache
+
+    def updatecache(filename, module_globals=None):
+        if getattr(_local, "kind", None) in _NO_FILES:
+            return []
+        return update(filename, module_globals)
+
+    def checkcache(filename=None):
+        if getattr(_local, "kind", None) in _NO_FILES:
+            return
+        check(filename)
+
+    updatecache._pystratovirt_guard = True  # type: ignore[attr-defined]
+    linecache.updatecache, linecache.checkcache = updatecache, checkcache
+
+
 def deactivate() -> None:
     """Forget the policy (threads that already installed their filter keep it: it cannot be removed)."""
-    global _policy
+    global _programs
     with _lock:
-        _policy = None
+        _programs = None
 
 
 def active() -> bool:
-    return _policy is not None
+    return _programs is not None
 
 
-def build_filter(rules: Sequence[Rule]):
-    """A libseccomp filter that allows ``rules`` and kills the process on anything else."""
+# -- libseccomp ------------------------------------------------------------------------------------
+_SCMP_ACT_KILL_PROCESS = 0x8000_0000
+_SCMP_ACT_ALLOW = 0x7FFF_0000
+_SCMP_FLTATR_ACT_BADARCH = 2
+_SCMP_CMP_MASKED_EQ = 7
+_SCMP_ARCH_NATIVE = 0
+_PR_SET_NO_NEW_PRIVS = 38
+_SYS_SECCOMP = 317              # x86_64
+_SECCOMP_SET_MODE_FILTER = 1
+_BPF_INSN = 8      # sizeof(struct sock_filter)
+
+
+class _ArgCmp(ctypes.Structure):
+    """struct scmp_arg_cmp."""
+
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+class _SockFprog(ctypes.Structure):
+    """struct sock_fprog: the program PR_SET_SECCOMP loads."""
+
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class _Libseccomp:
+    """The few libseccomp calls a filter needs, opened by soname on first use."""
+
+    _lib = None
+
+    @classmethod
+    def lib(cls):
+        if cls._lib is None:
+            try:
+                lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+            except OSError as exc:
+                raise SeccompError(f"seccomp needs libseccomp (libseccomp.so.2: {exc}); install it "
+                                   "(Debian: libseccomp2) or run with -disable-seccomp.") from None
+            lib.seccomp_init.argtypes = (ctypes.c_uint32,)
+            lib.seccomp_init.restype = ctypes.c_void_p
+            lib.seccomp_release.argtypes = (ctypes.c_void_p,)
+            lib.seccomp_release.restype = None
+            lib.seccomp_attr_set.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32)
+            lib.seccomp_syscall_resolve_name_arch.argtypes = (ctypes.c_uint32, ctypes.c_char_p)
+            lib.seccomp_rule_add_array.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                                   ctypes.c_uint, ctypes.c_void_p)
+            lib.seccomp_export_bpf.argtypes = (ctypes.c_void_p, ctypes.c_int)
+            cls._lib = lib
+        return cls._lib
+
+
+def build_filter(rules: Sequence[Rule]) -> bytes:
+    """Compile ``rules`` with libseccomp into a BPF program (``struct sock_filter`` array) that
+    allows them and kills the process on anything else, other ABIs (int 0x80, x32) included."""
+    lib = _Libseccomp.lib()
+    ctx = lib.seccomp_init(_SCMP_ACT_KILL_PROCESS)
+    if not ctx:
+        raise SeccompError("libseccomp could not create a filter.")
     try:
-        import pyseccomp
-    except (ImportError, RuntimeError) as exc:  # RuntimeError: libseccomp.so itself is missing
-        raise SeccompError(f"seccomp needs libseccomp and its pyseccomp binding ({exc}); "
-                           "install them or run with -disable-seccomp.") from None
-    flt = pyseccomp.SyscallFilter(pyseccomp.KILL_PROCESS)
-    # A system call made through another ABI (int 0x80, x32) is killed like an unlisted one.
-    flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
-    for rule in rules:
-        number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, rule.syscall)
-        if number < 0:
-            raise SeccompError(f"The seccomp policy names an unknown system call: {rule.syscall}.")
-        conditions = [pyseccomp.Arg(index, pyseccomp.MASKED_EQ, mask, value)
-                      for index, mask, value in rule.args]
+        _check(lib.seccomp_attr_set(ctx, _SCMP_FLTATR_ACT_BADARCH, _SCMP_ACT_KILL_PROCESS), "set the bad-ABI action")
+        for rule in rules:
+            number = lib.seccomp_syscall_resolve_name_arch(_SCMP_ARCH_NATIVE, rule.syscall.encode())
+            if number < 0:
+                raise SeccompError(f"The seccomp policy names an unknown system call: {rule.syscall}.")
+            conditions = (_ArgCmp * max(1, len(rule.args)))(
+                *[_ArgCmp(index, _SCMP_CMP_MASKED_EQ, mask, value) for index, mask, value in rule.args])
+            rc = lib.seccomp_rule_add_array(ctx, _SCMP_ACT_ALLOW, number, len(rule.args), conditions)
+            if rc < 0:
+                raise SeccompError(f"libseccomp refused the rule for {rule.syscall}: {os.strerror(-rc)}.")
+        fd = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
         try:
-            flt.add_rule(pyseccomp.ALLOW, number, *conditions)
-        except OSError as exc:
-            raise SeccompError(f"libseccomp refused the rule for {rule.syscall}: {exc}.") from None
-    return flt
+            _check(lib.seccomp_export_bpf(ctx, fd), "export the filter")
+            size = os.lseek(fd, 0, os.SEEK_END)
+            program = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
+    if not program or len(program) % _BPF_INSN or len(program) // _BPF_INSN > 0xFFFF:
+        raise SeccompError(f"libseccomp exported a filter of {len(program)} bytes, not a BPF program.")
+    return program
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        raise SeccompError(f"libseccomp could not {what}: {os.strerror(-rc)}.")
+
+
+def _load(program: bytes) -> None:
+    """Attach a compiled program to the calling thread as seccomp_load does: no_new_privs, then
+    seccomp(SECCOMP_SET_MODE_FILTER) without flags. Raises OSError."""
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // _BPF_INSN, ctypes.addressof(buf))
+    if LIBC.prctl(_PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    if LIBC.syscall(ctypes.c_long(_SYS_SECCOMP), ctypes.c_ulong(_SECCOMP_SET_MODE_FILTER),
+                    ctypes.c_ulong(0), ctypes.byref(prog)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def syscall_names(rules: Sequence[Rule]) -> set[str]:
@@ -173,23 +296,19 @@ def install(kind: ThreadKind) -> None:
     has nobody to report to, so it ends the process at once with that sentence on stderr
     (nothing needs flushing: workers install their filter before they serve anything).
     """
-    policy = _policy
-    if policy is None:
-        _name_thread()
+    programs = _programs
+    _name_thread()
+    if programs is None:
         return
     try:
-        try:
-            flt = build_filter(policy[kind])
-            _name_thread()
-            flt.load()
-        except OSError as exc:
-            raise SeccompError(f"Cannot install the seccomp filter of a {kind.value} thread: "
-                               f"{exc.strerror or exc}.") from None
-    except SeccompError as exc:
+        _load(programs[kind])
+    except OSError as exc:
+        message = f"Cannot install the seccomp filter of a {kind.value} thread: {exc.strerror or exc}."
         if threading.current_thread() is threading.main_thread():
-            raise
-        os.write(2, f"stratovirt: {exc}\n".encode())
+            raise SeccompError(message) from None
+        os.write(2, f"stratovirt: {message}\n".encode())
         os._exit(1)
+    _local.kind = kind
 
 
 def _name_thread() -> None:
