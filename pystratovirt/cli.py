@@ -26,7 +26,6 @@ import sys
 
 from .config import parse_command_line
 from .errors import PyStratoVirtError
-from .machine.console import StdioConsole
 from .machine.fds import claim_inherited
 from .machine.microvm import MicroVm
 from .machine.requests import ShutdownReason
@@ -34,7 +33,7 @@ from .machine.seccomp_policy import POLICY as SECCOMP_POLICY
 from .machine.vmconfig import VmConfig
 from .qmp.server import QmpServer
 from .qmp.wire import wire_of
-from .util import jail, seccomp
+from .util import seccomp
 from .util.eventloop import EventLoop
 from .util.logformat import StratoVirtFormatter, install_ns_clock
 
@@ -121,6 +120,8 @@ def _enter_jail(config: VmConfig, qmp: QmpServer | None, pidfile: str | None) ->
     """chroot and drop privileges (``-run-with``); returns where the pidfile is seen from inside
     (None: outside the jail, so it stays behind). The QMP socket file is re-pointed the same
     way, so both are still removed at exit."""
+    from .util import jail  # only a -run-with VMM needs it
+
     run_with = config.run_with
     root = os.path.realpath(run_with.chroot) if run_with.chroot else None
     jail.enter(run_with.chroot, run_with.uid, run_with.gid, run_with.keep_caps)
@@ -138,6 +139,7 @@ def run_vm(config: VmConfig, on_ready=None) -> int:
     loop = EventLoop()
     console = None
     if config.serial is not None and config.serial.stdio:
+        from .machine.console import StdioConsole
         console = StdioConsole(loop, on_escape=lambda: machine.shutdown(ShutdownReason.HOST_UI, guest=False))
     machine = MicroVm(config, loop, serial_sink=console.write if console else None)
     qmp = None
