@@ -28,7 +28,6 @@ from typing import TextIO
 
 from .config import parse_command_line
 from .errors import PyStratoVirtError
-from .machine.console import StdioConsole
 from .machine.fds import claim_inherited
 from .machine.microvm import MicroVm
 from .machine.requests import ShutdownReason
@@ -36,7 +35,7 @@ from .machine.seccomp_policy import POLICY as SECCOMP_POLICY
 from .machine.vmconfig import VmConfig
 from .qmp.server import QmpServer
 from .qmp.wire import wire_of
-from .util import jail, seccomp
+from .util import seccomp
 from .util.eventloop import EventLoop
 from .util.logformat import StratoVirtFormatter, install_ns_clock
 
@@ -123,6 +122,8 @@ def _enter_jail(config: VmConfig, qmp: QmpServer | None, pidfile: str | None) ->
     """chroot and drop privileges (``-run-with``); returns where the pidfile is seen from inside
     (None: outside the jail, so it stays behind). The QMP socket file is re-pointed the same
     way, so both are still removed at exit."""
+    from .util import jail  # only a -run-with VMM needs it
+
     run_with = config.run_with
     assert run_with is not None  # run_vm checked
     root = os.path.realpath(run_with.chroot) if run_with.chroot else None
@@ -141,6 +142,7 @@ def run_vm(config: VmConfig, on_ready: Callable[[], None] | None = None) -> int:
     loop = EventLoop()
     console = None
     if config.serial is not None and config.serial.stdio:
+        from .machine.console import StdioConsole
         console = StdioConsole(loop, on_escape=lambda: machine.shutdown(ShutdownReason.HOST_UI, guest=False))
     machine = MicroVm(config, loop, serial_sink=console.write if console else None)
     qmp = None
@@ -174,8 +176,6 @@ def run_vm(config: VmConfig, on_ready: Callable[[], None] | None = None) -> int:
         machine.start()
         if on_ready is not None:
             on_ready()
-        if not config.disable_seccomp:
-            seccomp.cache_sources()  # for the filtered threads' tracebacks; the guest runs meanwhile
         try:
             seccomp.install(seccomp.ThreadKind.CONTROL)  # last: every other thread exists by now
         except seccomp.SeccompError as exc:

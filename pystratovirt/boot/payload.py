@@ -10,7 +10,6 @@ failure comes out as :class:`PayloadError` so the loader can fall back to the no
 
 from __future__ import annotations
 
-import lzma
 import struct
 import zlib
 
@@ -98,6 +97,8 @@ def _gunzip(data: memoryview, limit: int) -> bytes:
 
 
 def _unxz(data: memoryview, limit: int) -> bytes:
+    import lzma  # like the lz4 and zstd decoders, loaded only for an image that needs it
+
     d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
     out: list[bytes] = []
     total = 0

@@ -34,12 +34,10 @@ from typing import Literal
 from .. import __version__
 from ..machine.vmconfig import BalloonConfig, Dialect, SerialConfig, VmConfig
 from . import args as A
-from .cmdline2x import apply_args_2x
 from .common import apply_common, missing, parse_socket, value_of
 from .dialect import pick_dialect
 from .draft import Draft, new_console, new_drive, new_iothread, new_net, new_rng, new_vsock
 from .errors import ConfigError
-from .json_config import apply_json_file
 from .values import parse_bool, parse_fd, parse_kv, parse_uint
 
 
@@ -73,11 +71,15 @@ def _parse(argv: list[str], prog: str) -> Invocation:
         return Invocation(None, "version", A.version_text(__version__))
 
     draft = Draft(dialect=pick_dialect(parsed))
+    # Each dialect's reader, and the JSON schema, is imported only by the command lines that need
+    # it: parsing is over before the VM is built, so the running VM never needs the others.
     if draft.dialect is Dialect.V2:
+        from .cmdline2x import apply_args_2x
         apply_args_2x(draft, parsed)
     else:
         config_file = parsed.first("config")
         if config_file is not None:
+            from .json_config import apply_json_file
             apply_json_file(draft, config_file.values[0])
         apply_args(draft, parsed)
     return Invocation(draft.finish(), "run", "")

@@ -25,7 +25,6 @@ Choices:
 from __future__ import annotations
 
 from ..machine.vmconfig import MAX_ID_LEN, MAX_VCPUS, IncomingConfig, RunWithConfig
-from ..util.jail import capability_number
 from . import args as A
 from .draft import Draft, check_machine_type, check_path, check_socket_path, check_vcpus
 from .errors import ConfigError
@@ -162,6 +161,7 @@ def parse_run_with(text: str) -> RunWithConfig:
         uid, gid = _parse_user(kv["user"])
     caps: list[str] = []
     if "caps" in kv:
+        from ..util.jail import capability_number  # the jail's own table; only -run-with needs it
         for name in kv["caps"].split(":"):
             number = capability_number(name)
             if number is None:

@@ -21,14 +21,13 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import boot
 from ..boot.acpi import write_acpi_tables
 from ..cpu import CpuModel, Topology, configure_vcpu, pvm
 from ..devices.acpi_pm import AcpiPm
 from ..devices.bus import Bus
-from ..devices.chardev import open_chardev
 from ..devices.i8042 import I8042
 from ..devices.irq import IrqLine
 from ..devices.serial import SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, Serial
@@ -39,21 +38,27 @@ from ..kvm.vm import Vm
 from ..memory import GuestMemory, layout
 from ..util import seccomp
 from ..util.eventloop import EventLoop
-from ..virtio.balloon import VirtioBalloon
 from ..virtio.blk import VirtioBlk
 from ..virtio.block_backend import FileBackend
-from ..virtio.console import VirtioConsole
 from ..virtio.net import VirtioNet
-from ..virtio.rng import RngSource, VirtioRng
 from ..virtio.tap import Tap
-from ..virtio.vhost_vsock import open_vhost_vsock
 from . import requests as rq
-from . import snapshot
 from .fds import Descriptors
 from .mmio_devices import BALLOON_WINDOW, EXTRA_WINDOWS, MmioDevices, window_index
 from .slots import BLOCK_SLOTS, NET_SLOTS, Backend, BackendSpec, ReplaceableSlots, SlotDevice, SlotKind
 from .vcpu_thread import PauseGate, VcpuThread
 from .vmconfig import VmConfig, VsockConfig
+
+if TYPE_CHECKING:
+    from ..virtio.balloon import VirtioBalloon
+    from ..virtio.console import VirtioConsole
+    from ..virtio.rng import VirtioRng
+
+# Imported where they are used, not here: the balloon, rng and console devices, chardevs and the
+# vhost-vsock check (only a configuration that names them builds them, at build time), and the
+# snapshot code (-incoming at build time, QMP migrate on the control loop: a module in a package
+# directory already imported from needs only calls its seccomp filter allows). Start-up is the
+# figure users pick a micro-VM by, and every module costs its import time and its memory.
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +177,7 @@ class MicroVm:
         _check_consoles(cfg)
         saved = None
         if cfg.incoming is not None:
+            from . import snapshot
             saved = snapshot.load(cfg.incoming.path)
             snapshot.check_config(saved, cfg)
         self.kvm = Kvm()
@@ -290,11 +296,13 @@ class MicroVm:
             self.mmio_devices.add(window_index(SlotKind.NET, slot), device, nic.iothread if nic else None)
             net_devices.append(device)
         if cfg.balloon is not None:
+            from ..virtio.balloon import VirtioBalloon
             self.balloon = VirtioBalloon(cfg.machine.mem_size, deflate_on_oom=cfg.balloon.deflate_on_oom,
                                          report_interval=BALLOON_EVENT_INTERVAL,
                                          on_actual_changed=self._balloon_changed)
             self.mmio_devices.add(BALLOON_WINDOW, self.balloon)
         if cfg.rng is not None:
+            from ..virtio.rng import RngSource, VirtioRng
             source = RngSource(cfg.rng.random_file)
             try:
                 self.rng = VirtioRng(source, max_bytes=cfg.rng.max_bytes, period_ms=cfg.rng.period_ms)
@@ -303,6 +311,9 @@ class MicroVm:
                 raise
             self.mmio_devices.add_next(self.rng)
         chardevs = {c.id: c for c in cfg.chardevs}
+        if cfg.consoles:
+            from ..devices.chardev import open_chardev
+            from ..virtio.console import VirtioConsole
         for index, console in enumerate(cfg.consoles):
             device = VirtioConsole(open_chardev(chardevs[console.chardev]), name=f"console{index}")
             self.mmio_devices.add_next(device)
@@ -344,6 +355,7 @@ class MicroVm:
         """Check Kata's vhost-vsock descriptor (or /dev/vhost-vsock) for real, then refuse: the
         device is not implemented (see virtio/vhost_vsock.py). A passed descriptor is taken
         from the store like any other, and closed since nothing will use it."""
+        from ..virtio.vhost_vsock import open_vhost_vsock
         fd = self.fds.take(str(vsock.vhost_fd)) if vsock.vhost_fd is not None else None
         try:
             open_vhost_vsock(vsock.guest_cid, fd)
@@ -651,6 +663,7 @@ class MicroVm:
         if self.state is not rq.RunState.PAUSED:
             raise rq.MachineError(f"The VM is {self.state.value}: pause it with 'stop' before saving "
                                   "a snapshot with 'migrate'.")
+        from . import snapshot
         started = time.monotonic()
         self.migration = rq.MigrationInfo(rq.MigrationStatus.ACTIVE)
         try:

@@ -29,7 +29,7 @@ from ..memory import GuestMemory
 from ..memory.layout import VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE
 from ..util.eventloop import EventLoop
 from ..virtio.device import VirtioDevice
-from ..virtio.mmio import VirtioMmio, cmdline_entry, slot_resources
+from ..virtio.mmio import IO_POLL, VirtioMmio, cmdline_entry, slot_resources
 from .slots import BLOCK_SLOTS, NET_SLOTS, SlotKind
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class MmioDevices:
         self._memory = memory
         self._bus = bus
         self._on_thread_start = on_thread_start
-        self.iothreads = {name: EventLoop(name) for name in iothreads}
+        self.iothreads = {name: EventLoop(name, poll_after=IO_POLL) for name in iothreads}
         self.windows: list[MmioWindow] = []
 
     def add(self, index: int, device: VirtioDevice, iothread: str | None = None) -> MmioWindow:

@@ -159,11 +159,17 @@ class GuestMemory:
         self._map = mapping
         self._anchor = ctypes.c_char.from_buffer(mapping)
         self.host_base = ctypes.addressof(self._anchor)
+        # One view of the whole mapping: views and reads are slices of it (a slice costs a
+        # fraction of a new memoryview of the mmap, and every device request takes several).
+        self._mv = memoryview(mapping)
+        self._mv16 = self._mv.cast("H")
         self.regions: list[Region] = []
         offset = 0
         for slot, (gpa, length) in enumerate(ram_ranges(size)):
             self.regions.append(Region(slot, gpa, length, offset))
             offset += length
+        # Region 0 starts at guest address 0 and host offset 0 (ram_ranges): the common check.
+        self.low_end = self.regions[0].end
 
     @property
     def fd(self) -> int | None:
@@ -185,6 +191,8 @@ class GuestMemory:
         raise GuestMemoryError(f"guest range [{gpa:#x}, +{length:#x}) is outside guest RAM")
 
     def _offset(self, gpa: int, length: int) -> int:
+        if 0 <= gpa and 0 <= length and gpa + length <= self.low_end:
+            return gpa  # below the 32-bit hole: guest address == host offset
         if gpa < 0 or length < 0:
             raise GuestMemoryError(f"invalid guest range [{gpa:#x}, +{length:#x})")
         region = self.region_of(gpa, length)
@@ -216,9 +224,26 @@ class GuestMemory:
         self._mapping[off:off + length] = data
 
     def view(self, gpa: int, length: int) -> memoryview:
-        """A zero-copy writable view of guest RAM; release it promptly."""
+        """A zero-copy writable view of guest RAM; release it (or drop it) before :meth:`close`."""
         off = self._offset(gpa, length)
-        return memoryview(self._mapping)[off:off + length]
+        self._mapping  # noqa: B018 -- raises once closed
+        return self._mv[off:off + length]
+
+    def host_view(self) -> memoryview:
+        """The writable view of the whole host mapping, indexed by host offset
+        (:meth:`host_offset`), for code that checked its ranges itself and accesses them many
+        times (a virtqueue's rings). It is shared: never release it; :meth:`close` does, after
+        which every access through it raises ValueError."""
+        self._mapping  # noqa: B018 -- raises once closed
+        return self._mv
+
+    def host_view_u16(self) -> memoryview:
+        """The same, as 16-bit words (word ``i`` is at host offset ``2 * i``): reading or
+        assigning one is a single 16-bit load or store, which a field the guest reads or writes
+        concurrently (a ring index) needs. Shared and released by :meth:`close` like
+        :meth:`host_view`."""
+        self._mapping  # noqa: B018 -- raises once closed
+        return self._mv16
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         off = self._offset(gpa, length)
@@ -239,17 +264,23 @@ class GuestMemory:
         value: int = struct.unpack_from("<Q", self._mapping, self._offset(gpa, 8))[0]
         return value
 
+    # Not struct.pack_into: it clears the destination before it writes the value, so a guest
+    # reading the field at that moment (a ring index, say) could see 0. A slice assignment of the
+    # value's bytes is one copy.
     def write_u8(self, gpa: int, value: int) -> None:
         self._mapping[self._offset(gpa, 1)] = value & 0xFF
 
     def write_u16(self, gpa: int, value: int) -> None:
-        struct.pack_into("<H", self._mapping, self._offset(gpa, 2), value & 0xFFFF)
+        off = self._offset(gpa, 2)
+        self._mapping[off:off + 2] = (value & 0xFFFF).to_bytes(2, "little")
 
     def write_u32(self, gpa: int, value: int) -> None:
-        struct.pack_into("<I", self._mapping, self._offset(gpa, 4), value & 0xFFFF_FFFF)
+        off = self._offset(gpa, 4)
+        self._mapping[off:off + 4] = (value & 0xFFFF_FFFF).to_bytes(4, "little")
 
     def write_u64(self, gpa: int, value: int) -> None:
-        struct.pack_into("<Q", self._mapping, self._offset(gpa, 8), value & 0xFFFF_FFFF_FFFF_FFFF)
+        off = self._offset(gpa, 8)
+        self._mapping[off:off + 8] = (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
 
     def read_struct(self, gpa: int, ctype: type[_C]) -> _C:
         """Copy a ctypes structure out of guest memory."""
@@ -358,6 +389,8 @@ class GuestMemory:
         if self._map is None:
             return
         del self._anchor
+        self._mv16.release()
+        self._mv.release()
         self._map.close()
         self._map = None
         if self._fd is not None:

@@ -61,8 +61,16 @@ class Timer:
 
 
 class EventLoop:
-    def __init__(self, name: str = "control") -> None:
+    """``poll_after``: seconds the loop keeps polling its descriptors (epoll_wait without a
+    timeout, the GIL released in each call) after it last handled one, before it sleeps. A device
+    I/O thread uses it: a driver that is kept busy re-posts buffers within microseconds, and on
+    hosts where waking a sleeping thread costs tens of microseconds (an IPI; this project's nested
+    host), that wake-up, not the device, would set the pace. 0 (the control loop) sleeps at once.
+    """
+
+    def __init__(self, name: str = "control", poll_after: float = 0.0) -> None:
         self.name = name
+        self.poll_after = poll_after
         self._epoll = select.epoll()
         self._handlers: dict[int, Callback] = {}
         self._wake = os.eventfd(0, EFD_FLAGS)
@@ -155,8 +163,19 @@ class EventLoop:
         """Run the loop on the calling thread until :meth:`stop`."""
         self.thread_id = threading.get_ident()
         self._running = True
+        poll_after = self.poll_after
+        if poll_after <= 0:
+            while self._running:
+                self.run_once(self._next_timeout())
+            return
+        busy_until = 0.0
+        monotonic = time.monotonic
         while self._running:
-            self.run_once(self._next_timeout())
+            timeout = self._next_timeout()
+            if timeout != 0 and monotonic() < busy_until:
+                timeout = 0
+            if self.run_once(timeout):
+                busy_until = monotonic() + poll_after
 
     def start(self, on_start: Callable[[], None] | None = None) -> None:
         """Run the loop on a new thread named after the loop; ``on_start`` runs first on it
@@ -203,7 +222,9 @@ class EventLoop:
                 return -1
             return max(0.0, self._timers[0].when - time.monotonic())
 
-    def run_once(self, timeout: float = -1) -> None:
+    def run_once(self, timeout: float = -1) -> int:
+        """Wait up to ``timeout`` seconds (-1: until something happens), handle what is ready and
+        what is due; returns how many descriptors were handled."""
         try:
             ready = self._epoll.poll(timeout)
         except InterruptedError:
@@ -219,6 +240,7 @@ class EventLoop:
             if handler is not None:
                 self._guard(handler, mask)
         self._run_due()
+        return len(ready)
 
     def _run_due(self) -> None:
         now = time.monotonic()

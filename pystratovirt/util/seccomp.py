@@ -12,8 +12,19 @@ kind as the first thing it does, before it touches anything the guest or a clien
 
 A system call outside the kind's allow-list kills the whole process with SIGSYS
 (SECCOMP_RET_KILL_PROCESS): a half-dead VMM (a vCPU thread gone, the loop still answering) would
-be worse than a clean death. The filters are built by libseccomp (through the ``pyseccomp``
-binding), never assembled by hand.
+be worse than a clean death. The filters are built by libseccomp through the ``pyseccomp``
+binding, never assembled by hand: each kind's allow-list is compiled once, in :func:`activate`,
+and the BPF program libseccomp exports is kept; a thread then installs its program with one
+``seccomp(SECCOMP_SET_MODE_FILTER)``, as ``seccomp_load`` would (no_new_privs first, no flags),
+rather than having libseccomp regenerate the same program in every thread.
+
+Tracebacks and warnings look up source lines through :mod:`linecache`, which stats and opens the
+``.py`` file; a vCPU or I/O thread may do neither (it would die of SIGSYS). Rather than reading
+every module's source into memory up front (megabytes of text kept for a traceback that may
+never come), :func:`activate` makes linecache answer "no source" in threads whose filter has no
+file access (:func:`_guard_linecache`): their tracebacks name file, line and function; the
+control loop's still show source lines (it may open files), and a ``-run-with`` jail caches the
+sources before the chroot (:func:`cache_sources`), since nothing can be read after it.
 
 This module is only the mechanism. What each kind may call (the policy) belongs to the layer
 that knows the KVM and tun/tap ioctl numbers: :mod:`pystratovirt.machine.seccomp_policy`. The
@@ -36,7 +47,7 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 from ..errors import PyStratoVirtError
 from .libc import LIBC
@@ -86,65 +97,36 @@ def allow_ioctls(*requests: int) -> list[Rule]:
 
 Policy = Mapping[ThreadKind, Sequence[Rule]]
 
-_policy: Policy | None = None
+# Kinds whose threads may not touch the file system (see _guard_linecache).
+_NO_FILES = frozenset({ThreadKind.VCPU, ThreadKind.IO})
+
+_programs: dict[ThreadKind, bytes] | None = None   # the active policy, compiled
 _lock = threading.Lock()
+_local = threading.local()                          # .kind: the calling thread's filter, if any
 
 
 def activate(policy: Policy) -> None:
     """From now on, :func:`install` loads ``policy``'s filter in each calling thread.
 
-    Every filter is built once here, on the calling thread, so a policy that libseccomp refuses
-    (an unknown system call name) fails at start-up with a clear sentence, not in a vCPU thread.
-    From now on a thread that has installed its filter never makes :mod:`linecache` touch the
-    file system (see :func:`_guard_linecache`); :func:`cache_sources` gives them source lines,
-    and may run later, off the start-up path.
+    Every filter is compiled once here, on the calling thread, so a policy that libseccomp
+    refuses (an unknown system call name) fails at start-up with a clear sentence, not in a
+    vCPU thread; threads then only load the compiled program.
     """
-    global _policy
+    global _programs
     for kind in ThreadKind:
         if kind not in policy:
             raise SeccompError(f"The seccomp policy has no allow-list for {kind.value} threads.")
-        build_filter(policy[kind])
+    programs = {kind: build_filter(policy[kind]) for kind in ThreadKind}
     _guard_linecache()
     with _lock:
-        _policy = policy
-
-
-_filtered = threading.local()  # .on: this thread has loaded its filter
-
-
-def _guard_linecache() -> None:
-    """Formatting a traceback reads each frame's source through :mod:`linecache`: a stat() to
-    re-check a cached file, a stat() and an open() for an uncached one. A filtered thread may
-    make neither (it would die of SIGSYS instead of logging), so in such a thread an uncached
-    file has no source lines and nothing is re-checked; other threads are unchanged."""
-    import linecache
-
-    if getattr(linecache, "_pystratovirt_guarded", False):
-        return
-    update, check = linecache.updatecache, linecache.checkcache
-
-    def updatecache(filename: str, module_globals: dict[str, object] | None = None) -> list[str]:
-        return [] if getattr(_filtered, "on", False) else update(filename, module_globals)
-
-    def checkcache(filename: str | None = None) -> None:
-        if not getattr(_filtered, "on", False):
-            check(filename)
-
-    linecache.updatecache, linecache.checkcache = updatecache, checkcache
-    linecache._pystratovirt_guarded = True  # type: ignore[attr-defined]  # our mark on the module
+        _programs = programs
 
 
 def cache_sources() -> None:
     """Read the source of every loaded Python module into :mod:`linecache` now, marked as never
-    to be re-checked (an entry without mtime is not re-validated).
-
-    A traceback (``log.exception`` in a thread's last-resort handler) looks up each frame's
-    source line; uncached, that is a stat() and an open() of the .py file, which a vCPU or I/O
-    thread may not make (the guard installed by :func:`activate` then shows the frame without
-    its line), and which inside a ``-run-with chroot`` jail would find nothing. About 3 MB of
-    text for the running VMM, some 25 ms: the front end reads it once the vCPUs run, before the
-    control loop's own filter, so the guest does not wait for it.
-    """
+    to be re-checked (an entry without mtime is not re-validated), so that tracebacks show
+    source lines where the files cannot be read any more (inside a ``-run-with`` chroot).
+    About 3 MB of text for the running VMM: only the jail pays for it."""
     import linecache
     import sys
 
@@ -157,47 +139,110 @@ def cache_sources() -> None:
             linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
 
 
+def _guard_linecache() -> None:
+    """Make :mod:`linecache` look at no file in a thread whose filter forbids file access.
+
+    ``traceback`` (and so ``log.exception``) and ``warnings`` find source lines through
+    ``linecache.getlines``, which calls ``linecache.updatecache`` for a file it has not cached
+    (stat, open, read) and ``linecache.checkcache`` to re-validate a cached one (stat). Both are
+    looked up as module attributes at call time, so wrapping them here covers every caller: in
+    a vCPU or I/O thread the source is "unavailable" (the traceback keeps file, line and
+    function) and nothing is cached for it, so the control loop still finds it later.
+    """
+    import linecache
+
+    if getattr(linecache.updatecache, "_pystratovirt_guard", False):
+        return
+    update, check = linecache.updatecache, linecache.checkcache
+
+    def updatecache(filename: str, module_globals: dict[str, Any] | None = None) -> list[str]:
+        if getattr(_local, "kind", None) in _NO_FILES:
+            return []
+        return update(filename, module_globals)
+
+    def checkcache(filename: str | None = None) -> None:
+        if getattr(_local, "kind", None) in _NO_FILES:
+            return
+        check(filename)
+
+    updatecache._pystratovirt_guard = True  # type: ignore[attr-defined]
+    linecache.updatecache, linecache.checkcache = updatecache, checkcache
+
+
 def deactivate() -> None:
     """Forget the policy (threads that already installed their filter keep it: it cannot be removed)."""
-    global _policy
+    global _programs
     with _lock:
-        _policy = None
+        _programs = None
 
 
 def active() -> bool:
-    return _policy is not None
+    return _programs is not None
 
 
-class SeccompFilter(Protocol):
-    """What this module uses of a ``pyseccomp.SyscallFilter`` (pyseccomp publishes no types; its
-    constants are opaque here, hence ``object``)."""
-
-    def set_attr(self, attr: object, value: object) -> None: ...
-    def add_rule(self, action: object, syscall: int, *conditions: object) -> None: ...
-    def load(self) -> None: ...
+# -- libseccomp ------------------------------------------------------------------------------------
+_PR_SET_NO_NEW_PRIVS = 38
+_SYS_SECCOMP = 317              # x86_64
+_SECCOMP_SET_MODE_FILTER = 1
+_BPF_INSN = 8      # sizeof(struct sock_filter)
 
 
-def build_filter(rules: Sequence[Rule]) -> SeccompFilter:
-    """A libseccomp filter that allows ``rules`` and kills the process on anything else."""
+class _SockFprog(ctypes.Structure):
+    """struct sock_fprog: the program seccomp(SECCOMP_SET_MODE_FILTER) loads."""
+
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def build_filter(rules: Sequence[Rule]) -> bytes:
+    """Compile ``rules`` with libseccomp (through the ``pyseccomp`` binding) into a BPF program
+    (a ``struct sock_filter`` array, as ``seccomp_export_bpf`` writes it) that allows them and
+    kills the process on anything else, other ABIs (int 0x80, x32) included."""
     try:
         import pyseccomp
     except (ImportError, RuntimeError) as exc:  # RuntimeError: libseccomp.so itself is missing
-        raise SeccompError(f"seccomp needs libseccomp and its pyseccomp binding ({exc}); "
-                           "install them or run with -disable-seccomp.") from None
-    flt: SeccompFilter = pyseccomp.SyscallFilter(pyseccomp.KILL_PROCESS)
-    # A system call made through another ABI (int 0x80, x32) is killed like an unlisted one.
-    flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
-    for rule in rules:
-        number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, rule.syscall)
-        if number < 0:
-            raise SeccompError(f"The seccomp policy names an unknown system call: {rule.syscall}.")
-        conditions = [pyseccomp.Arg(index, pyseccomp.MASKED_EQ, mask, value)
-                      for index, mask, value in rule.args]
-        try:
-            flt.add_rule(pyseccomp.ALLOW, number, *conditions)
-        except OSError as exc:
-            raise SeccompError(f"libseccomp refused the rule for {rule.syscall}: {exc}.") from None
-    return flt
+        raise SeccompError(f"seccomp needs libseccomp and its pyseccomp binding ({exc}); install them "
+                           "(Debian: libseccomp2; pip: pyseccomp) or run with -disable-seccomp.") from None
+    flt = pyseccomp.SyscallFilter(pyseccomp.KILL_PROCESS)
+    try:
+        flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+        for rule in rules:
+            number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, rule.syscall)
+            if number < 0:
+                raise SeccompError(f"The seccomp policy names an unknown system call: {rule.syscall}.")
+            conditions = [pyseccomp.Arg(index, pyseccomp.MASKED_EQ, mask, value)
+                          for index, mask, value in rule.args]
+            try:
+                flt.add_rule(pyseccomp.ALLOW, number, *conditions)
+            except OSError as exc:
+                raise SeccompError(f"libseccomp refused the rule for {rule.syscall}: "
+                                   f"{exc.strerror or exc}.") from None
+        with open(os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC), "w+b") as exported:
+            try:
+                flt.export_bpf(exported)
+            except OSError as exc:
+                raise SeccompError(f"libseccomp could not export the filter: {exc.strerror or exc}.") from None
+            exported.seek(0)  # libseccomp wrote through the descriptor; read it from the start
+            program = exported.read()
+    finally:
+        del flt  # releases the libseccomp context
+    if not program or len(program) % _BPF_INSN or len(program) // _BPF_INSN > 0xFFFF:
+        raise SeccompError(f"libseccomp exported a filter of {len(program)} bytes, not a BPF program.")
+    return bytes(program)
+
+
+def _load(program: bytes) -> None:
+    """Attach a compiled program to the calling thread as seccomp_load does: no_new_privs, then
+    seccomp(SECCOMP_SET_MODE_FILTER) without flags. Raises OSError."""
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // _BPF_INSN, ctypes.addressof(buf))
+    if LIBC.prctl(_PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    if LIBC.syscall(ctypes.c_long(_SYS_SECCOMP), ctypes.c_ulong(_SECCOMP_SET_MODE_FILTER),
+                    ctypes.c_ulong(0), ctypes.byref(prog)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def syscall_names(rules: Sequence[Rule]) -> set[str]:
@@ -214,24 +259,19 @@ def install(kind: ThreadKind) -> None:
     has nobody to report to, so it ends the process at once with that sentence on stderr
     (nothing needs flushing: workers install their filter before they serve anything).
     """
-    policy = _policy
-    if policy is None:
-        _name_thread()
+    programs = _programs
+    _name_thread()
+    if programs is None:
         return
     try:
-        try:
-            flt = build_filter(policy[kind])
-            _name_thread()
-            flt.load()
-            _filtered.on = True
-        except OSError as exc:
-            raise SeccompError(f"Cannot install the seccomp filter of a {kind.value} thread: "
-                               f"{exc.strerror or exc}.") from None
-    except SeccompError as exc:
+        _load(programs[kind])
+    except OSError as exc:
+        message = f"Cannot install the seccomp filter of a {kind.value} thread: {exc.strerror or exc}."
         if threading.current_thread() is threading.main_thread():
-            raise
-        os.write(2, f"stratovirt: {exc}\n".encode())
+            raise SeccompError(message) from None
+        os.write(2, f"stratovirt: {message}\n".encode())
         os._exit(1)
+    _local.kind = kind
 
 
 def _name_thread() -> None:

@@ -32,15 +32,16 @@ from __future__ import annotations
 import errno
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from time import monotonic
 
 from ..memory.guest import GuestMemory
 from ..util.eventloop import Timer
 from .block_backend import SECTOR_SHIFT, SECTOR_SIZE, FileBackend
 from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, VirtioState, bit
-from .queue import Buffers, DescChain, QueueError, read_buffers, split_buffers, write_buffers
+from .queue import Buffers, DescChain, QueueError, SplitQueue, read_buffers, split_buffers, write_buffers
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,13 @@ REQUEST_HEADER = 16
 # Chains handled per process_queue call before the used interrupt and a chance for a backend
 # swap or reset waiting on the device lock.
 BATCH = 32
+# Within a batch, completed requests are published (and the driver interrupted if it asked to
+# be) once the batch has run this long: a batch of page-cache requests finishes sooner and gets
+# one interrupt; a batch of disk requests reports what is done every millisecond, so a request's
+# latency is not the whole batch's (32 O_DIRECT requests take a few milliseconds) and the driver
+# refills the ring meanwhile. Not much more often: an interrupt costs the device's thread up to
+# ~50 us on this project's nested host, a sizeable share of a 4 KiB disk request.
+PUBLISH_AFTER = 1e-3
 
 # Feature bits (spec §5.2.3).
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -96,7 +104,6 @@ CONFIG_CAPACITY = 0
 _REQ_HEADER = struct.Struct("<IIQ")
 
 # -- one request -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
 class BlkRequest:
     """One virtio-blk request, parsed from its descriptor chain (spec §5.2.6): the header's type
     and sector, the data buffers (device-readable for OUT/DISCARD/WRITE_ZEROES, device-writable
@@ -106,27 +113,40 @@ class BlkRequest:
     no status byte: a driver bug the transport answers with DEVICE_NEEDS_RESET); every judgement
     about its content (type, range, alignment, segments) is :meth:`execute`'s, which answers with
     a status. So both can be exercised, and fuzzed, without a queue or a device.
+
+    A plain class with slots rather than a frozen dataclass: one is built per request, and a
+    frozen dataclass's ``__init__`` costs several times as much.
     """
 
-    head: int
-    type: int
-    sector: int
-    data_out: Buffers
-    data_in: Buffers
-    status: int
+    __slots__ = ("head", "type", "sector", "data_out", "data_in", "status")
+
+    def __init__(self, head: int, type: int, sector: int, data_out: Buffers, data_in: Buffers,
+                 status: int):
+        self.head, self.type, self.sector = head, type, sector
+        self.data_out, self.data_in, self.status = data_out, data_in, status
+
+    def __repr__(self) -> str:
+        return (f"BlkRequest(head={self.head}, type={self.type}, sector={self.sector}, "
+                f"data_out={self.data_out}, data_in={self.data_in}, status={self.status:#x})")
 
     @classmethod
     def parse(cls, chain: DescChain, mem: GuestMemory) -> BlkRequest:
+        head, readable, writable = chain
+        if readable and readable[0][1] == REQUEST_HEADER and writable and writable[-1][1] == 1:
+            # The usual layout (Linux's): the header alone in the first buffer, the status byte
+            # alone in the last.
+            rtype, _reserved, sector = _REQ_HEADER.unpack(mem.read(readable[0][0], REQUEST_HEADER))
+            return cls(head, rtype, sector, readable[1:], writable[:-1], writable[-1][0])
         if chain.readable_len < REQUEST_HEADER:
-            raise QueueError(f"virtio-blk request {chain.head} has a {chain.readable_len}-byte header "
+            raise QueueError(f"virtio-blk request {head} has a {chain.readable_len}-byte header "
                              f"(needs {REQUEST_HEADER})")
         writable_len = chain.writable_len
         if writable_len < 1:
-            raise QueueError(f"virtio-blk request {chain.head} has no status byte")
-        rtype, _reserved, sector = _REQ_HEADER.unpack(read_buffers(mem, chain.readable, REQUEST_HEADER))
-        _, data_out = split_buffers(chain.readable, REQUEST_HEADER)
-        data_in, status_buf = split_buffers(chain.writable, writable_len - 1)
-        return cls(chain.head, rtype, sector, data_out, data_in, status_buf[0][0])
+            raise QueueError(f"virtio-blk request {head} has no status byte")
+        rtype, _reserved, sector = _REQ_HEADER.unpack(read_buffers(mem, readable, REQUEST_HEADER))
+        _, data_out = split_buffers(readable, REQUEST_HEADER)
+        data_in, status_buf = split_buffers(writable, writable_len - 1)
+        return cls(head, rtype, sector, data_out, data_in, status_buf[0][0])
 
     def execute(self, mem: GuestMemory, backend: FileBackend | None, *, writes_refused: bool,
                 serial: str | None, discard: bool, write_zeroes: bool) -> tuple[int, int]:
@@ -137,20 +157,22 @@ class BlkRequest:
         capacity = backend.capacity if backend is not None else 0
         rtype, sector = self.type, self.sector
         if rtype == VIRTIO_BLK_T_IN:
-            n = _total(self.data_in)
-            if not _range_ok(capacity, sector, n):
+            bufs = self.data_in
+            n = bufs[0][1] if len(bufs) == 1 else _total(bufs)
+            if n % SECTOR_SIZE or sector + (n >> SECTOR_SHIFT) > capacity:
                 return VIRTIO_BLK_S_IOERR, 0
             if n:
                 assert backend is not None
-                _with_views(mem, self.data_in, lambda views: backend.readv(sector << SECTOR_SHIFT, views))
+                backend.readv(sector << SECTOR_SHIFT, [mem.view(addr, length) for addr, length in bufs])
             return VIRTIO_BLK_S_OK, n
         if rtype == VIRTIO_BLK_T_OUT:
-            n = _total(self.data_out)
-            if writes_refused or not _range_ok(capacity, sector, n):
+            bufs = self.data_out
+            n = bufs[0][1] if len(bufs) == 1 else _total(bufs)
+            if writes_refused or n % SECTOR_SIZE or sector + (n >> SECTOR_SHIFT) > capacity:
                 return VIRTIO_BLK_S_IOERR, 0
             if n:
                 assert backend is not None
-                _with_views(mem, self.data_out, lambda views: backend.writev(sector << SECTOR_SHIFT, views))
+                backend.writev(sector << SECTOR_SHIFT, [mem.view(addr, length) for addr, length in bufs])
             return VIRTIO_BLK_S_OK, 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             if backend is not None:
@@ -204,17 +226,9 @@ def _total(bufs: Buffers) -> int:
 def _range_ok(capacity: int, sector: int, nbytes: int) -> bool:
     """Whole sectors (spec §5.2.6) inside the disk. ``capacity`` is the backend's own, not the
     config field's: during a hot-replace the backend changes first, and a request sized for the
-    old disk must not run off (or, on a write, extend) the new one."""
+    old disk must not run off (or, on a write, extend) the new one. (IN and OUT inline the same
+    test: they are the hot path.)"""
     return nbytes % SECTOR_SIZE == 0 and sector + (nbytes >> SECTOR_SHIFT) <= capacity
-
-
-def _with_views(mem: GuestMemory, bufs: Buffers, fn: Callable[[list[memoryview]], None]) -> None:
-    views = [mem.view(addr, length) for addr, length in bufs]
-    try:
-        fn(views)
-    finally:
-        for v in views:
-            v.release()
 
 
 # -- the device ------------------------------------------------------------------------------------
@@ -250,6 +264,7 @@ class VirtioBlk(VirtioDevice):
         self.on_io_error = on_io_error
         self._error_timer: Timer | None = None
         self._held_error: tuple[str, bool, str] | None = None  # the last error not yet reported
+        self._discard = self._write_zeroes = False   # negotiated features, set at activation
         self._config = bytearray(CONFIG.pack(
             backend.capacity if backend is not None else 0,
             0,                           # size_max (VIRTIO_BLK_F_SIZE_MAX not offered)
@@ -344,11 +359,88 @@ class VirtioBlk(VirtioDevice):
                              f"{what} sectors")
 
     # -- request processing (I/O thread, lock held) ----------------------------------------------
+    def activate(self, mem: GuestMemory, queues: Sequence[SplitQueue | None], interrupt: Interrupt,
+                 features: int) -> None:
+        super().activate(mem, queues, interrupt, features)
+        # Looked up once per activation rather than once per request.
+        self._discard = bool(features & bit(VIRTIO_BLK_F_DISCARD))
+        self._write_zeroes = bool(features & bit(VIRTIO_BLK_F_WRITE_ZEROES))
+
     def process_queue(self, index: int) -> bool:
+        """Serve up to BATCH requests: the chains are popped together, executed in order, and
+        published as used together, with one interrupt decision for the batch.
+
+        The usual request -- IN or OUT laid out as Linux lays it out, the 16-byte header alone in
+        the first buffer and the status byte alone in the last -- is carried out right here,
+        through the queue's view of guest RAM (its buffers were checked when the chain was
+        walked) and with the very checks of :meth:`BlkRequest.execute`: whole sectors inside the
+        backend's own capacity, no write to a read-only disk or slot. Anything else, and any
+        request on an empty slot, goes through :class:`BlkRequest`. At a few microseconds per
+        request, each Python call saved here is a few per cent of the device's throughput.
+        """
         queue = self.queue(index)
         if queue is None:
             return False
-        return self.serve_batch(queue, self._handle, BATCH)
+        chains = queue.pop_batch(BATCH)
+        if not chains:
+            return False
+        view, at = queue.view, queue.host_offset
+        backend = self._backend
+        if backend is not None:
+            capacity = backend.capacity
+            writes_refused = self.read_only or backend.read_only
+        used: list[tuple[int, int]] = []
+        deadline = monotonic() + PUBLISH_AFTER
+        try:
+            for chain in chains:
+                if used and monotonic() > deadline:
+                    # Slow requests (a disk, not the page cache): hand over what is done, so the
+                    # driver refills the ring while the rest of the batch is still being served.
+                    queue.add_used_batch(used)
+                    used = []
+                    self.notify_used(queue)
+                    deadline = monotonic() + PUBLISH_AFTER
+                head, readable, writable = chain
+                if backend is None or not readable or readable[0][1] != REQUEST_HEADER \
+                        or not writable or writable[-1][1] != 1:
+                    used.append((head, self._handle(chain)))
+                    continue
+                rtype, _reserved, sector = _REQ_HEADER.unpack_from(view, at(readable[0][0]))
+                if rtype == VIRTIO_BLK_T_IN and len(readable) == 1:
+                    bufs = writable[:-1]
+                    reading = True
+                elif rtype == VIRTIO_BLK_T_OUT and len(writable) == 1:
+                    bufs = readable[1:]
+                    reading = False
+                else:
+                    used.append((head, self._handle(chain)))
+                    continue
+                n = bufs[0][1] if len(bufs) == 1 else _total(bufs)
+                if n % SECTOR_SIZE or sector + (n >> SECTOR_SHIFT) > capacity \
+                        or (writes_refused and not reading):
+                    status, written = VIRTIO_BLK_S_IOERR, 0
+                else:
+                    status, written = VIRTIO_BLK_S_OK, n if reading else 0
+                    if n:
+                        views = [view[(o := at(addr)):o + length] for addr, length in bufs]
+                        try:
+                            if reading:
+                                backend.readv(sector << SECTOR_SHIFT, views)
+                            else:
+                                backend.writev(sector << SECTOR_SHIFT, views)
+                        except OSError as exc:
+                            self._log_io_error(rtype, sector, exc)
+                            status, written = VIRTIO_BLK_S_IOERR, 0
+                        del views
+                status_addr = writable[-1][0]
+                view[at(status_addr)] = status
+                used.append((head, written + 1))
+        finally:
+            queue.add_used_batch(used)   # what completed is completed, even if a later chain was bad
+        self.notify_used(queue)
+        # pop_batch looked at avail->idx again after it asked for the next notification: a chain
+        # the driver added meanwhile was not notified, so it is served now.
+        return len(chains) >= BATCH or queue.has_available()
 
     def _handle(self, chain: DescChain) -> int:
         """Parse and execute one request; returns the bytes written to its writable buffers."""
@@ -358,8 +450,7 @@ class VirtioBlk(VirtioDevice):
         try:
             status, written = request.execute(
                 mem, backend, writes_refused=self.read_only or (backend is not None and backend.read_only),
-                serial=self.serial, discard=self.negotiated(VIRTIO_BLK_F_DISCARD),
-                write_zeroes=self.negotiated(VIRTIO_BLK_F_WRITE_ZEROES))
+                serial=self.serial, discard=self._discard, write_zeroes=self._write_zeroes)
         except OSError as exc:
             self._log_io_error(request.type, request.sector, exc)
             status, written = VIRTIO_BLK_S_IOERR, 0

@@ -191,12 +191,23 @@ class FileBackend:
     # -- data transfer ---------------------------------------------------------------------------
     def readv(self, offset: int, views: Sequence[memoryview]) -> None:
         """Fill ``views`` from the file at ``offset``; raises OSError."""
+        if not self.direct and len(views) == 1:
+            # The common request (one guest buffer, page cache): one call, nothing built.
+            n = os.preadv(self.fd, views, offset)
+            if n != len(views[0]):
+                _io_all(os.preadv, self.fd, [views[0][n:]], offset + n)
+            return
         self._transfer(os.preadv, offset, views, reading=True)
 
     def writev(self, offset: int, views: Sequence[memoryview]) -> None:
         """Write ``views`` to the file at ``offset``; raises OSError."""
         if self.read_only:
             raise OSError(errno.EROFS, "read-only drive")
+        if not self.direct and len(views) == 1:
+            n = os.pwritev(self.fd, views, offset)
+            if n != len(views[0]):
+                _io_all(os.pwritev, self.fd, [views[0][n:]], offset + n)
+            return
         self._transfer(os.pwritev, offset, views, reading=False)
 
     def _transfer(self, op: VectorIo, offset: int, views: Sequence[memoryview], reading: bool) -> None:

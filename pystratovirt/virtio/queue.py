@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import PyStratoVirtError
-from ..memory.guest import GuestMemory, GuestMemoryError
+from ..memory.guest import GuestMemory
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -70,6 +71,10 @@ class DescChain(NamedTuple):
         return sum(length for _, length in self.writable)
 
 
+# DescChain(...) runs a Python-level __new__; the walk builds one per chain, so it calls tuple's.
+_new_chain = tuple.__new__
+
+
 def vring_need_event(event: int, new: int, old: int) -> bool:
     """True if moving an index from ``old`` to ``new`` passed ``event`` (all u16, wrapping).
 
@@ -115,6 +120,13 @@ class SplitQueue:
     ``size`` must be a power of two (the ring indices wrap at 2**16, which only maps onto the
     ring consistently for a power-of-two size); every ring part must be aligned and lie in RAM.
     ``event_idx`` and ``indirect`` are the negotiated VIRTIO_F_EVENT_IDX / VIRTIO_F_INDIRECT_DESC.
+
+    The rings are accessed through one view of guest RAM at host offsets computed here once: the
+    ring parts were checked to lie in RAM, and every index into them is reduced modulo the queue
+    size, so no ring access needs a check of its own. Buffers named by descriptors are checked,
+    each one, before a chain is returned; :meth:`host_offset` then translates their addresses
+    without checking again. The view is guest memory's own (:meth:`GuestMemory.host_view`): it
+    dies with the memory, so a queue never keeps RAM mapped.
     """
 
     def __init__(self, mem: GuestMemory, size: int, desc_addr: int, avail_addr: int,
@@ -135,6 +147,17 @@ class SplitQueue:
         self.used_addr = used_addr
         # Guest RAM as (start, end) pairs: the buffer check below runs for every descriptor.
         self._ram = tuple((region.gpa, region.end) for region in mem.regions)
+        # Region 0 starts at guest address 0, host offset 0; above it, one constant shift.
+        self._low_end = mem.regions[0].end
+        self._high_shift = (mem.regions[1].offset - mem.regions[1].gpa) if len(mem.regions) > 1 else 0
+        self._view: memoryview | None = mem.host_view()
+        # Ring indices and event fields go through 16-bit words: a single load or store each, so
+        # the driver never sees half of one (nor the 0 struct.pack_into writes before a value).
+        self._words: memoryview | None = mem.host_view_u16()
+        self._desc = mem.host_offset(desc_addr, DESC_SIZE * size)
+        self._avail = mem.host_offset(avail_addr, 6 + 2 * size)   # flags, idx, ring[size], used_event
+        self._used = mem.host_offset(used_addr, 6 + USED_ELEM_SIZE * size)  # flags, idx, ring, avail_event
+        self._mask = size - 1
         self.event_idx = event_idx
         self.indirect = indirect
         self.last_avail_idx = 0     # next available ring entry the device will consume
@@ -144,7 +167,28 @@ class SplitQueue:
         self._fence = threading.Lock()
 
     def close(self) -> None:
-        """The owner is done with the queue (it keeps no host resources; kept for symmetry)."""
+        """The owner is done with the queue; any later use raises QueueError."""
+        self._view = self._words = None
+
+    @property
+    def _w(self) -> memoryview:
+        words = self._words
+        if words is None:
+            raise QueueError("the queue is closed")
+        return words
+
+    @property
+    def view(self) -> memoryview:
+        """Guest RAM by host offset (see :meth:`host_offset`); valid until :meth:`close`."""
+        view = self._view
+        if view is None:
+            raise QueueError("the queue is closed")
+        return view
+
+    def host_offset(self, addr: int) -> int:
+        """Where guest address ``addr`` of a buffer of a chain this queue returned lies in
+        :attr:`view` (the chain's buffers were checked against RAM when it was walked)."""
+        return addr if addr < self._low_end else addr + self._high_shift
 
     # -- state as a value ------------------------------------------------------------------------
     def save_state(self, unfinished: int = 0) -> QueueState:
@@ -192,7 +236,7 @@ class SplitQueue:
 
     # -- consuming available chains --------------------------------------------------------------
     def _read_avail_idx(self) -> int:
-        idx = self.mem.read_u16(self.avail_addr + 2)
+        idx = self._w[(self._avail + 2) >> 1]
         pending = (idx - self.last_avail_idx) & 0xFFFF
         if pending > self.size:
             raise QueueError(f"available index {idx} is {pending} entries ahead of the device's "
@@ -202,41 +246,111 @@ class SplitQueue:
 
     def pending(self) -> int:
         """How many chains the driver has made available that the device has not popped."""
-        try:
+        if self.event_idx:
+            _full_barrier(self._fence)
+        return (self._read_avail_idx() - self.last_avail_idx) & 0xFFFF
+
+    def _available(self) -> int:
+        """How many entries are known available, reading avail->idx again (after the barrier
+        EVENT_IDX needs) only when the last read ones are used up."""
+        last = self.last_avail_idx
+        if last == self._avail_shadow:
             if self.event_idx:
+                # avail_event was stored by the previous pop; it must be visible before we
+                # load avail->idx, or a driver that just added a buffer and read the old
+                # avail_event would skip its notification while we conclude the ring is empty.
                 _full_barrier(self._fence)
-            return (self._read_avail_idx() - self.last_avail_idx) & 0xFFFF
-        except GuestMemoryError as exc:  # unreachable: the ring was validated; belt and braces
-            raise QueueError(str(exc)) from None
+            if self._read_avail_idx() == last:
+                return 0
+        return (self._avail_shadow - last) & 0xFFFF
 
     def pop(self) -> DescChain | None:
         """The next available chain, or None when the driver has made nothing more available."""
+        if not self._available():
+            return None
+        words = self._w
+        head = words[(self._avail + 4 + 2 * (self.last_avail_idx & self._mask)) >> 1]
+        chain = self._walk(head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if self.event_idx:
+            # Ask to be notified when the driver makes the entry after this one available.
+            words[(self._used + 4 + USED_ELEM_SIZE * self.size) >> 1] = self.last_avail_idx
+        return chain
+
+    def pop_batch(self, limit: int) -> list[DescChain]:
+        """Up to ``limit`` available chains at once (what :meth:`pop` would return one by one;
+        the available ring's entries are read in one go and avail_event is written once).
+
+        With EVENT_IDX, avail_event is written after the batch and avail->idx read once more
+        behind a barrier: a chain the driver added meanwhile (without a notification, since it
+        saw the old avail_event) shows in :meth:`has_available`, so the caller comes back for it
+        instead of waiting for a notification that will not come."""
+        count = min(self._available(), limit)
+        if count <= 0:
+            return []
+        view, mask, ring, walk = self.view, self._mask, self._avail + 4, self._walk
+        first = self.last_avail_idx & mask
+        if first + count <= self.size:
+            heads = struct.unpack_from(f"<{count}H", view, ring + 2 * first)
+        else:  # the entries wrap around the end of the ring
+            heads = (struct.unpack_from(f"<{self.size - first}H", view, ring + 2 * first)
+                     + struct.unpack_from(f"<{first + count - self.size}H", view, ring))
+        chains = []
         try:
-            if self.last_avail_idx == self._avail_shadow:
-                if self.event_idx:
-                    # avail_event was stored by the previous pop; it must be visible before we
-                    # load avail->idx, or a driver that just added a buffer and read the old
-                    # avail_event would skip its notification while we conclude the ring is empty.
-                    _full_barrier(self._fence)
-                if self._read_avail_idx() == self.last_avail_idx:
-                    return None
-            slot = self.last_avail_idx % self.size
-            head = self.mem.read_u16(self.avail_addr + 4 + 2 * slot)
-            chain = self._walk(head)
-            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-            if self.event_idx:
-                # Ask to be notified when the driver makes the entry after this one available.
-                self.mem.write_u16(self.used_addr + 4 + USED_ELEM_SIZE * self.size, self.last_avail_idx)
-            return chain
-        except GuestMemoryError as exc:  # unreachable: everything is checked before access
-            raise QueueError(str(exc)) from None
+            for head in heads:
+                chains.append(walk(head))
+        finally:
+            self.last_avail_idx = (self.last_avail_idx + len(chains)) & 0xFFFF
+            if self.event_idx and chains:
+                self._w[(self._used + 4 + USED_ELEM_SIZE * self.size) >> 1] = self.last_avail_idx
+        if self.event_idx and self.last_avail_idx == self._avail_shadow:
+            _full_barrier(self._fence)
+            self._read_avail_idx()
+        return chains
+
+    def has_available(self) -> bool:
+        """Whether chains are known to be available (as of the last look at avail->idx)."""
+        return self._avail_shadow != self.last_avail_idx
 
     def _walk(self, head: int) -> DescChain:
-        if head >= self.size:
-            raise QueueError(f"available ring names descriptor {head}, past the table of {self.size}")
+        """The chain starting at descriptor ``head``, every buffer checked against RAM. The
+        common chain (direct descriptors only) is walked here; one that uses an indirect table
+        is walked again by :meth:`_walk_general`."""
+        size = self.size
+        if head >= size:
+            raise QueueError(f"available ring names descriptor {head}, past the table of {size}")
+        view, table, low_end, unpack = self._view, self._desc, self._low_end, _DESC.unpack_from
+        if view is None:
+            raise QueueError("the queue is closed")
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
-        table, table_len, limit = self.desc_addr, self.size, self.size
+        index = head
+        for _ in range(size):   # a chain longer than the table has a loop
+            addr, length, flags, nxt = unpack(view, table + DESC_SIZE * index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                return self._walk_general(head)
+            # addr is a u64 and length a u32, so neither is negative: region 0 is [0, low_end).
+            if addr + length > low_end and not self._in_ram(addr, length):
+                raise QueueError(f"chain {head}: buffer [{addr:#x}, +{length:#x}) is outside guest RAM")
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append((addr, length))
+            elif writable:
+                raise QueueError(f"chain {head}: device-readable buffer after a device-writable one")
+            else:
+                readable.append((addr, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return _new_chain(DescChain, (head, tuple(readable), tuple(writable)))
+            if nxt >= size:
+                raise QueueError(f"chain {head}: next descriptor {nxt} is past the table of {size}")
+            index = nxt
+        raise QueueError(f"descriptor chain from head {head} is longer than {size} descriptors (a loop)")
+
+    def _walk_general(self, head: int) -> DescChain:
+        size = self.size
+        view = self.view
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        table, table_len, limit = self._desc, size, size
         in_indirect = False
         index, steps = head, 0
         while True:
@@ -244,7 +358,7 @@ class SplitQueue:
             if steps > limit:
                 where = "indirect table" if in_indirect else "descriptor chain"
                 raise QueueError(f"{where} from head {head} is longer than {limit} descriptors (a loop)")
-            addr, length, flags, nxt = _DESC.unpack(self.mem.read(table + DESC_SIZE * index, DESC_SIZE))
+            addr, length, flags, nxt = _DESC.unpack_from(view, table + DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     raise QueueError(f"chain {head}: indirect descriptor inside an indirect table")
@@ -260,7 +374,7 @@ class SplitQueue:
                     raise QueueError(f"chain {head}: indirect table [{addr:#x}, +{length:#x}) is "
                                      "outside guest RAM")
                 # The WRITE flag of the descriptor naming the table is ignored (spec §2.7.5.3.2).
-                table, table_len = addr, length // DESC_SIZE
+                table, table_len = self.host_offset(addr), length // DESC_SIZE
                 limit = min(table_len, MAX_TABLE_STEPS)
                 in_indirect = True
                 index, steps = 0, 0
@@ -282,13 +396,25 @@ class SplitQueue:
     # -- returning used chains -------------------------------------------------------------------
     def add_used(self, head: int, written: int) -> None:
         """Publish chain ``head`` as used with ``written`` bytes written to its writable buffers."""
-        slot = self.used_idx % self.size
+        view = self.view
         # Element first, index second: x86 keeps stores in program order, so a driver that sees
         # the new index also sees the element.
-        self.mem.write(self.used_addr + 4 + USED_ELEM_SIZE * slot,
-                       _USED_ELEM.pack(head & 0xFFFF_FFFF, written & 0xFFFF_FFFF))
+        _USED_ELEM.pack_into(view, self._used + 4 + USED_ELEM_SIZE * (self.used_idx & self._mask),
+                             head & 0xFFFF_FFFF, written & 0xFFFF_FFFF)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.mem.write_u16(self.used_addr + 2, self.used_idx)
+        self._w[(self._used + 2) >> 1] = self.used_idx
+
+    def add_used_batch(self, used: Sequence[tuple[int, int]]) -> None:
+        """Publish several (head, written) chains as used, with one index update at the end."""
+        if not used:
+            return
+        view, ring, mask, idx = self.view, self._used + 4, self._mask, self.used_idx
+        pack = _USED_ELEM.pack_into
+        for head, written in used:
+            pack(view, ring + USED_ELEM_SIZE * (idx & mask), head & 0xFFFF_FFFF, written & 0xFFFF_FFFF)
+            idx += 1
+        self.used_idx = idx & 0xFFFF
+        self._w[(self._used + 2) >> 1] = self.used_idx
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer interrupt for what was added since the last call."""
@@ -299,11 +425,11 @@ class SplitQueue:
         if self.event_idx:
             if old is None:
                 return True  # nothing known about the driver's wishes yet: be safe
-            used_event = self.mem.read_u16(self.avail_addr + 4 + 2 * self.size)
+            used_event = self._w[(self._avail + 4 + 2 * self.size) >> 1]
             return vring_need_event(used_event, new, old)
         if old == new:
             return False
-        flags = self.mem.read_u16(self.avail_addr)
+        flags = self._w[self._avail >> 1]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
 
