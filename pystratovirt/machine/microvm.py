@@ -577,8 +577,7 @@ class MicroVm:
     def _device_add(self, req: rq.DeviceAdd) -> Future[None]:
         """Answered once the device has switched to the backend (on its I/O thread)."""
         assert self.slots is not None  # built
-        props = {"serial": req.serial} if "blk" in req.driver else {}
-        return self.slots.attach(req.id, req.driver, req.slot, req.backend_id, **props)
+        return self.slots.attach(req.id, req.driver, req.slot, req.backend_id, serial=req.serial)
 
     def _device_del(self, req: rq.DeviceDel) -> Future[None]:
         """DEVICE_DELETED, then the reply, once the slot is empty (after the request in flight)."""

@@ -153,12 +153,15 @@ class ReplaceableSlots:
     def attach(self, device_id: str, driver: str, slot: int, backend_id: str | None = None,
                **props: str | None) -> Future[None]:
         """Put the backend registered as ``backend_id`` (default: ``device_id``) into ``slot``;
-        ``props`` go to the device (a disk's ``serial``). The future completes once the device
-        has switched (on its I/O thread)."""
+        ``props`` go to the device (a disk's ``serial``; a NIC takes none, so what a client sent
+        for one is dropped, as StratoVirt ignores it). The future completes once the device has
+        switched (on its I/O thread)."""
         kind = _kind_of_driver(driver)
         if kind is None:
             raise rq.MachineError("Unsupported replaceable device type to add replaceable device, "
                                   f"id: {device_id} driver: {driver}")
+        if kind is SlotKind.NET:
+            props = {}
         devices = self._devices[kind]
         if not 0 <= slot < len(devices):
             raise rq.MachineError(f"Index {slot} is out of bounds {len(devices)} for {kind.value} to add "
