@@ -73,11 +73,12 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from ..memory.guest import GuestMemory
 from ..util.eventloop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 from .device import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Interrupt, VirtioDevice, VirtioState, bit
-from .queue import DescChain, QueueError, SplitQueue, read_buffers, write_buffers
+from .queue import Buffers, DescChain, QueueError, SplitQueue, read_buffers, write_buffers
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN, Tap
 
 log = logging.getLogger(__name__)
@@ -173,31 +174,28 @@ class NetStats:
     tx_errors: int = 0      # shorter than the header, or refused by the tap
 
 
-class _RxChain:
-    """A popped receive chain waiting for a frame, with the iovec that reads one into it."""
+class _RxChain(NamedTuple):
+    """A popped receive chain waiting for a frame, with the iovec that reads one into it:
+    ``views`` of its buffers and then the overflow buffer (``iov`` None: too many pieces for
+    one readv, the frame goes through the bounce buffer and is scattered); ``limit`` is what the
+    iovec holds (a read that fills it may have been cut short)."""
 
-    __slots__ = ("head", "cap", "bufs", "views", "iov", "limit")
-
-    def __init__(self, chain: DescChain, mem: GuestMemory, overflow: memoryview):
-        self.head = chain.head
-        self.cap = chain.writable_len
-        self.bufs = chain.writable
-        if len(chain.writable) < IOV_MAX:
-            self.views = [mem.view(addr, length) for addr, length in chain.writable if length]
-            self.iov: list[memoryview] | None = self.views + [overflow]
-            self.limit = self.cap + len(overflow)
-        else:  # too many pieces for one readv: read into the bounce buffer and scatter
-            self.views = []
-            self.iov = None
-            self.limit = OVERFLOW_SIZE
+    head: int
+    cap: int
+    bufs: Buffers
+    views: list[memoryview]
+    iov: list[memoryview] | None
+    limit: int
 
     def release(self) -> None:
         for v in self.views:
             v.release()
-        self.views = []
-        self.iov = None
 
 
+_new_rx = tuple.__new__   # building one per posted buffer: tuple's __new__, not NamedTuple's
+
+
+# -- the device ------------------------------------------------------------------------------------
 # -- the device ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NetState:
@@ -239,7 +237,7 @@ class VirtioNet(VirtioDevice):
         self._closed = False
         self._warned: set[str] = set()   # one-time warnings, per backend
         self._stats = NetStats()
-        self._overflow = memoryview(bytearray(OVERFLOW_SIZE))
+        self._overflow: memoryview | None = None   # allocated when the first buffer is posted
         self._bounce: bytearray | None = None
         self._watched: tuple[int, int] = (-1, 0)   # (tap fd, epoll mask) registered on self.io
         self._config = bytearray(CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP if self._link_up else 0, 1))
@@ -434,47 +432,89 @@ class VirtioNet(VirtioDevice):
         return more
 
     def _collect_rx(self) -> None:
+        """Take every receive chain the driver posted, each with the iovec a frame is read into.
+        The usual chain is one buffer (Linux's small-buffer receive): one view of it, taken
+        through the queue's view of guest RAM (the walk checked the buffer), and the overflow
+        buffer behind it. This runs for every buffer the driver re-posts, so as often as frames
+        arrive: it is kept to a few operations."""
         queue = self.queue(RX_QUEUE)
         if queue is None:
             return
-        while (chain := queue.pop()) is not None:
-            if chain.writable_len < HDR_LEN:
-                raise QueueError(f"virtio-net receive chain {chain.head} has {chain.writable_len} "
-                                 f"writable bytes, less than the {HDR_LEN}-byte header")
-            self._rx_chains.append(_RxChain(chain, self.mem, self._overflow))
+        if self._overflow is None:
+            self._overflow = memoryview(bytearray(OVERFLOW_SIZE))
+        overflow = self._overflow
+        view, at = queue.view, queue.host_offset
+        append = self._rx_chains.append
+        limit = len(overflow)
+        while chains := queue.pop_batch(QUEUE_SIZE):
+            for head, _readable, writable in chains:
+                if len(writable) == 1:
+                    addr, cap = writable[0]
+                    if cap >= HDR_LEN:
+                        buf = view[(off := at(addr)):off + cap]
+                        append(_new_rx(_RxChain, (head, cap, writable, [buf], [buf, overflow], cap + limit)))
+                        continue
+                cap = sum(length for _, length in writable)
+                if cap < HDR_LEN:
+                    raise QueueError(f"virtio-net receive chain {head} has {cap} writable bytes, "
+                                     f"less than the {HDR_LEN}-byte header")
+                if len(writable) < IOV_MAX:
+                    views = [view[(off := at(addr)):off + length] for addr, length in writable if length]
+                    append(_new_rx(_RxChain, (head, cap, writable, views, views + [overflow], cap + limit)))
+                else:  # too many pieces for one readv: read into the bounce buffer and scatter
+                    append(_new_rx(_RxChain, (head, cap, writable, [], None, OVERFLOW_SIZE)))
 
     def _process_tx(self) -> bool:
         queue = self.queue(TX_QUEUE)
         if queue is None:
             return False
         blocked = bool(self._tx_pending)
-        popped = 0
-        while blocked or popped < TX_BATCH:
-            chain = queue.pop()
-            if chain is None:
-                break
-            self._tx_pending.append(chain)
-            popped += 1
+        chains = queue.pop_batch(QUEUE_SIZE if blocked else TX_BATCH)
+        self._tx_pending.extend(chains)
         self._flush_tx(queue)
         if self._tx_pending:
             # Blocked: take every chain the driver has announced, so that none waits in the ring
             # for a notification that already came (the poller cannot pop; see module doc).
-            while (chain := queue.pop()) is not None:
-                self._tx_pending.append(chain)
+            while chains := queue.pop_batch(QUEUE_SIZE):
+                self._tx_pending.extend(chains)
             return False
-        return popped >= TX_BATCH
+        # pop_batch looked at avail->idx again after it asked for the next notification.
+        return len(chains) >= TX_BATCH or queue.has_available()
 
     # -- transmit --------------------------------------------------------------------------------
     def _flush_tx(self, queue: SplitQueue) -> None:  # lock held
-        completed = 0
-        while self._tx_pending:
-            chain = self._tx_pending[0]
-            if not self._transmit(chain):
-                break  # the tap would block: EPOLLOUT resumes here
-            self._tx_pending.popleft()
-            queue.add_used(chain.head, 0)
-            completed += 1
-        if completed:
+        """Send the pending chains in order until the tap would block; the sent ones are
+        published together. The usual chain (header and frame in one buffer, Linux's) is
+        written straight from the queue's view of guest RAM (the walk checked the buffer)."""
+        pending = self._tx_pending
+        used: list[tuple[int, int]] = []
+        tap = self._backend
+        stats = self._stats
+        view, at = queue.view, queue.host_offset
+        try:
+            while pending:
+                chain = pending[0]
+                readable = chain.readable
+                if tap is not None and len(readable) == 1 and readable[0][1] >= HDR_LEN:
+                    addr, length = readable[0]
+                    try:
+                        os.write(tap.fd, view[(off := at(addr)):off + length])
+                    except BlockingIOError:
+                        break  # the tap would block: EPOLLOUT resumes here
+                    except OSError as exc:
+                        self._tx_failed(tap, exc, length)
+                        tap = self._backend
+                    else:
+                        stats.tx_packets += 1
+                        stats.tx_bytes += length - HDR_LEN
+                elif not self._transmit(chain):
+                    break
+                pending.popleft()
+                used.append((chain.head, 0))
+        finally:
+            if used:
+                queue.add_used_batch(used)
+        if used:
             self.notify_used(queue)
 
     def _settle_tx(self) -> None:  # lock held
@@ -507,17 +547,7 @@ class VirtioNet(VirtioDevice):
         except BlockingIOError:
             return False
         except OSError as exc:
-            if exc.errno in _TAP_GONE:
-                self._lose_backend(exc)
-                stats.tx_dropped += 1
-            elif exc.errno == errno.EIO:  # the tap interface is down: no carrier, frame lost
-                stats.tx_dropped += 1
-                self._warn_once("tx-down", "%s: tap %s is down; transmitted frames are dropped",
-                                self.name, tap.ifname)
-            else:
-                stats.tx_errors += 1
-                self._warn_once("tx-error", "%s: tap %s refused a %d-byte frame: %s", self.name,
-                                tap.ifname, length - HDR_LEN, exc.strerror)
+            self._tx_failed(tap, exc, length)
             return True
         finally:
             for v in views:
@@ -525,6 +555,21 @@ class VirtioNet(VirtioDevice):
         stats.tx_packets += 1
         stats.tx_bytes += length - HDR_LEN
         return True
+
+    def _tx_failed(self, tap: Tap, exc: OSError, length: int) -> None:  # lock held
+        """A frame the tap refused (not EAGAIN): the chain completes, the frame is counted."""
+        stats = self._stats
+        if exc.errno in _TAP_GONE:
+            self._lose_backend(exc)
+            stats.tx_dropped += 1
+        elif exc.errno == errno.EIO:  # the tap interface is down: no carrier, frame lost
+            stats.tx_dropped += 1
+            self._warn_once("tx-down", "%s: tap %s is down; transmitted frames are dropped",
+                            self.name, tap.ifname)
+        else:
+            stats.tx_errors += 1
+            self._warn_once("tx-error", "%s: tap %s refused a %d-byte frame: %s", self.name,
+                            tap.ifname, length - HDR_LEN, exc.strerror)
 
     # -- tap events (I/O thread) -----------------------------------------------------------------
     def _on_tap_event(self, mask: int) -> None:
@@ -545,61 +590,74 @@ class VirtioNet(VirtioDevice):
             self._update_watch()
 
     def _receive(self) -> None:  # lock held
-        """Read up to RX_BUDGET frames from the tap into cached receive chains."""
+        """Read up to RX_BUDGET frames from the tap into cached receive chains; the chains filled
+        are published together, with one interrupt decision."""
         queue = self.queue(RX_QUEUE)
         if queue is None:
             return
         stats = self._stats
-        delivered = 0
+        chains = self._rx_chains
+        used: list[tuple[int, int]] = []
+        readv = os.readv
         budget = RX_BUDGET
-        while self._rx_chains and budget:
-            tap = self._backend
-            if tap is None:
-                break
-            rx = self._rx_chains[0]
-            iov: Sequence[memoryview | bytearray] | None = rx.iov
-            if iov is None:
-                if self._bounce is None:
-                    self._bounce = bytearray(OVERFLOW_SIZE)
-                iov = [self._bounce]
-            try:
-                n = os.readv(tap.fd, iov)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self._lose_backend(exc)
-                break
-            budget -= 1
-            if n > rx.cap or n >= rx.limit:
-                stats.rx_oversized += 1
-                self._warn_once("rx-oversized", "%s: dropped a %d-byte frame from tap %s: the "
-                                "guest's receive buffer holds %d", self.name, n - HDR_LEN,
-                                tap.ifname, rx.cap - HDR_LEN)
-                continue
-            if n < HDR_LEN:
-                stats.rx_dropped += 1
-                continue
-            if rx.iov is None:
-                write_buffers(self.mem, rx.bufs, memoryview(self._bounce)[:n])  # type: ignore[arg-type]  # set above
-            first = rx.views[0] if rx.views else None
-            if first is not None and len(first) >= HDR_LEN:
-                # The usual layout (header and frame in one buffer): patch the header in place.
-                if not self._fix_rx_header(first):
+        try:
+            while chains and budget:
+                tap = self._backend
+                if tap is None:
+                    break
+                rx = chains[0]
+                iov: Sequence[memoryview | bytearray] | None = rx.iov
+                bounce = None
+                if iov is None:   # a chain of several buffers: read into the bounce buffer
+                    bounce = self._bounce
+                    if bounce is None:
+                        bounce = self._bounce = bytearray(OVERFLOW_SIZE)
+                    iov = [bounce]
+                try:
+                    n = readv(tap.fd, iov)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    self._lose_backend(exc)
+                    break
+                budget -= 1
+                if n > rx.cap or n >= rx.limit:
+                    stats.rx_oversized += 1
+                    self._warn_once("rx-oversized", "%s: dropped a %d-byte frame from tap %s: the "
+                                    "guest's receive buffer holds %d", self.name, n - HDR_LEN,
+                                    tap.ifname, rx.cap - HDR_LEN)
+                    continue
+                if n < HDR_LEN:
                     stats.rx_dropped += 1
                     continue
-            else:
-                header = bytearray(read_buffers(self.mem, rx.bufs, HDR_LEN))
-                if not self._fix_rx_header(memoryview(header)):
-                    stats.rx_dropped += 1
-                    continue
-                write_buffers(self.mem, rx.bufs, header)
-            self._rx_chains.popleft()
-            rx.release()
-            queue.add_used(rx.head, n)
-            delivered += 1
-            stats.rx_packets += 1
-            stats.rx_bytes += n - HDR_LEN
-        if delivered:
+                if bounce is not None:
+                    write_buffers(self.mem, rx.bufs, memoryview(bounce)[:n])
+                views = rx.views
+                first = views[0] if views else None
+                if first is not None and len(first) >= HDR_LEN:
+                    # The usual layout (header and frame in one buffer): the header in place. A
+                    # frame without checksum or segmentation work (flags and gso_type 0) only
+                    # needs num_buffers, 1 without MRG_RXBUF (the tap does not write it).
+                    if first[0] or first[1]:
+                        if not self._fix_rx_header(first):
+                            stats.rx_dropped += 1
+                            continue
+                    else:
+                        first[10:12] = b"\x01\x00"
+                else:
+                    header = bytearray(read_buffers(self.mem, rx.bufs, HDR_LEN))
+                    if not self._fix_rx_header(memoryview(header)):
+                        stats.rx_dropped += 1
+                        continue
+                    write_buffers(self.mem, rx.bufs, header)
+                chains.popleft()
+                used.append((rx.head, n))
+                stats.rx_packets += 1
+                stats.rx_bytes += n - HDR_LEN
+        finally:
+            if used:
+                queue.add_used_batch(used)
+        if used:
             self.notify_used(queue)
 
     def _fix_rx_header(self, header: memoryview) -> bool:
