@@ -64,15 +64,34 @@ class Bus:
             return None
         return r.device, addr - r.base
 
+    # read and write are every port-I/O and MMIO exit's way to its device: the range that
+    # answered last is tried first (a guest talks to one device many times in a row, the UART
+    # above all), then the bisection. The remembered range is a read-only tuple, so vCPU threads
+    # sharing the bus at most miss it.
+    _last: _Range | None = None
+
     def read(self, addr: int, size: int) -> int:
-        hit = self.lookup(addr, size)
-        if hit is None:
-            return (1 << (8 * size)) - 1
-        device, offset = hit
-        return device.read(offset, size)
+        r = self._last
+        if r is None or not r.base <= addr or addr + size > r.base + r.length:
+            r = self._find(addr, size)
+            if r is None:
+                return (1 << (8 * size)) - 1
+        return r.device.read(addr - r.base, size)
 
     def write(self, addr: int, size: int, value: int) -> None:
-        hit = self.lookup(addr, size)
-        if hit is not None:
-            device, offset = hit
-            device.write(offset, size, value)
+        r = self._last
+        if r is None or not r.base <= addr or addr + size > r.base + r.length:
+            r = self._find(addr, size)
+            if r is None:
+                return
+        r.device.write(addr - r.base, size, value)
+
+    def _find(self, addr: int, size: int) -> _Range | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i < 0:
+            return None
+        r = self._ranges[i]
+        if addr + size > r.base + r.length:
+            return None
+        self._last = r
+        return r

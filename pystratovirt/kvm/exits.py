@@ -10,8 +10,8 @@ completing an IN / MMIO read means writing into the mapping before the next :met
 from __future__ import annotations
 
 import enum
+import struct
 import typing
-from dataclasses import dataclass, field
 
 from . import structs as s
 
@@ -89,23 +89,50 @@ def _enum_or_int(enum_type: type[_E], value: int) -> _E | int:
         return value
 
 
+class _Exit:
+    """What every decoded exit shares: equality by kind and fields, a readable repr.
+
+    Plain classes with slots rather than dataclasses: a vCPU thread builds one per guest exit
+    (hundreds of thousands in a Linux boot), and a dataclass costs more to build, both here and
+    when the module is imported at start-up. ``_fields`` lists what equality and repr show.
+    """
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in self._fields)
+
+    def __hash__(self) -> int:
+        return hash((type(self), *(getattr(self, f) for f in self._fields)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{f}={getattr(self, f)!r}' for f in self._fields)})"
+
+
 # -- port IO ---------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class _PortIo:
-    port: int
-    size: int    # bytes per element: 1, 2 or 4
-    count: int   # elements (> 1 for rep ins/outs)
-    data_offset: int
-    _page: memoryview = field(repr=False)
+class _PortIo(_Exit):
+    __slots__ = ("port", "size", "count", "data_offset", "_page")
+    _fields = ("port", "size", "count", "data_offset")
+
+    def __init__(self, port: int, size: int, count: int, data_offset: int, page: memoryview):
+        self.port = port
+        self.size = size          # bytes per element: 1, 2 or 4
+        self.count = count        # elements (> 1 for rep ins/outs)
+        self.data_offset = data_offset
+        self._page = page
 
     @property
     def length(self) -> int:
         return self.size * self.count
 
 
-@dataclass(eq=False)
 class IoOut(_PortIo):
     """The guest wrote ``size * count`` bytes to ``port``."""
+
+    __slots__ = ()
 
     @property
     def data(self) -> bytes:
@@ -117,9 +144,10 @@ class IoOut(_PortIo):
         return [data[i:i + self.size] for i in range(0, len(data), self.size)]
 
 
-@dataclass(eq=False)
 class IoIn(_PortIo):
     """The guest reads ``size * count`` bytes from ``port``; answer with :meth:`complete`."""
+
+    __slots__ = ()
 
     def complete(self, data: bytes) -> None:
         """Hand the guest its bytes; short data is padded with 0xff (an undriven bus)."""
@@ -133,22 +161,24 @@ class IoIn(_PortIo):
 _MMIO_DATA_OFFSET = s.kvm_run.mmio.offset + s._run_mmio.data.offset
 
 
-@dataclass(eq=False)
-class MmioWrite:
+class MmioWrite(_Exit):
     """The guest wrote ``data`` (``len`` bytes) at guest physical ``addr``."""
 
-    addr: int
-    len: int
-    data: bytes
+    __slots__ = ("addr", "len", "data")
+    _fields = __slots__
+
+    def __init__(self, addr: int, len: int, data: bytes):
+        self.addr, self.len, self.data = addr, len, data
 
 
-@dataclass(eq=False)
-class MmioRead:
+class MmioRead(_Exit):
     """The guest reads ``len`` bytes at ``addr``; answer with :meth:`complete` before running on."""
 
-    addr: int
-    len: int
-    _page: memoryview = field(repr=False)
+    __slots__ = ("addr", "len", "_page")
+    _fields = ("addr", "len")
+
+    def __init__(self, addr: int, len: int, page: memoryview):
+        self.addr, self.len, self._page = addr, len, page
 
     def complete(self, data: bytes) -> None:
         if len(data) > self.len:
@@ -158,31 +188,36 @@ class MmioRead:
 
 
 # -- everything else -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Hlt:
+class Hlt(_Exit):
     """The guest executed HLT (only seen without an in-kernel irqchip)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class Shutdown:
+
+class Shutdown(_Exit):
     """The guest triple-faulted (or otherwise shut down); x86 treats this as a reset request."""
 
-
-@dataclass(frozen=True)
-class SystemEvent:
-    type: SystemEventType | int
-    flags: int
-    data: tuple[int, ...] = ()
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class InternalError:
+class SystemEvent(_Exit):
+    __slots__ = ("type", "flags", "data")
+    _fields = __slots__
+
+    def __init__(self, type: SystemEventType | int, flags: int, data: tuple[int, ...] = ()):
+        self.type, self.flags, self.data = type, flags, data
+
+
+class InternalError(_Exit):
     """KVM could not go on; for an emulation failure ``insn_bytes`` may hold the instruction."""
 
-    suberror: InternalSuberror | int
-    ndata: int
-    data: tuple[int, ...]
-    insn_bytes: bytes | None = None  # only with KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    __slots__ = ("suberror", "ndata", "data", "insn_bytes")
+    _fields = __slots__
+
+    def __init__(self, suberror: InternalSuberror | int, ndata: int, data: tuple[int, ...],
+                 insn_bytes: bytes | None = None):
+        self.suberror, self.ndata, self.data = suberror, ndata, data
+        self.insn_bytes = insn_bytes  # only with KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 
     @property
     def is_emulation_failure(self) -> bool:
@@ -198,55 +233,71 @@ class InternalError:
         return text
 
 
-@dataclass(frozen=True)
-class FailEntry:
+class FailEntry(_Exit):
     """VM entry failed; ``reason`` is the hardware's entry-failure code."""
 
-    reason: int
-    cpu: int
+    __slots__ = ("reason", "cpu")
+    _fields = __slots__
+
+    def __init__(self, reason: int, cpu: int):
+        self.reason, self.cpu = reason, cpu
 
 
-@dataclass(frozen=True)
-class Interrupted:
+class Interrupted(_Exit):
     """KVM_RUN returned early: a signal (EINTR), immediate_exit, or KVM_EXIT_INTR."""
 
-
-@dataclass(frozen=True)
-class Debug:
-    exception: int
-    pc: int
-    dr6: int
-    dr7: int
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Unknown:
+class Debug(_Exit):
+    __slots__ = ("exception", "pc", "dr6", "dr7")
+    _fields = __slots__
+
+    def __init__(self, exception: int, pc: int, dr6: int, dr7: int):
+        self.exception, self.pc, self.dr6, self.dr7 = exception, pc, dr6, dr7
+
+
+class Unknown(_Exit):
     """Any exit this VMM does not decode; ``hardware_exit_reason`` is valid for KVM_EXIT_UNKNOWN."""
 
-    reason: ExitReason | int
-    hardware_exit_reason: int = 0
+    __slots__ = ("reason", "hardware_exit_reason")
+    _fields = __slots__
+
+    def __init__(self, reason: ExitReason | int, hardware_exit_reason: int = 0):
+        self.reason, self.hardware_exit_reason = reason, hardware_exit_reason
 
 
 Exit = (IoIn | IoOut | MmioRead | MmioWrite | Hlt | Shutdown | SystemEvent | InternalError
         | FailEntry | Interrupted | Debug | Unknown)
 
 
+# The two exits a guest makes all the time are read straight from the page with struct (one call
+# each) rather than field by field through ctypes: exit_reason, then struct kvm_run's union.
+_EXIT_REASON = struct.Struct("=I")
+_EXIT_REASON_OFFSET = s.kvm_run.exit_reason.offset
+_IO = struct.Struct("=BBHIQ")              # direction, size, port, count, data_offset
+_IO_OFFSET = s.kvm_run.io.offset
+_MMIO = struct.Struct("=Q8sIB")            # phys_addr, data, len, is_write
+_MMIO_OFFSET = s.kvm_run.mmio.offset
+_EXIT_IO, _EXIT_MMIO = int(ExitReason.IO), int(ExitReason.MMIO)
+
+
 def decode_exit(run: s.kvm_run, page: memoryview) -> Exit:
     """Decode the exit KVM just reported in ``run``; ``page`` is the whole kvm_run mapping."""
-    reason = run.exit_reason
-    if reason == ExitReason.IO:
-        io = run.io
-        if io.data_offset + io.size * io.count > len(page):
+    reason = _EXIT_REASON.unpack_from(page, _EXIT_REASON_OFFSET)[0]
+    if reason == _EXIT_IO:
+        direction, size, port, count, data_offset = _IO.unpack_from(page, _IO_OFFSET)
+        if data_offset + size * count > len(page):
             # KVM never does this; if it did, reading past the mapping would be the VMM's bug.
-            raise ValueError(f"IO exit data at {io.data_offset:#x} runs past the kvm_run mapping")
-        cls = IoOut if io.direction == s.KVM_EXIT_IO_OUT else IoIn
-        return cls(io.port, io.size, io.count, io.data_offset, page)
-    if reason == ExitReason.MMIO:
-        mmio = run.mmio
-        length = min(mmio.len, 8)
-        if mmio.is_write:
-            return MmioWrite(mmio.phys_addr, length, bytes(mmio.data[:length]))
-        return MmioRead(mmio.phys_addr, length, page)
+            raise ValueError(f"IO exit data at {data_offset:#x} runs past the kvm_run mapping")
+        cls = IoOut if direction == s.KVM_EXIT_IO_OUT else IoIn
+        return cls(port, size, count, data_offset, page)
+    if reason == _EXIT_MMIO:
+        addr, data, length, is_write = _MMIO.unpack_from(page, _MMIO_OFFSET)
+        length = min(length, 8)
+        if is_write:
+            return MmioWrite(addr, length, data[:length])
+        return MmioRead(addr, length, page)
     if reason == ExitReason.HLT:
         return Hlt()
     if reason == ExitReason.SHUTDOWN:

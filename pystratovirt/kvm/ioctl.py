@@ -186,6 +186,12 @@ _ioctl = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_v
                           use_errno=True)(("ioctl", _LIBC))
 
 
+#: The prototype itself, for the one caller on a hot path (KVM_RUN, once per guest exit): returns
+#: the raw result, -1 with ``ctypes.get_errno()`` on failure, and takes None, an int or a ctypes
+#: pointer (``ctypes.byref``) as its third argument.
+ioctl_raw = _ioctl
+
+
 def ioctl(fd: int, request: int, arg: int | ctypes._CData | None = None) -> int:
     """Issue ``ioctl(fd, request, arg)`` and return its non-negative result, or raise OSError.
 

@@ -35,10 +35,12 @@ import threading
 import types
 import typing
 from dataclasses import dataclass
+from time import perf_counter_ns
 
 from . import ioctl as k
 from . import structs as s
 from .exits import Exit, Interrupted, decode_exit
+from .ioctl import ioctl_raw as _run_ioctl
 from .structs import CpuidEntry
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -98,6 +100,7 @@ class Vcpu:
         self._in_run = False
         self._thread_ident: int | None = None
         self.thread_id: int | None = None  # native (kernel) id of the thread that last ran it
+        self.left_guest_ns = 0  # time.perf_counter_ns() when KVM_RUN last returned
 
     # -- running -------------------------------------------------------------------------------
     @property
@@ -110,21 +113,23 @@ class Vcpu:
 
         A decoded IO/MMIO exit refers to the kvm_run page and is valid only until the next run.
         """
+        ident = threading.get_ident()
         with self._kick_lock:
-            self._thread_ident = threading.get_ident()
-            self.thread_id = threading.get_native_id()
+            if ident != self._thread_ident:
+                # get_native_id() is a system call: only when another thread starts running it.
+                self._thread_ident = ident
+                self.thread_id = threading.get_native_id()
             self._in_run = True
         try:
-            k.ioctl(self.fd, k.KVM_RUN)
-        except InterruptedError:
-            return Interrupted()
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:  # KVM asks to be called again (e.g. pending work)
-                return Interrupted()
-            raise
+            if _run_ioctl(self.fd, k.KVM_RUN, None) < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EINTR, errno.EAGAIN):  # a kick; or KVM asks to be called again
+                    return Interrupted()
+                raise OSError(err, f"{os.strerror(err)} (ioctl KVM_RUN)")
         finally:
             with self._kick_lock:
                 self._in_run = False
+            self.left_guest_ns = perf_counter_ns()
         return decode_exit(self._run, self._page)
 
     @property
