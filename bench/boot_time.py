@@ -5,7 +5,7 @@ Rows: the probe guest (to its ``ready`` line), and optionally the lean Linux ker
 guest kit (to the kernel's ``Run /init`` line) with the bzImage payload extracted on the host
 (and with ``--decompressor`` also with the guest's own decompressor, minutes more here). For each
 boot the VMM runs with ``-D`` and is stopped with SIGTERM at the marker; every vCPU thread then
-logs its exits ("VcpuN: X exits handled (IoOut ..., MmioRead ...), Y ms in the VMM handling
+logs its exits ("vCPU N: X exits handled (IoOut ..., MmioRead ...), Y ms in the VMM handling
 them"), which gives the VMM's share: exits handled and the time from KVM_RUN returning to the
 exit handled, against the time to the marker. On a host whose KVM emulates guest ring 0 (PVM)
 the rest is mostly the emulator's. Prints a table; ``--plot FILE`` also writes a bar chart
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the checkout's package, also for the VMM child (PYTHONPATH below)
 
 STRATOVIRT = [sys.executable, "-m", "pystratovirt"]
-_VCPU_LINE = re.compile(r"Vcpu(\d+): (\d+) exits handled \(([^)]*)\), ([0-9.]+) ms in the VMM")
+_VCPU_LINE = re.compile(r"vCPU (\d+): (\d+) exits handled \(([^)]*)\), ([0-9.]+) ms in the VMM")
 
 
 def time_to_marker(args: list[str], marker: str, timeout: float) -> tuple[float, dict]:

@@ -118,7 +118,9 @@ class VcpuThread(threading.Thread):
             log.exception("vCPU %d failed", self.vcpu.index)
             self.host.fatal_error(f"vCPU {self.vcpu.index} failed: {exc}")
         finally:
-            log.info("Vcpu%d: %s", self.vcpu.index, self.exit_summary())
+            # "vCPU", not StratoVirt's "Vcpu": Kata and hydropper take the last ":INFO: Vcpu" line
+            # for the vCPUs' start.
+            log.info("vCPU %d: %s", self.vcpu.index, self.exit_summary())
             if self._on_exit:
                 self._on_exit(self)
 
