@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pystratovirt.virtio import queue as queuemod
@@ -26,50 +26,99 @@ DATA = 0x8000                               # where well-formed buffers live
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _desc(rnd: random.Random, n_max: int) -> tuple[int, int, int, int]:
-    """A descriptor that is usually well formed (so chains get long and end), sometimes not:
-    outside or straddling RAM, over the rings, looping, readable after writable, indirect."""
+def _hostile_desc(rnd: random.Random, n_max: int) -> tuple[int, int, int, int]:
+    """A descriptor that may be anything: outside or straddling RAM, over the rings, looping,
+    readable after writable, indirect where it must not be, or well formed after all."""
     pick = rnd.random()
-    if pick < 0.75:
+    if pick < 0.5:
         addr = rnd.randrange(DATA, RAM - 600)
-    elif pick < 0.85:
+    elif pick < 0.7:
         addr = rnd.choice(TABLES + (DESC, AVAIL, USED))
     else:
         addr = rnd.choice([RAM - 1, RAM - 8, RAM, RAM + 1, 0xC000_0000, 2**63, 2**64 - 16, 2**64 - 1])
-    length = rnd.randrange(0, 600) if rnd.random() < 0.9 else rnd.choice([0xFFFF_FFFF, RAM, 16 * TABLE_MAX])
+    length = rnd.randrange(0, 600) if rnd.random() < 0.8 else rnd.choice([0xFFFF_FFFF, RAM, 16 * TABLE_MAX])
     pick = rnd.random()
-    if pick < 0.85:
-        flags = rnd.choice([0, 0, NEXT, NEXT, WRITE, WRITE, NEXT | WRITE, NEXT | WRITE])
-    elif pick < 0.95:
+    if pick < 0.6:
+        flags = rnd.choice([0, NEXT, WRITE, NEXT | WRITE])
+    elif pick < 0.9:
         flags = INDIRECT | rnd.choice([0, WRITE, NEXT])
     else:
         flags = rnd.getrandbits(16)
-    nxt = rnd.randrange(n_max + 1) if rnd.random() < 0.95 else rnd.getrandbits(16)
+    nxt = rnd.randrange(n_max + 1) if rnd.random() < 0.9 else rnd.getrandbits(16)
     return addr, length, flags, nxt
+
+
+def _chain_descs(rnd: random.Random, ids: list[int]) -> list[tuple[int, tuple[int, int, int, int]]]:
+    """A well-formed chain over descriptor slots ``ids``: readable buffers, then writable ones."""
+    n_readable = rnd.randrange(len(ids) + 1)
+    out = []
+    for k, i in enumerate(ids):
+        last = k == len(ids) - 1
+        flags = (WRITE if k >= n_readable else 0) | (0 if last else NEXT)
+        out.append((i, (rnd.randrange(DATA, RAM - 600), rnd.randrange(0, 600), flags, 0 if last else ids[k + 1])))
+    return out
+
+
+def _tables(rnd: random.Random, size: int, mutations: int, indirect: bool) -> tuple[list, list, list[int]]:
+    """What a driver lays out: the descriptor table cut into well-formed chains (some through an
+    indirect table when ``indirect``), then ``mutations`` descriptors overwritten with anything at all. Returns
+    the table, the indirect tables and the chain heads."""
+    table: list = [None] * size
+    indirect_tables = [[_hostile_desc(rnd, TABLE_MAX)] for _ in TABLES]
+    order = rnd.sample(range(size), size)
+    heads = []
+    while order:
+        n = min(rnd.randrange(1, 5), len(order))
+        ids, order = order[:n], order[n:]
+        heads.append(ids[0])
+        if indirect and rnd.random() < 0.3:
+            k = rnd.randrange(len(TABLES))
+            entries = _chain_descs(rnd, list(range(rnd.randrange(1, TABLE_MAX + 1))))
+            indirect_tables[k] = [d for _, d in entries]
+            table[ids[0]] = (TABLES[k], 16 * len(entries), INDIRECT, 0)
+            for i in ids[1:]:
+                table[i] = _hostile_desc(rnd, size)
+        else:
+            for i, d in _chain_descs(rnd, ids):
+                table[i] = d
+    for _ in range(mutations):
+        k = rnd.randrange(len(TABLES) + 1)
+        if k == len(TABLES):
+            table[rnd.randrange(size)] = _hostile_desc(rnd, size)
+        else:
+            t = indirect_tables[k]
+            t[rnd.randrange(len(t))] = _hostile_desc(rnd, TABLE_MAX)
+    return table, indirect_tables, heads
 
 
 @st.composite
 def workloads(draw):
     size = draw(st.sampled_from([1, 2, 4, 8, 16, 32]))
     rnd = random.Random(draw(st.integers(0, 2**64 - 1)))
-    rounds = draw(st.lists(st.fixed_dictionaries(dict(
-        # how far the driver moves avail->idx: usually within the ring, sometimes a hostile jump
-        advance=st.one_of(st.integers(0, size), st.integers(0, size), st.integers(size + 1, 0xFFFF)),
-        heads=st.lists(st.one_of(st.integers(0, size - 1), st.integers(0, size - 1),
-                                 st.integers(size, 0xFFFF)), min_size=size, max_size=size),
-        batch=st.integers(1, size + 2),
-        used_event=st.one_of(st.integers(0, 0xFFFF), st.just(None)),  # None: just behind used
-        flags=st.integers(0, 1),
-    )), min_size=1, max_size=5))
+    indirect = draw(st.booleans())
+    # Which kinds of hostility this driver shows (none at all in about a third of the cases).
+    hostile = draw(st.sets(st.sampled_from(["descriptors", "heads", "index"])))
+    mutations = rnd.choice([1, 1, 2, 4]) if "descriptors" in hostile else 0
+    table, indirect_tables, chain_heads = _tables(rnd, size, mutations,
+                                                  indirect or "descriptors" in hostile)
+    rounds = []
+    for _ in range(draw(st.integers(1, 5))):
+        advance = draw(st.integers(0, size))
+        if "index" in hostile and rnd.random() < 0.3:
+            advance = rnd.choice([size + 1, 0x8000, 0xFFFF, rnd.randrange(size + 1, 0x10000)])
+        heads = [rnd.randrange(0x10000) if "heads" in hostile and rnd.random() < 0.1
+                 else rnd.choice(chain_heads) for _ in range(size)]
+        rounds.append(dict(advance=advance, heads=heads, batch=draw(st.integers(1, size + 2)),
+                           used_event=draw(st.one_of(st.integers(0, 0xFFFF), st.none())),
+                           flags=draw(st.integers(0, 1))))
     return dict(
         size=size,
-        table=[_desc(rnd, size) for _ in range(size)],
-        indirect_tables=[[_desc(rnd, TABLE_MAX) for _ in range(rnd.randrange(1, TABLE_MAX + 1))]
-                         for _ in TABLES],
+        table=table,
+        indirect_tables=indirect_tables,
         start=draw(st.one_of(st.integers(0, 0xFFFF), st.sampled_from([0, 0xFFFF, 0xFFFE, 0x10000 - size]))),
         signalled=draw(st.one_of(st.none(), st.integers(0, 0xFFFF))),
         event_idx=draw(st.booleans()),
-        indirect=draw(st.booleans()),
+        indirect=indirect,
         rounds=rounds,
     )
 
@@ -174,9 +223,13 @@ def check_batched_against_single(spec):
             assert (batched.last_avail_idx, batched.used_idx) == (single.last_avail_idx, single.used_idx)
             if not alive[0]:
                 break
-        for event in traces[0]:
-            for chain in event[1] if event[0] == "used" else ():
-                assert all(mems[0].contains(a, n) for a, n in chain.readable + chain.writable)
+        used = [chain for entry in traces[0] if entry[0] == "used" for chain in entry[1]]
+        for chain in used:
+            assert all(mems[0].contains(a, n) for a, n in chain.readable + chain.writable)
+        event(f"chains used: {min(len(used), 8)}{'+' if len(used) >= 8 else ''}")
+        event("ends in QueueError" if not alive[0] else "no QueueError")
+        if not alive[0] and len(traces[0]) > 1 and traces[0][-2][0] == "used":
+            event("QueueError right after chains were used")
         assert not mems[0].violations and not mems[1].violations
     finally:
         for m in mems:
