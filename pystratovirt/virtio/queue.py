@@ -299,13 +299,23 @@ class SplitQueue:
         try:
             for head in heads:
                 chains.append(walk(head))
+        except QueueError:
+            # The chains walked before a bad one are the driver's good requests: hand them over
+            # as :meth:`pop` would, and leave the bad one available, so the next call raises.
+            if not chains:
+                raise
         finally:
             self.last_avail_idx = (self.last_avail_idx + len(chains)) & 0xFFFF
             if self.event_idx and chains:
                 self._w[(self._used + 4 + USED_ELEM_SIZE * self.size) >> 1] = self.last_avail_idx
         if self.event_idx and self.last_avail_idx == self._avail_shadow:
             _full_barrier(self._fence)
-            self._read_avail_idx()
+            try:
+                self._read_avail_idx()
+            except QueueError:
+                # A driver that broke the ring meanwhile still gets the chains it made
+                # available before; the next look at the index (the next pop) fails.
+                pass
         return chains
 
     def has_available(self) -> bool:
