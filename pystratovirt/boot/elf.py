@@ -69,8 +69,12 @@ def is_elf(data: ElfData) -> bool:
     return bytes(data[:4]) == ELF_MAGIC
 
 
-def parse_elf(data: ElfData) -> ElfImage:
-    """Parse an ELF64 x86-64 executable; raises ElfError for anything malformed."""
+def parse_elf(data: ElfData, file_size: int | None = None) -> ElfImage:
+    """Parse an ELF64 x86-64 executable; raises ElfError for anything malformed. ``file_size``:
+    ``data`` is only the head of a file of that many bytes (it must hold the program headers),
+    against which the segments are checked."""
+    if file_size is None:
+        file_size = len(data)
     if len(data) < _EHDR.size or not is_elf(data):
         raise ElfError("the kernel is not a complete ELF file")
     (ident, e_type, e_machine, _version, e_entry, e_phoff, _shoff, _flags, _ehsize,
@@ -92,7 +96,7 @@ def parse_elf(data: ElfData) -> ElfImage:
             continue
         if p_filesz > p_memsz:
             raise ElfError(f"ELF segment {i} has more file bytes than memory bytes")
-        if p_offset + p_filesz > len(data):
+        if p_offset + p_filesz > file_size:
             raise ElfError(f"ELF segment {i} runs past the end of the file")
         if p_paddr + p_memsz > 1 << 52:
             raise ElfError(f"ELF segment {i} has an impossible physical address {p_paddr:#x}")

@@ -1,5 +1,10 @@
 """load_kernel: put a Linux kernel, its initrd and every boot structure into guest RAM for a 64-bit entry.
 
+:func:`prepare_kernel` does it in two steps: everything is checked and the boot structures are
+written at once, while the copies that read a file (the kernel's segments from the payload
+cache, the initrd) can wait until :meth:`KernelLoad.finish` -- the machine calls it when the
+guest first runs. :func:`load_kernel` does both.
+
 The vCPU is expected to start in long mode with CR3 = layout.PML4_ADDR, the GDT at layout.GDT_ADDR,
 RIP = BootInfo.entry and RSI = BootInfo.boot_params (the Linux 64-bit boot protocol).
 
@@ -22,7 +27,6 @@ guest memory untouched except when the initrd file changes under us while it is 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import stat
 import time
@@ -70,6 +74,8 @@ IDT_SIZE = 8                      # an "empty" IDT: one zero slot, smaller than 
 
 # Enough of a bzImage for parse_bzimage: the boot sector and at most 255 setup sectors, plus a page.
 HEAD_BYTES = 256 * 512 + 4096
+# Enough of a compact ELF for its headers: 64 bytes and at most elf.MAX_PHNUM program headers.
+_ELF_HEAD = 64 << 10
 
 # Magics of things that are plainly not a raw kernel binary (a compressed file or archive).
 _NOT_RAW = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x02\x21\x4c\x18", b"BZh", b"\x89LZO",
@@ -99,6 +105,8 @@ class _Kernel:
     header_len: int
     write: Callable[[], None]           # writes the kernel into guest memory
     notes: list[str]
+    close: Callable[[], None] = lambda: None   # releases what write() would have read from
+    from_file: bool = False             # write() reads a file (so it can wait); else it holds the bytes
 
 
 # -- file reading ----------------------------------------------------------------------------------
@@ -209,17 +217,38 @@ def _entry_note(kernel: _Kernel) -> str:
 
 def _from_cache(mem, bz: BzImage, entry: CachedPayload, t0: float) -> tuple[_Kernel | None, str]:
     """The cached vmlinux as a loadable kernel, or (None, why not) exactly as a fresh extraction
-    of the same image would have said (the entry's checks make its content that extraction's)."""
+    of the same image would have said (the entry's checks make its content that extraction's).
+    Only the ELF headers are read now; the segments go from the entry's file straight into guest
+    RAM when the kernel is written (and the entry is closed then, or by :func:`_close`)."""
     if entry.decompressed_len > mem.size:
+        entry.close()
         return None, f"the {entry.codec} payload decompresses to more than {mem.size} bytes"
     try:
-        kernel = _prepare_elf(mem, entry.elf, f"bzimage-extracted:{entry.codec}", [])
-    except BootError as exc:
+        image = elf.parse_elf(entry.head(_ELF_HEAD), file_size=entry.size)
+        elf.check_placement(image, mem)
+    except (BootError, OSError) as exc:
+        entry.close()
         return None, f"the decompressed payload is not a loadable vmlinux ({exc})"
+
+    def write() -> None:
+        try:
+            for s in image.segments:
+                if s.filesz:
+                    entry.read_into(s.offset, mem.view(s.paddr, s.filesz))
+                if s.memsz > s.filesz:
+                    mem.fill(s.paddr + s.filesz, s.memsz - s.filesz, 0)
+        except OSError as exc:
+            raise BootError(f"cannot read the payload cache entry {entry.path}: "
+                            f"{exc.strerror or exc}") from None
+        finally:
+            entry.close()
+
     ms = (time.perf_counter() - t0) * 1000
-    kernel.header, kernel.header_len = bz.header, bz.header_len
+    kernel = _Kernel(kind=f"bzimage-extracted:{entry.codec}", entry=image.entry, kernel_end=image.end,
+                     header=bz.header, header_len=bz.header_len, write=write, notes=[],
+                     close=entry.close, from_file=True)
     kernel.notes.append(f"the {entry.codec.upper()} payload's vmlinux came from the payload cache "
-                        f"({entry.path}, {len(entry.elf) / MiB:.1f} MiB) in {ms:.0f} ms; "
+                        f"({entry.path}, {entry.size / MiB:.1f} MiB, checked) in {ms:.0f} ms; "
                         f"{_entry_note(kernel)}")
     return kernel, ""
 
@@ -242,6 +271,7 @@ def _from_stat_index(mem, kfile: _KernelFile, cache: PayloadCache) -> _Kernel | 
     if entry is None:
         return None
     if not kfile.still_unchanged():     # rewritten since the index matched: its head may be new
+        entry.close()
         return None
     kernel, _why = _from_cache(mem, bz, entry, t0)
     return kernel
@@ -257,6 +287,8 @@ def _try_extract(mem, bz: BzImage, kfile: _KernelFile,
     t0 = time.perf_counter()
     digest = None
     if cache is not None and payload.detect_codec(compressed) in payload.SUPPORTED:
+        import hashlib  # a hit through the stat index never hashes
+
         digest = hashlib.sha256(kfile.data()).digest()
         entry = cache.get(digest)
         if entry is not None:
@@ -415,10 +447,56 @@ def _payload_cache(choice) -> tuple[PayloadCache | None, list[str]]:
     return cache, [why] if why else []
 
 
+class KernelLoad:
+    """A kernel prepared by :func:`prepare_kernel`: validated, its boot structures written, and
+    what is left to copy into guest RAM (the kernel's segments when they come from the payload
+    cache, the initrd) held as open files until :meth:`finish`.
+
+    The machine finishes the load when the guest is about to run for the first time (or before
+    a snapshot of a VM that never ran), so a VM started with ``-S`` answers its management socket
+    sooner and keeps megabytes of guest pages untouched until it is continued."""
+
+    def __init__(self, info: BootInfo, pending: list[Callable[[], None]], closers: list[Callable[[], None]]):
+        self.info = info
+        self._pending = pending
+        self._closers = closers
+
+    @property
+    def done(self) -> bool:
+        return not self._pending
+
+    def finish(self) -> None:
+        """Copy what is left into guest RAM; raises BootError (the files are closed either way)."""
+        try:
+            while self._pending:
+                self._pending.pop(0)()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the held files (what is left is not loaded)."""
+        self._pending.clear()
+        closers, self._closers = self._closers, []
+        for close in closers:
+            close()
+
+
 def load_kernel(mem, kernel, cmdline: str, initrd=None, nr_cpus: int = 1,
                 max_cpus: int | None = None, extract_payload: bool = True,
                 payload_cache: PayloadCache | bool = True) -> BootInfo:
-    """Load ``kernel`` (+ ``initrd``) into ``mem`` and write every boot structure; see the module doc.
+    """Load ``kernel`` (+ ``initrd``) into ``mem`` and write every boot structure; see the module
+    doc and :func:`prepare_kernel` for the arguments."""
+    load = prepare_kernel(mem, kernel, cmdline, initrd, nr_cpus, max_cpus, extract_payload, payload_cache)
+    load.finish()
+    return load.info
+
+
+def prepare_kernel(mem, kernel, cmdline: str, initrd=None, nr_cpus: int = 1,
+                   max_cpus: int | None = None, extract_payload: bool = True,
+                   payload_cache: PayloadCache | bool = True) -> KernelLoad:
+    """Validate ``kernel`` (+ ``initrd``) and write every boot structure into ``mem``; the bulk
+    copies that can come later (the cached kernel's segments, the initrd) are left to
+    :meth:`KernelLoad.finish`. Raises BootError, and then nothing is held.
 
     ``payload_cache``: True uses the cache the environment names (:mod:`.payload_cache`), False
     none, or a :class:`PayloadCache`.
@@ -442,14 +520,13 @@ def load_kernel(mem, kernel, cmdline: str, initrd=None, nr_cpus: int = 1,
         kfile.close()
     if cache is not None:
         cache_notes += cache.notes[seen:]     # this load's, when a caller reuses one cache
-    cmdline_raw = _cmdline_bytes(cmdline, k.header)
 
     initrd_file = None
     initrd_info = None
-    if initrd is not None:
-        initrd_file, size, initrd_name = _open_regular(initrd, "initrd")
     try:
-        if initrd_file is not None:
+        cmdline_raw = _cmdline_bytes(cmdline, k.header)
+        if initrd is not None:
+            initrd_file, size, initrd_name = _open_regular(initrd, "initrd")
             if size == 0:
                 raise BootError(f"the initrd {initrd_name!r} is empty")
             if size > low_end:
@@ -469,31 +546,39 @@ def load_kernel(mem, kernel, cmdline: str, initrd=None, nr_cpus: int = 1,
             mem.write(gpa, page)
         mem.write(EBDA_START, mptable)
         mem.write_u16(BDA_EBDA_SEGMENT, EBDA_START >> 4)
-        k.write()
+        if not k.from_file:
+            k.write()   # its bytes are in memory already: holding them until later would cost more
+    except BaseException:
+        k.close()
         if initrd_file is not None:
-            assert initrd_info is not None  # placed with the file above
-            addr, size = initrd_info
+            initrd_file.close()
+        raise
+
+    pending = [k.write] if k.from_file else []
+    closers = [k.close]
+    if initrd_file is not None:
+        def read_initrd(file=initrd_file, where=initrd_info, name=initrd_name) -> None:
+            addr, size = where
             view = mem.view(addr, size)
             try:
                 got = 0
                 while got < size:
-                    n = initrd_file.readinto(view[got:])
+                    n = file.readinto(view[got:])
                     if not n:
                         break
                     got += n
             except OSError as exc:
-                raise BootError(f"cannot read the initrd {initrd_name!r}: "
-                                f"{exc.strerror or exc}") from None
+                raise BootError(f"cannot read the initrd {name!r}: {exc.strerror or exc}") from None
             finally:
                 view.release()
             if got != size:
-                raise BootError(f"the initrd {initrd_name!r} shrank while it was being read")
-    finally:
-        if initrd_file is not None:
-            initrd_file.close()
+                raise BootError(f"the initrd {name!r} shrank while it was being read")
+        pending.append(read_initrd)
+        closers.append(initrd_file.close)
 
     notes = list(k.notes) + cache_notes
     if initrd_info is not None:
         notes.append(f"initrd of {initrd_info[1] / MiB:.1f} MiB at {initrd_info[0]:#x}")
-    return BootInfo(entry=k.entry, boot_params=ZERO_PAGE_ADDR, kind=k.kind, kernel_end=k.kernel_end,
+    info = BootInfo(entry=k.entry, boot_params=ZERO_PAGE_ADDR, kind=k.kind, kernel_end=k.kernel_end,
                     initrd=initrd_info, notes=notes)
+    return KernelLoad(info, pending, closers)

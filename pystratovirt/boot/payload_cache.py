@@ -34,15 +34,12 @@ decompresses as if there were no cache.
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 import struct
-import tempfile
 import time
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from .payload import SUPPORTED
@@ -61,17 +58,53 @@ _INDEX = struct.Struct("<8sQQQqq32sI")     # magic, dev, ino, size, mtime_ns, ct
 ENTRY_SUFFIX = ".elf"
 TMP_PREFIX = ".tmp-"
 
-MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
+_CRC_CHUNK = 1 << 20
 
 
-@dataclass
 class CachedPayload:
-    """A verified entry: the compact vmlinux ELF in a private buffer."""
+    """A verified entry (its length and both checksums were checked when it was found) whose
+    data, the compact vmlinux ELF, stays in the file: the loader reads the ELF headers, then each
+    segment straight into guest RAM (:meth:`read_into`), possibly much later (the machine copies
+    the kernel when the guest first runs). It holds the entry's descriptor until :meth:`close`;
+    entries are replaced by rename, never rewritten, so what the descriptor reads is what was
+    checked."""
 
-    codec: str
-    decompressed_len: int     # the payload's length before compaction (for the loader's limit)
-    elf: mmap.mmap
-    path: str
+    def __init__(self, codec: str, decompressed_len: int, path: str, fd: int, size: int):
+        self.codec = codec
+        self.decompressed_len = decompressed_len  # the payload's length before compaction
+        self.path = path
+        self.size = size                          # bytes of ELF data
+        self._fd: int | None = fd
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the ELF data at ``offset``; OSError if the file ended early."""
+        if self._fd is None:
+            raise OSError(9, "the payload cache entry is closed")
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd, [view[got:]], _ENTRY.size + offset + got)
+            if n <= 0:
+                raise OSError(5, f"the payload cache entry {self.path} ended early")
+            got += n
+
+    def head(self, length: int) -> bytes:
+        """The first ``length`` bytes of the ELF data (at most all of it)."""
+        buf = bytearray(min(length, self.size))
+        self.read_into(0, memoryview(buf))
+        return bytes(buf)
+
+    @property
+    def elf(self) -> bytes:
+        """All of the ELF data (for tools and tests; the loader reads what it needs)."""
+        return self.head(self.size)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def default_directory(environ: Mapping[str, str]) -> Path:
@@ -201,13 +234,16 @@ class PayloadCache:
         fd = self._open_own(path)
         if fd is None:
             return None
+        entry = None
         try:
-            return self._read_entry(fd, path, digest)
+            entry = self._read_entry(fd, path, digest)
+            return entry
         except (OSError, ValueError, MemoryError) as exc:
             self._note(f"the payload cache entry {path.name} cannot be read ({getattr(exc, 'strerror', None) or exc})")
             return None
         finally:
-            os.close(fd)
+            if entry is None:
+                os.close(fd)
 
     def _read_entry(self, fd: int, path: Path, digest: bytes) -> CachedPayload | None:
         size = os.fstat(fd).st_size
@@ -228,22 +264,21 @@ class PayloadCache:
             elif codec.rstrip(b"\0").decode("ascii", "replace") not in SUPPORTED:
                 bad = "its codec is unknown"
         if bad is None:
-            # A private anonymous buffer, populated in one call (cheaper than faulting page by
-            # page); the file is not mapped, so a file truncated under us cannot raise SIGBUS.
-            buf = mmap.mmap(-1, data_len, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
-            view = memoryview(buf)
-            try:
-                got = 0
+            # The checksum is computed streaming through one small buffer: the data is read again
+            # into guest RAM when it is loaded, and an 11.5 MiB copy held meanwhile would be
+            # resident for nothing. The file is never mapped, so one truncated under us cannot
+            # raise SIGBUS.
+            got, crc = 0, 0
+            with memoryview(bytearray(_CRC_CHUNK)) as chunk:
                 while got < data_len:
-                    n = os.preadv(fd, [view[got:]], _ENTRY.size + got)
+                    n = os.preadv(fd, [chunk[:min(_CRC_CHUNK, data_len - got)]], _ENTRY.size + got)
                     if n <= 0:
                         break
+                    crc = zlib.crc32(chunk[:n], crc)
                     got += n
-            finally:
-                view.release()
             if got != data_len:
                 bad = "it was truncated while being read"
-            elif zlib.crc32(buf) != data_crc:
+            elif crc != data_crc:
                 bad = "its data does not match its checksum"
             else:
                 try:
@@ -251,8 +286,7 @@ class PayloadCache:
                 except OSError:
                     pass
                 return CachedPayload(codec.rstrip(b"\0").decode("ascii", "replace"), decompressed_len,
-                                     buf, str(path))
-            buf.close()
+                                     str(path), fd, data_len)
         self._note(f"ignored the payload cache entry {path.name}: {bad}")
         return None
 
@@ -270,6 +304,8 @@ class PayloadCache:
         return path
 
     def _write_atomically(self, path: Path, parts: list) -> bool:
+        import tempfile  # only a cache miss writes
+
         tmp = None
         try:
             path.parent.mkdir(mode=0o700, exist_ok=True)

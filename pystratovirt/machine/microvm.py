@@ -139,6 +139,7 @@ class MicroVm:
         self.acpi_pm: AcpiPm | None = None
         self.msr_index_list: list[int] = []
         self.boot_info: boot.BootInfo | None = None
+        self._kernel_load: boot.KernelLoad | None = None   # still to finish before the guest first runs
         self.pvm_compat = False
         self.topology: Topology | None = None
         self._gate: PauseGate | None = None
@@ -228,9 +229,15 @@ class MicroVm:
             extra = pvm.guest_cmdline_options()
             cmdline = f"{cmdline} {extra}".strip()
             log.info("host KVM emulates guest ring 0 (kvm_pvm): added guest kernel options: %s", extra)
-        self.boot_info = boot.load_kernel(self.memory, cfg.boot.kernel, cmdline, cfg.boot.initrd,
-                                          nr_cpus=mcfg.vcpus, max_cpus=mcfg.max_vcpus,
-                                          extract_payload=cfg.extract_payload)
+        load = boot.prepare_kernel(self.memory, cfg.boot.kernel, cmdline, cfg.boot.initrd,
+                                   nr_cpus=mcfg.vcpus, max_cpus=mcfg.max_vcpus,
+                                   extract_payload=cfg.extract_payload)
+        self.boot_info = load.info
+        if not load.done:
+            # The rest (the cached kernel's segments, the initrd) is copied when the guest first
+            # runs: a VM held with -S answers sooner and keeps those pages untouched meanwhile.
+            self._kernel_load = load
+            self.add_shutdown_hook(load.close)
         write_acpi_tables(self.memory, nr_cpus=mcfg.vcpus, max_cpus=mcfg.max_vcpus,
                           virtio_devices=self.mmio_devices.acpi_resources(),
                           serial_ports=[(SERIAL_PORT_BASE, SERIAL_IRQ)])
@@ -239,6 +246,16 @@ class MicroVm:
         for note in self.boot_info.notes:
             log.info("boot: %s", note)
         log.info("guest command line: %s", cmdline)
+
+    def _finish_kernel_load(self) -> None:
+        """Copy what prepare_kernel left (before the guest first runs, or a snapshot of a VM that
+        never ran); raises BootError."""
+        load, self._kernel_load = self._kernel_load, None
+        if load is None:
+            return
+        started = time.monotonic()
+        load.finish()
+        log.info("kernel and initrd copied into guest RAM in %.1f ms", (time.monotonic() - started) * 1e3)
 
     def _create_vcpus(self, *, configure: bool) -> None:
         """Create the vCPUs; ``configure``: give them the CPU model and the boot CPU its entry
@@ -372,6 +389,8 @@ class MicroVm:
     # -- running --------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the vCPU threads (parked at once with ``-S``); call from the main thread."""
+        if not self.config.freeze:
+            self._finish_kernel_load()
         install_kick_signal()
         self._gate = PauseGate(len(self.vcpus))
         self._gate.want_pause = self.config.freeze
@@ -536,6 +555,11 @@ class MicroVm:
             raise rq.MachineError("The VM is being paused; resume it once stop has answered.")
         if self.state not in (rq.RunState.PAUSED, rq.RunState.PRELAUNCH):
             raise rq.MachineError(f"The VM is not paused (it is {self.state.value}).")
+        try:
+            self._finish_kernel_load()
+        except PyStratoVirtError as exc:
+            self.fatal_error(f"The kernel cannot be loaded: {exc.desc}")
+            raise rq.MachineError(f"The kernel cannot be loaded: {exc.desc}") from None
         self.resume()
         self.emit(rq.ResumeEvent())
 
@@ -666,6 +690,7 @@ class MicroVm:
         started = time.monotonic()
         self.migration = rq.MigrationInfo(rq.MigrationStatus.ACTIVE)
         try:
+            self._finish_kernel_load()   # a VM that never ran: its RAM must hold the kernel
             saved = snapshot.save(self, req.path)
         except PyStratoVirtError as exc:
             log.error("snapshot to %s failed: %s", req.path, exc.desc)

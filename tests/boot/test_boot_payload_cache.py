@@ -86,6 +86,41 @@ def test_miss_then_hit_loads_the_same_kernel(mem, write_file, payload_cache_dir,
     assert snapshot(mem) == image
 
 
+def test_a_hit_copies_the_kernel_and_initrd_only_when_the_load_is_finished(mem, write_file,
+                                                                           payload_cache_dir):
+    path = write_file(bzimage())
+    initrd = os.urandom(3 * 4096 + 5)
+    initrd_path = write_file(initrd)
+    load_kernel(mem, path, "console=ttyS0", initrd_path)      # miss: fills the cache
+    reference = snapshot(mem)
+    fresh = GuestMemory(256 * MiB)
+    try:
+        load = loader.prepare_kernel(fresh, path, "console=ttyS0", initrd_path)
+        assert not load.done and any("came from the payload cache" in n for n in load.info.notes)
+        addr, size = load.info.initrd
+        # The boot structures are written; the kernel's segments and the initrd are not yet.
+        assert fresh.read(0, 0x10_0000) == reference[:0x10_0000]
+        assert fresh.read(0x100_0000, 0x3001) == bytes(0x3001)
+        assert fresh.read(addr, size) == bytes(size)
+        load.finish()
+        assert load.done
+        assert snapshot(fresh) == reference and fresh.read(addr, size) == initrd
+        load.close()                                          # finished: nothing left to release
+    finally:
+        fresh.close()
+
+
+def test_a_load_closed_unfinished_releases_its_files(mem, write_file, payload_cache_dir):
+    path = write_file(bzimage())
+    load_kernel(mem, path, "")
+    before = set(os.listdir("/proc/self/fd"))
+    load = loader.prepare_kernel(mem, path, "", write_file(b"initrd"))
+    assert len(set(os.listdir("/proc/self/fd")) - before) == 2   # the cache entry and the initrd
+    load.close()
+    assert set(os.listdir("/proc/self/fd")) == before
+    load.finish()                                             # nothing left: a no-op
+
+
 def test_the_key_is_the_content_not_the_path(mem, write_file, payload_cache_dir):
     load_kernel(mem, write_file(bzimage()), "")
     info = load_kernel(mem, write_file(bzimage()), "")      # same bytes, another file
