@@ -32,8 +32,13 @@ import tempfile
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the checkout's package (and its probe), also for the VMM child below
 
 STRATOVIRT = [sys.executable, "-m", "pystratovirt"]
+CHILD_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 AREA = 0x4000000   # guest RAM above the probe's image
 MiB = 1 << 20
 
@@ -45,8 +50,9 @@ class Vm:
         self.sock = sock
         self.started = time.monotonic()
         self.proc = subprocess.Popen(STRATOVIRT + args + ["-api-channel", f"unix:{sock}"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=CHILD_ENV)
         self.out = bytearray()
+        self.last = b""   # what the last wait_for matched
         self.cond = threading.Condition()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -66,6 +72,7 @@ class Vm:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError(f"{pattern!r} not seen; console tail {bytes(self.out[-300:])!r}")
                 self.cond.wait(0.2)
+            self.last = m.group(0).strip()
             del self.out[:m.end()]
         return time.monotonic() - self.started
 
@@ -73,6 +80,8 @@ class Vm:
         self.proc.stdin.write(line.encode() + b"\n")
         self.proc.stdin.flush()
         self.wait_for(rb"(?m)^(ok|error: [^\r\n]*)\r?\n", timeout)
+        if self.last.startswith(b"error"):
+            raise RuntimeError(f"the probe refused {line!r}: {self.last.decode(errors='replace')}")
 
     def qmp_running(self, timeout: float = 60) -> float:
         """Seconds from process start until QMP answers query-status with status running."""
@@ -123,10 +132,13 @@ def log_figure(path: str) -> float:
     start = last = None
     with open(path) as f:
         for line in f:
-            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            if "VmConfig" in line and start is None:
+            # StratoVirt's format: "2026-12-04T15:40:48.102084514: [pid][tid][file: line]:INFO: msg"
+            if ":INFO: " not in line:
+                continue
+            stamp = datetime.strptime(line[:26], "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+            if ":INFO: VmConfig" in line and start is None:
                 start = stamp
-            elif " Vcpu" in line or ": Vcpu" in line:
+            elif ":INFO: Vcpu" in line:
                 last = stamp
     if start is None or last is None:
         raise RuntimeError(f"no VmConfig/Vcpu lines in {path}")
