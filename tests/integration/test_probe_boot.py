@@ -15,7 +15,7 @@ import zlib
 
 import pytest
 
-from helpers.vmproc import VmProcess, run_stratovirt
+from helpers.vmproc import Qmp, VmProcess, run_stratovirt
 
 pytestmark = pytest.mark.kvm
 
@@ -79,6 +79,29 @@ def test_initrd_is_loaded_intact(probe_elf, tmp_path):
         assert size == len(blob) and addr % 4096 == 0
         crc = vm.command(f"crc32 {addr:x} {size:x}")[0]
         assert f"{zlib.crc32(blob):08x}" in crc
+
+
+def test_initrd_of_a_held_vm_is_copied_when_it_first_runs(probe_elf, tmp_path):
+    """With -S the initrd stays in its file (opened and checked at start) until cont: removing
+    the file meanwhile changes nothing, and the guest gets every byte."""
+    blob = os.urandom(200_000)
+    initrd, sock = tmp_path / "initrd.img", tmp_path / "qmp.sock"
+    initrd.write_bytes(blob)
+    args = ["-kernel", str(probe_elf), "-serial", "stdio", "-D", "-append", "console=ttyS0",
+            "-initrd", str(initrd), "-api-channel", f"unix:{sock}", "-S"]
+    with VmProcess(args) as vm, Qmp(sock) as qmp:
+        qmp.execute("qmp_capabilities")
+        assert qmp.execute("query-status")[1]["return"]["running"] is False
+        initrd.unlink()
+        assert qmp.execute("cont")[1] == {"return": {}}
+        vm.wait_for(r"(?m)^ready\r?$", 60)
+        line = vm.command("initrd")[0]
+        m = re.search(r"addr=(0x[0-9a-f]+) size=(0x[0-9a-f]+|\d+)", line)
+        assert m, line
+        addr, size = int(m.group(1), 16), int(m.group(2), 0)
+        assert size == len(blob)
+        assert f"{zlib.crc32(blob):08x}" in vm.command(f"crc32 {addr:x} {size:x}")[0]
+        assert "kernel and initrd copied into guest RAM" in vm.err.text()
 
 
 def test_serial_input_uses_interrupts(probe_elf):
