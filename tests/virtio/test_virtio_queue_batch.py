@@ -290,3 +290,31 @@ def test_a_hostile_index_seen_after_a_batch_does_not_lose_the_batch(mem, monkeyp
     assert ring.used_idx() == 5
     with pytest.raises(QueueError, match="100 entries ahead"):
         q.pop_batch(8)
+
+
+# -- the two descriptor walks -------------------------------------------------------------------------
+@settings(max_examples=1000, **SETTINGS)
+@given(workloads(), st.integers(0, 31))
+def test_the_direct_walk_matches_the_general_walk(spec, head):
+    """``_walk`` (direct descriptors, the per-request path) and ``_walk_general`` (which also
+    follows indirect tables) must agree on every chain that has no indirect descriptor: the same
+    chain, or both refuse it."""
+    mem = SpyMemory(RAM)
+    try:
+        _lay_out(mem, spec)
+        q = _queue(mem, spec)
+
+        def outcome(walk):
+            try:
+                return walk(head)
+            except QueueError:
+                return "QueueError"
+
+        head %= spec["size"]   # _walk checks the head before it ever hands a chain to _walk_general
+        general = outcome(q._walk_general)
+        assert outcome(q._walk) == general
+        event(("a chain" if general != "QueueError" else "refused")
+              + (" (indirect at the head: _walk hands over at once)" if spec["table"][head][2] & INDIRECT else ""))
+        assert not mem.violations
+    finally:
+        mem.close()
