@@ -196,7 +196,6 @@ _new_rx = tuple.__new__   # building one per posted buffer: tuple's __new__, not
 
 
 # -- the device ------------------------------------------------------------------------------------
-# -- the device ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NetState:
     """A NIC as a value (for snapshots): the virtio base state, the MAC and whether the link is
