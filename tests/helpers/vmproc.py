@@ -154,6 +154,11 @@ class VmProcess:
                 pipe.close()
             except OSError:
                 pass
+        # Every VMM a test starts runs with its seccomp filters (the default): one that died of
+        # SIGSYS made a call its allow-list lacks, whatever the test itself went on to check.
+        if self.proc.returncode == -signal.SIGSYS:
+            raise AssertionError(f"the VMM was killed by its seccomp filter (SIGSYS): a system call "
+                                 f"outside its allow-list\n--- stderr (tail) ---\n{self.err.text()[-2000:]}")
 
     def __enter__(self) -> VmProcess:
         return self

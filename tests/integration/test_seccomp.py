@@ -5,11 +5,14 @@ forbidden call would kill the VMM with SIGSYS and fail the test."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from helpers.lifecycle import Lifecycle
+from helpers.vmproc import VmProcess
 
 pytestmark = pytest.mark.kvm
 
@@ -71,3 +74,15 @@ def test_disable_seccomp_runs_without_filters(probe_elf, ns, tmp_path):
         assert life.quit() == 0
     finally:
         life.close()
+
+
+def test_a_vmm_killed_by_its_filter_fails_whichever_test_started_it(probe_elf):
+    """The test helpers check every VMM they stop: death by SIGSYS (what a call outside the
+    allow-list causes) fails the test even if the test looked at nothing else, so the whole
+    suite, the slow Linux tiers included, doubles as the allow-lists' measurement."""
+    vm = VmProcess(["-kernel", str(probe_elf), "-serial", "stdio", "-append", "console=ttyS0"])
+    vm.wait_for(r"(?m)^ready\r?$", 60)
+    os.kill(vm.pid, signal.SIGSYS)   # what the kernel sends on a forbidden call
+    vm.proc.wait(10)
+    with pytest.raises(AssertionError, match="killed by its seccomp filter"):
+        vm.kill()
