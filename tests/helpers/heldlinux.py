@@ -8,6 +8,7 @@ watched through what the kernel itself does.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 from helpers.vmproc import Qmp, VmProcess, wait_for_path
@@ -33,3 +34,10 @@ def wait_held(vm: VmProcess, sock: Path, root_delay: int, timeout: float = 900) 
     qmp = Qmp(sock)
     vm.wait_for(rf"Waiting {root_delay} sec before mounting root", timeout)
     return qmp
+
+
+def ext4_mount_count(path: Path) -> int:
+    """The ext4 superblock's mount count: a kernel that mounted the image wrote it back."""
+    with open(path, "rb") as f:
+        f.seek(1024 + 0x34)
+        return struct.unpack("<H", f.read(2))[0]

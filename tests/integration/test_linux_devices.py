@@ -6,8 +6,10 @@ checks happen while the kernel is fully up but has not started init yet: ``rootd
 it waiting before it mounts the root disk, with every driver probed and the network configured
 by the kernel (``ip=``). In that window the test hot-plugs disks (the kernel reports the new
 capacities), pings the kernel through the tap (it answers ICMP itself), replaces the NIC behind
-eth0 and inflates the balloon (its driver gives pages back from kernel threads). Then the
-kernel mounts the ext4 root disk from vda, runs init, and the guest's own reset ends the VMM.
+eth0 and inflates the balloon (its driver gives pages back from kernel threads); then it pings
+once more and ends the VM with ``quit``. The window is an upper bound for a busy machine, not a
+wait: the root mount through vda and the guest's own reset are watched in the tiers that reach
+them in minutes (test_linux_snapshot.py mounts root from vda, test_linux_lean.py resets).
 
 The NIC hot-plugged into slot 0x1 (eth1) gets an address with no user space this way:
 ``netconsole=`` on the command line makes the kernel bring eth1 up at boot (its slot is empty,
@@ -21,7 +23,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import struct
 import time
 
 import pytest
@@ -46,12 +47,6 @@ HOST_IP1 = "10.0.3.1"
 NETCONSOLE_PORT = 6666
 BALLOON_PATH = "/machine/peripheral/balloon"
 HOTPLUG_SIZES = {1: 16 * MiB, 2: 32 * MiB, 3: 48 * MiB}
-
-
-def ext4_mount_count(path) -> int:
-    with open(path, "rb") as f:
-        f.seek(1024 + 0x34)
-        return struct.unpack("<H", f.read(2))[0]
 
 
 def guest_stats(qmp: Qmp) -> dict:
@@ -93,14 +88,13 @@ def devices_boot(lean_guest, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("devices")
     rootfs = tmp / "rootfs.ext4"
     write_rootfs(rootfs, "64M")
-    mounts_before = ext4_mount_count(rootfs)
     images = {}
     for slot, size in HOTPLUG_SIZES.items():
         images[slot] = tmp / f"disk{slot}.img"
         with open(images[slot], "wb") as f:
             f.truncate(size)
     ns = NetNs()
-    obs: dict = {"mounts_before": mounts_before}
+    obs: dict = {}
     sock = tmp / "vm.sock"
     log = tmp / "vmm.log"
     vm = None
@@ -201,9 +195,10 @@ def devices_boot(lean_guest, tmp_path_factory):
         obs["deflate_seconds"] = time.monotonic() - t0
         obs["balloon_events"] = [e for e in ev1 + ev2 if e["event"] == "BALLOON_CHANGED"]
 
-        # Then the kernel mounts the root disk, runs init, and (here) resets itself.
-        vm.wait_for(r"VFS: Mounted root \(ext4 filesystem\)", ROOT_DELAY + 300, start=0)
-        obs["exit_code"] = vm.wait_exit(300)
+        # The kernel still answers after all of it, and was held the whole time.
+        obs["ping_end"] = ns.exec("ping", "-c", "3", "-W", "5", GUEST_IP, check=False)
+        obs["quit"] = qmp.execute("quit")
+        obs["exit_code"] = vm.wait_exit(60)
         qmp.close()
     finally:
         if vm is not None:
@@ -213,7 +208,6 @@ def devices_boot(lean_guest, tmp_path_factory):
             netconsole.close()
         ns.close()
     obs["log"] = log.read_text() if log.exists() else ""
-    obs["mounts_after"] = ext4_mount_count(rootfs)
     print(f"\nballoon: 2 GiB inflated in {obs.get('inflate_seconds', -1):.0f} s, "
           f"deflated in {obs.get('deflate_seconds', -1):.0f} s; RSS {obs.get('rss_before', 0) // MiB} MiB -> "
           f"{obs.get('rss_inflated', 0) // MiB} MiB")
@@ -224,13 +218,6 @@ def test_boot_disk_is_vda_with_its_size(devices_boot):
     assert re.search(r"\[vda\] 131072 512-byte logical blocks", devices_boot["serial"])
     for name in "bcdef":  # the empty slots are disks of capacity 0
         assert re.search(rf"\[vd{name}\] 0 512-byte logical blocks", devices_boot["serial"])
-
-
-def test_root_disk_mounted_through_our_device(devices_boot):
-    serial = devices_boot["serial"]
-    assert re.search(r"EXT4-fs \(vda\): mounted filesystem", serial)
-    # The kernel wrote the superblock back (mount count) through virtio-blk.
-    assert devices_boot["mounts_after"] == devices_boot["mounts_before"] + 1
 
 
 def test_disk_hot_plug_and_unplug(devices_boot):
@@ -295,6 +282,13 @@ def test_balloon_guest_statistics_follow_the_balloon(devices_boot):
     assert 0.95 * 2 * GiB <= dropped <= 2.05 * GiB, f"free memory dropped by {dropped // MiB} MiB"
 
 
-def test_guest_reset_ends_the_vmm(devices_boot):
+def test_the_kernel_answers_after_it_all_and_quit_ends_the_vmm(devices_boot):
+    ping = devices_boot["ping_end"]
+    assert ping.returncode == 0, ping.stdout
+    # Held until the end: everything above happened before the kernel reached its root disk.
+    assert "VFS: Mounted root" not in devices_boot["serial"]
+    events, reply = devices_boot["quit"]
+    assert reply == {"return": {}}
+    assert [e["data"] for e in events if e["event"] == "SHUTDOWN"] == [{"guest": False, "reason": "host-qmp-quit"}]
     assert devices_boot["exit_code"] == 0
-    assert "guest-reset" in devices_boot["log"]
+    assert "host-qmp-quit" in devices_boot["log"]

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers.heldlinux import GUEST_IP, HOST_IP, held_linux_args, wait_held
+from helpers.heldlinux import GUEST_IP, HOST_IP, ext4_mount_count, held_linux_args, wait_held
 from helpers.netns import NetNs
 from helpers.vmproc import Qmp, VmProcess
 
@@ -46,13 +46,14 @@ def linux_snapshot(lean_guest, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("linux-snapshot")
     rootfs = tmp / "rootfs.ext4"
     write_rootfs(rootfs, "64M")
+    mounts_before = ext4_mount_count(rootfs)
     disk = tmp / "disk1.img"
     with open(disk, "wb") as f:
         f.truncate(HOTPLUG)
     snap, sock = tmp / "snap", tmp / "vm.sock"
     ns = NetNs()
     prefix = ["ip", "netns", "exec", ns.name]
-    obs: dict = {}
+    obs: dict = {"mounts_before": mounts_before}
     first = second = None
     try:
         ns.add_tap("tap0")
@@ -98,6 +99,7 @@ def linux_snapshot(lean_guest, tmp_path_factory):
             obs["second_serial"] = second.serial()
             obs["second_log"] = (tmp / "second.log").read_text() if (tmp / "second.log").exists() else ""
         ns.close()
+    obs["mounts_after"] = ext4_mount_count(rootfs)
     print(f"\nrestored Linux guest: QMP answered {obs.get('qmp_seconds', -1):.2f} s and eth0 answered ping "
           f"{obs.get('ping_seconds', -1):.2f} s after the VMM started")
     return obs
@@ -145,3 +147,10 @@ def test_the_kernels_timers_carry_on(linux_snapshot):
 def test_the_guest_reset_ends_the_restored_vmm(linux_snapshot):
     assert linux_snapshot["second_exit"] == 0
     assert "guest-reset" in linux_snapshot["second_log"]
+
+
+def test_the_restored_kernel_mounts_root_through_our_device(linux_snapshot):
+    assert re.search(r"EXT4-fs \(vda\): mounted filesystem", linux_snapshot["second_serial"])
+    # The kernel wrote the superblock back (mount count) through virtio-blk, once: the first
+    # VMM's kernel never got that far.
+    assert linux_snapshot["mounts_after"] == linux_snapshot["mounts_before"] + 1
