@@ -18,13 +18,12 @@ import time
 import zlib
 from pathlib import Path
 
-from helpers.netns import NetNs
+from helpers.netns import NetNs, recv_from_guest
 from helpers.vmproc import Qmp, VmProcess, wait_for_path
 
 MiB = 1 << 20
 RAM = 256 * MiB
 SECTOR = 512
-ETH_P_ALL = 0x0003
 GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = bytes.fromhex("020000aabbcc")
 BALLOON_PATH = "/machine/peripheral/balloon"
@@ -39,21 +38,6 @@ def _kv(lines: list[str], key: str) -> str:
     raise AssertionError(f"no {key} in {lines}")
 
 
-def _packet_socket(ns: NetNs, ifname: str) -> socket.socket:
-    with ns.entered():
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        s.bind((ifname, 0))
-    s.settimeout(10)
-    return s
-
-
-def _recv_type(s: socket.socket, ethertype: int, timeout: float = 10) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        frame = s.recv(65536)
-        if len(frame) >= 14 and int.from_bytes(frame[12:14], "big") == ethertype:
-            return frame
-    raise AssertionError(f"no frame of type {ethertype:#x} from the guest")
 
 
 def _ok(qmp: Qmp, command: str, arguments: dict | None = None) -> tuple[list[dict], object]:
@@ -110,10 +94,10 @@ class Lifecycle:
         assert self.root.read_bytes()[100 * SECTOR:102 * SECTOR] == b"\x5a" * (2 * SECTOR)
 
         # Boot NIC: a frame each way.
-        peer = _packet_socket(self.ns, "tap0")
+        peer = self.ns.packet_socket("tap0")
         try:
             vm.command(f"net 0 send {PEER_MAC.hex(':')} 88b5 300 a7", timeout)
-            assert _recv_type(peer, 0x88B5)[14:] == b"\xa7" * 286
+            assert recv_from_guest(peer, 0x88B5)[14:] == b"\xa7" * 286
             vm.command("net 0 drain", timeout)
             frame = bytes.fromhex(GUEST_MAC.replace(":", "")) + PEER_MAC + b"\x88\xb6" + os.urandom(200)
             peer.send(frame)
@@ -158,10 +142,10 @@ class Lifecycle:
         while _kv(vm.command("net 1 info", timeout), "link") != "up":
             assert time.monotonic() < deadline, "the hot-plugged NIC's link never came up"
             time.sleep(0.1)
-        peer = _packet_socket(self.ns, "tap1")
+        peer = self.ns.packet_socket("tap1")
         try:
             vm.command(f"net 1 send {PEER_MAC.hex(':')} 88b5 64 11", timeout)
-            assert len(_recv_type(peer, 0x88B5)) == 64
+            assert len(recv_from_guest(peer, 0x88B5)) == 64
         finally:
             peer.close()
         _ok(qmp, "device_del", {"id": "net-1"})  # releases the netdev too, as in StratoVirt

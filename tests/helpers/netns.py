@@ -9,12 +9,15 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import socket
 import subprocess
+import time
 from contextlib import contextmanager
 
 from pystratovirt.virtio.tap import Tap
 
 CLONE_NEWNET = 0x40000000
+ETH_P_ALL = 0x0003
 _libc = ctypes.CDLL(None, use_errno=True)
 _names = itertools.count()
 
@@ -71,7 +74,25 @@ class NetNs:
         with self.entered():
             return Tap.open(name)
 
+    def packet_socket(self, ifname: str) -> socket.socket:
+        """A raw socket on ``ifname`` (every frame, both ways), 10 s receive timeout."""
+        with self.entered():
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            s.bind((ifname, 0))
+        s.settimeout(10)
+        return s
+
     def close(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
+
+
+def recv_from_guest(s: socket.socket, ethertype: int, timeout: float = 10) -> bytes:
+    """The next frame of ``ethertype`` on a packet socket (others are skipped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frame = s.recv(65536)
+        if len(frame) >= 14 and int.from_bytes(frame[12:14], "big") == ethertype:
+            return frame
+    raise AssertionError(f"no frame of type {ethertype:#x} from the guest")

@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 
-from helpers.netns import NetNs
+from helpers.netns import recv_from_guest
 from helpers.vmproc import STRATOVIRT, Qmp, VmProcess, run_stratovirt
 
 pytestmark = pytest.mark.kvm
@@ -22,7 +22,6 @@ pytestmark = pytest.mark.kvm
 SECTOR = 512
 GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = bytes.fromhex("020000aabbcc")
-ETH_P_ALL = 0x0003
 UUID = "6e7b0e90-3b2e-4179-bc30-43d2b5b5964f"
 # StratoVirt's log line (util/src/logger.rs): what hydropper and Kata parse.
 LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{9}: \[(\d+)\]\[(\d+)\]\[[^\]]+: \d+\]:"
@@ -82,23 +81,10 @@ def test_disk_from_drive_and_device_is_read_by_the_guest(probe_elf, tmp_path):
         assert vm.wait_exit() == 0
 
 
-def _packet_socket(ns: NetNs, ifname: str) -> socket.socket:
-    with ns.entered():
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        s.bind((ifname, 0))
-    s.settimeout(10)
-    return s
-
-
 def _frames_both_ways(vm: VmProcess, peer: socket.socket) -> None:
     assert kv(vm.command("net 0 info"), "link") == "up"
     vm.command(f"net 0 send {PEER_MAC.hex(':')} 88b5 200 5c")
-    deadline = time.monotonic() + 10
-    while True:
-        frame = peer.recv(65536)
-        if len(frame) >= 14 and frame[12:14] == b"\x88\xb5":
-            break
-        assert time.monotonic() < deadline
+    frame = recv_from_guest(peer, 0x88B5)
     assert frame[6:12] == bytes.fromhex(GUEST_MAC.replace(":", "")) and frame[14:] == b"\x5c" * 186
     vm.command("net 0 drain")
     out_frame = bytes.fromhex(GUEST_MAC.replace(":", "")) + PEER_MAC + b"\x88\xb6" + os.urandom(500)
@@ -109,7 +95,7 @@ def _frames_both_ways(vm: VmProcess, peer: socket.socket) -> None:
 
 def test_tap_by_name(probe_elf, ns, tmp_path):
     ns.add_tap("tap0_kata")
-    peer = _packet_socket(ns, "tap0_kata")
+    peer = ns.packet_socket("tap0_kata")
     sock = tmp_path / "qmp.socket"
     argv = base_argv(probe_elf, sock, "-netdev", "tap,id=eth0,ifname=tap0_kata",
                      "-device", f"virtio-net-device,netdev=eth0,id=eth0,mac={GUEST_MAC}")
@@ -123,7 +109,7 @@ def test_tap_passed_as_an_inherited_descriptor(probe_elf, ns, tmp_path):
     the tap's namespace and reaches it only through the descriptor."""
     ns.add_tap("tap0")
     tap = ns.open_tap("tap0")
-    peer = _packet_socket(ns, "tap0")
+    peer = ns.packet_socket("tap0")
     sock = tmp_path / "qmp.socket"
     argv = base_argv(probe_elf, sock, "-netdev", f"tap,id=eth0,fds={tap.fd}",
                      "-device", f"virtio-net-device,netdev=eth0,id=eth0,mac={GUEST_MAC},mq=off")

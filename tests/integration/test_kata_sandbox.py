@@ -44,13 +44,12 @@ import pytest
 
 from helpers.decoders import GO_CPU_INFO, go_decode
 from helpers.hvc import HvcConsole
-from helpers.netns import NetNs
+from helpers.netns import recv_from_guest
 
 pytestmark = pytest.mark.kvm
 
 MiB = 1 << 20
 SECTOR = 512
-ETH_P_ALL = 0x0003
 PEER_MAC = bytes.fromhex("020000aabbcc")
 # StratoVirt's log line (what Kata's :INFO:/:WARN: regexes were written for).
 LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{9}: \[\d+\]\[\d+\]\[[^\]]+: \d+\]:"
@@ -319,24 +318,12 @@ def kv(lines: list[str], key: str) -> str:
     raise AssertionError(f"no {key} in {lines}")
 
 
-def packet_socket(ns: NetNs, ifname: str) -> socket.socket:
-    with ns.entered():
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        s.bind((ifname, 0))
-    s.settimeout(10)
-    return s
-
 
 def frame_from_guest(hvc: HvcConsole, nic: int, peer: socket.socket, mac: str, fill: int) -> None:
     assert kv(hvc.command(f"net {nic} info"), "link") == "up"
     assert kv(hvc.command(f"net {nic} info"), "mac") == mac
     hvc.command(f"net {nic} send {PEER_MAC.hex(':')} 88b5 120 {fill:02x}")
-    deadline = time.monotonic() + 10
-    while True:
-        assert time.monotonic() < deadline, f"no frame from the guest's NIC {nic}"
-        frame = peer.recv(65536)
-        if frame[12:14] == b"\x88\xb5":
-            break
+    frame = recv_from_guest(peer, 0x88B5)
     assert frame[6:12] == bytes.fromhex(mac.replace(":", "")) and frame[14:] == bytes([fill]) * 106
 
 
@@ -381,7 +368,7 @@ def test_a_sandbox_life_as_katas_driver_runs_it(probe_elf, ns, tmp_path, vc_dir,
     finally:
         tap0.close()                            # Kata closes its copies after the launch
     kata = KataDriver(vm_path)
-    peers = [packet_socket(ns, "tap0_kata"), packet_socket(ns, "tap1_kata")]
+    peers = [ns.packet_socket("tap0_kata"), ns.packet_socket("tap1_kata")]
     try:
         # StartVM -> waitVM: connect, negotiate, close.
         kata.wait_vm(timeout=10)

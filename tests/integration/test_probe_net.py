@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 import zlib
 
 import pytest
 
-from helpers.netns import NetNs
+from helpers.netns import NetNs, recv_from_guest
 from helpers.vmproc import Qmp, VmProcess, wait_for_path
 
 pytestmark = pytest.mark.kvm
 
-ETH_P_ALL = 0x0003
 GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = bytes.fromhex("020000aabbcc")
 
-
-def packet_socket(ns: NetNs, ifname: str) -> socket.socket:
-    with ns.entered():
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        s.bind((ifname, 0))
-    s.settimeout(10)
-    return s
 
 
 def boot(probe_elf, ns: NetNs, sock, *args) -> VmProcess:
@@ -40,14 +31,6 @@ def boot(probe_elf, ns: NetNs, sock, *args) -> VmProcess:
     wait_for_path(sock)
     return vm
 
-
-def recv_from_guest(s: socket.socket, ethertype: int, timeout: float = 10) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        frame = s.recv(65536)
-        if len(frame) >= 14 and int.from_bytes(frame[12:14], "big") == ethertype:
-            return frame
-    raise AssertionError(f"no frame of type {ethertype:#x} from the guest")
 
 
 def kv(lines, key):
@@ -60,7 +43,7 @@ def kv(lines, key):
 
 def test_frames_both_ways_on_a_boot_nic(probe_elf, ns, tmp_path):
     ns.add_tap("tap0")
-    peer = packet_socket(ns, "tap0")
+    peer = ns.packet_socket("tap0")
     with boot(probe_elf, ns, tmp_path / "s", "-netdev", f"id=net0,netdev=tap0,mac={GUEST_MAC}") as vm:
         info = vm.command("net 0 info")
         assert kv(info, "mac") == GUEST_MAC and kv(info, "link") == "up"
@@ -97,7 +80,7 @@ def test_nic_hot_plug_traffic_and_unplug(probe_elf, ns, tmp_path):
         while kv(vm.command("net 1 info"), "link") != "up":
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        peer = packet_socket(ns, "tap1")
+        peer = ns.packet_socket("tap1")
         vm.command(f"net 1 send {PEER_MAC.hex(':')} 88b5 64 11")
         assert len(recv_from_guest(peer, 0x88B5)) == 64
 
@@ -171,7 +154,7 @@ def test_nic_hot_plug_by_descriptor(probe_elf, ns, tmp_path):
                 time.sleep(0.1)
 
             for slot, ifname in ((0, "tap0"), (1, "tap1")):
-                peer = packet_socket(ns, ifname)
+                peer = ns.packet_socket(ifname)
                 vm.command(f"net {slot} send {PEER_MAC.hex(':')} 88b5 {100 + slot} 5{slot}")
                 frame = recv_from_guest(peer, 0x88B5)
                 assert len(frame) == 100 + slot and frame[14:] == bytes([0x50 + slot]) * (86 + slot)

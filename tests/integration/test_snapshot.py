@@ -16,6 +16,7 @@ import zlib
 
 import pytest
 
+from helpers.netns import recv_from_guest
 from helpers.vmproc import Qmp, VmProcess, run_stratovirt, wait_for_path
 from pystratovirt.cpu import pvm
 
@@ -26,7 +27,6 @@ SECTOR = 512
 AREA = 0x4000000            # 64 MiB: free RAM above the probe (loaded at 16 MiB)
 GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = bytes.fromhex("020000aabbcc")
-ETH_P_ALL = 0x0003
 
 
 def start(probe_elf, sock, *extra, ready: bool = True, prefix=None) -> VmProcess:
@@ -205,22 +205,10 @@ def test_boot_and_hot_plugged_disks_are_reattached(probe_elf, tmp_path):
 
 
 # -- the NIC ----------------------------------------------------------------------------------------------
-def packet_socket(ns, ifname: str) -> socket.socket:
-    with ns.entered():
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        s.bind((ifname, 0))
-    s.settimeout(10)
-    return s
-
 
 def frames_both_ways(vm, peer, fill: int) -> None:
     vm.command(f"net 0 send {PEER_MAC.hex(':')} 88b5 200 {fill:02x}")
-    deadline = time.monotonic() + 10
-    while True:
-        assert time.monotonic() < deadline, "no frame from the guest"
-        frame = peer.recv(65536)
-        if frame[12:14] == b"\x88\xb5":
-            break
+    frame = recv_from_guest(peer, 0x88B5)
     assert frame[6:12] == bytes.fromhex(GUEST_MAC.replace(":", "")) and frame[14:] == bytes([fill]) * 186
     out = bytes.fromhex(GUEST_MAC.replace(":", "")) + PEER_MAC + b"\x88\xb6" + os.urandom(500)
     peer.send(out)
@@ -231,7 +219,7 @@ def frames_both_ways(vm, peer, fill: int) -> None:
 def test_the_nic_passes_frames_after_restore(probe_elf, ns, tmp_path):
     sock, snap = tmp_path / "s", tmp_path / "snap"
     ns.add_tap("tap0")
-    peer = packet_socket(ns, "tap0")
+    peer = ns.packet_socket("tap0")
     prefix = ["ip", "netns", "exec", ns.name]
     args = ("-netdev", f"id=net0,netdev=tap0,mac={GUEST_MAC}")
     try:
