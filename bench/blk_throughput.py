@@ -42,7 +42,6 @@ import argparse
 import mmap
 import os
 import random
-import select
 import shutil
 import signal
 import struct
@@ -58,7 +57,7 @@ from pystratovirt.memory.guest import GuestMemory  # noqa: E402
 from pystratovirt.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlk  # noqa: E402
 from pystratovirt.virtio.block_backend import BackendError, DriveConfig, FileBackend  # noqa: E402
 from pystratovirt.virtio.mmio import IO_POLL, VirtioMmio  # noqa: E402
-from pystratovirt.virtio.mock_driver import BLK_HEADER, BlkDriver  # noqa: E402
+from pystratovirt.virtio.mock_driver import BLK_HEADER, BlkDriver, BulkRing  # noqa: E402
 from pystratovirt.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -98,12 +97,9 @@ def _drive(mem: GuestMemory, drv: BlkDriver, slots: list[tuple[int, tuple[int, i
     the device's. ``polling``: never sleep and never ask for an interrupt (Linux's polled block
     queues, ``virtio_blk.poll_queues``): the used ring is watched instead. Writes
     "<requests> <elapsed>" to ``report_fd`` after ``seconds``."""
-    q = drv.queues[0]
     ram = mem.view(0, mem.regions[0].size)   # region 0 starts at guest address 0
-    # Ring indices as 16-bit words: one load or store each, as a Linux driver's are
-    # (struct.pack_into clears a field before writing it: the device could read 0 meanwhile).
-    words = mem.host_view_u16()
-    size, depth = q.size, len(slots)
+    ring = BulkRing(drv.queues[0], ram, mem.host_view_u16(), notify_fd, irq_fd)
+    q, depth = drv.queues[0], len(slots)
     rtype = VIRTIO_BLK_T_OUT if write else VIRTIO_BLK_T_IN
     data_flags = VIRTQ_DESC_F_NEXT | (0 if write else VIRTQ_DESC_F_WRITE)
     for i, (hdr, (data, bs), status) in enumerate(slots):
@@ -113,71 +109,37 @@ def _drive(mem: GuestMemory, drv: BlkDriver, slots: list[tuple[int, tuple[int, i
         BLK_HEADER.pack_into(ram, hdr, rtype, 0, 0)
     sector_at = [hdr + 8 for hdr, _data, _status in slots]
     status_at = [status for _hdr, _data, status in slots]
-    avail_ring, used_ring = q.avail + 4, q.used + 4
-    avail_idx_w, used_idx_w = (q.avail + 2) >> 1, (q.used + 2) >> 1
-    used_event_w, avail_event_w = (q.avail + 4 + 2 * size) >> 1, (q.used + 4 + 8 * size) >> 1
     n_sectors = len(sectors)
-    poll = select.poll()
-    poll.register(irq_fd, select.POLLIN)
     pos = done = 0
-    avail_idx = last_used = 0
 
     def post(batch: list[int]) -> None:
-        """Give these slots new sectors and make them available (after the first ``avail_idx``)."""
-        nonlocal pos, avail_idx
+        """Give these slots new sectors and make them available."""
+        nonlocal pos
         for slot in batch:
             _U64.pack_into(ram, sector_at[slot], sectors[pos])
             pos = pos + 1 if pos + 1 < n_sectors else 0
             ram[status_at[slot]] = 0xFF
-        first, k = avail_idx % size, len(batch)
-        heads = [3 * slot for slot in batch]
-        if first + k <= size:
-            struct.pack_into(f"<{k}H", ram, avail_ring + 2 * first, *heads)
-        else:
-            struct.pack_into(f"<{size - first}H", ram, avail_ring + 2 * first, *heads[:size - first])
-            struct.pack_into(f"<{first + k - size}H", ram, avail_ring, *heads[size - first:])
-        avail_idx = (avail_idx + k) & 0xFFFF
-        words[avail_idx_w] = avail_idx
+        ring.post([3 * slot for slot in batch])
 
     post(list(range(depth)))
     start = time.perf_counter()
     deadline = start + seconds
     os.eventfd_write(notify_fd, 1)
     while True:
-        used = words[used_idx_w]
-        if used == last_used and polling:
+        heads = ring.take_used()
+        if not heads:
+            if not polling:
+                ring.sleep(1000)
             continue
-        if used == last_used:
-            # As Linux does before it sleeps: ask for an interrupt at the next used entry, then
-            # look once more (the device may have used it before it saw the request).
-            words[used_event_w] = last_used
-            if words[used_idx_w] == last_used:
-                poll.poll(1000)
-                try:
-                    os.eventfd_read(irq_fd)
-                except BlockingIOError:
-                    pass
-            continue
-        k = (used - last_used) & 0xFFFF
-        first = last_used % size
-        if first + k <= size:
-            elems = struct.unpack_from(f"<{2 * k}I", ram, used_ring + 8 * first)
-        else:
-            elems = (struct.unpack_from(f"<{2 * (size - first)}I", ram, used_ring + 8 * first)
-                     + struct.unpack_from(f"<{2 * (first + k - size)}I", ram, used_ring))
-        batch = [head // 3 for head in elems[::2]]
+        batch = [head // 3 for head in heads]
         for slot in batch:
             if ram[status_at[slot]] != VIRTIO_BLK_S_OK:
                 os.write(report_fd, b"error a request failed\n")
                 return
-        last_used = used
-        done += k
-        old = avail_idx
+        done += len(batch)
+        old = ring.avail_idx
         post(batch)
-        # EVENT_IDX: kick only if the device asked for one at an entry we just made available.
-        event = words[avail_event_w]
-        if ((avail_idx - event - 1) & 0xFFFF) < ((avail_idx - old) & 0xFFFF):
-            os.eventfd_write(notify_fd, 1)
+        ring.kick_if_asked(old)
         now = time.perf_counter()
         if now >= deadline:
             os.write(report_fd, f"{done} {now - start}\n".encode())

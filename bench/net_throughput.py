@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))  # the checkout's package
 from pystratovirt.memory.guest import GuestMemory  # noqa: E402
 from pystratovirt.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, bit  # noqa: E402
 from pystratovirt.virtio.mmio import VirtioMmio  # noqa: E402
-from pystratovirt.virtio.mock_driver import VirtioDriver  # noqa: E402
+from pystratovirt.virtio.mock_driver import BulkRing, VirtioDriver  # noqa: E402
 from pystratovirt.virtio.net import HDR_LEN, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VirtioNet  # noqa: E402
 from pystratovirt.virtio.queue import VIRTQ_DESC_F_WRITE  # noqa: E402
 from pystratovirt.virtio.tap import Tap  # noqa: E402
@@ -132,30 +132,12 @@ def _guest(mem: GuestMemory, drv: VirtioDriver, qi: int, bufs: list[tuple[int, i
     used chain is re-posted at once, in bulk. Writes "<chains used> <elapsed>" to ``report_fd``."""
     q = drv.queues[qi]
     ram = mem.view(0, mem.regions[0].size)
-    words = mem.host_view_u16()   # ring indices: single 16-bit loads and stores
-    size = q.size
+    ring = BulkRing(q, ram, mem.host_view_u16(), notify_fd, irq_fd)
     flags = VIRTQ_DESC_F_WRITE if qi == 0 else 0
     for i, (addr, length) in enumerate(bufs):
         _DESC.pack_into(ram, q.desc + 16 * i, addr, length, flags, 0)
-    avail_ring, used_ring = q.avail + 4, q.used + 4
-    avail_idx_w, used_idx_w = (q.avail + 2) >> 1, (q.used + 2) >> 1
-    used_event_w, avail_event_w = (q.avail + 4 + 2 * size) >> 1, (q.used + 4 + 8 * size) >> 1
-    poll = select.poll()
-    poll.register(irq_fd, select.POLLIN)
-    avail_idx = last_used = done = 0
-
-    def post(heads) -> None:
-        nonlocal avail_idx
-        first, k = avail_idx % size, len(heads)
-        if first + k <= size:
-            struct.pack_into(f"<{k}H", ram, avail_ring + 2 * first, *heads)
-        else:
-            struct.pack_into(f"<{size - first}H", ram, avail_ring + 2 * first, *heads[:size - first])
-            struct.pack_into(f"<{first + k - size}H", ram, avail_ring, *heads[size - first:])
-        avail_idx = (avail_idx + k) & 0xFFFF
-        words[avail_idx_w] = avail_idx
-
-    post(list(range(len(bufs))))
+    done = 0
+    ring.post(list(range(len(bufs))))
     start = time.perf_counter()
     deadline = start + seconds
     os.eventfd_write(notify_fd, 1)
@@ -164,30 +146,14 @@ def _guest(mem: GuestMemory, drv: VirtioDriver, qi: int, bufs: list[tuple[int, i
         if now >= deadline:
             os.write(report_fd, f"{done} {now - start}\n".encode())
             return
-        used = words[used_idx_w]
-        if used == last_used:
-            words[used_event_w] = last_used   # interrupt at the next used chain, then look again
-            if words[used_idx_w] == last_used:
-                poll.poll(5)
-                try:
-                    os.eventfd_read(irq_fd)
-                except BlockingIOError:
-                    pass
+        heads = ring.take_used()
+        if not heads:
+            ring.sleep(5)   # interrupt at the next used chain
             continue
-        k = (used - last_used) & 0xFFFF
-        first = last_used % size
-        if first + k <= size:
-            elems = struct.unpack_from(f"<{2 * k}I", ram, used_ring + 8 * first)
-        else:
-            elems = (struct.unpack_from(f"<{2 * (size - first)}I", ram, used_ring + 8 * first)
-                     + struct.unpack_from(f"<{2 * (first + k - size)}I", ram, used_ring))
-        last_used = used
-        done += k
-        old = avail_idx
-        post(elems[::2])
-        event = words[avail_event_w]
-        if ((avail_idx - event - 1) & 0xFFFF) < ((avail_idx - old) & 0xFFFF):
-            os.eventfd_write(notify_fd, 1)
+        done += len(heads)
+        old = ring.avail_idx
+        ring.post(list(heads))
+        ring.kick_if_asked(old)
 
 
 def _sender(ns: Namespace, frame: bytes, seconds: float) -> subprocess.Popen:

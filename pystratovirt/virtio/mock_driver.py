@@ -26,7 +26,7 @@ from .device import (
     bit,
 )
 from .mmio import VirtioMmio
-from .queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from .queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, vring_need_event
 
 _DESC = struct.Struct("<QIHH")
 
@@ -306,3 +306,68 @@ def _pieces(addr: int, length: int, split: int | None) -> list[tuple[int, int]]:
     if not split:
         return [(addr, length)]
     return [(addr + off, min(split, length - off)) for off in range(0, length, split)]
+
+
+class BulkRing:
+    """One split ring driven in bulk from a view of guest RAM, as the benchmarks' driver
+    processes do (forked after :meth:`VirtioDriver.initialize`, so without the driver's
+    bookkeeping): heads made available in one write, used elements taken in one read, and Linux's
+    EVENT_IDX habits for kicks and interrupts.
+
+    ``ram`` views guest RAM from address 0 and ``words`` the same bytes as 16-bit words: the ring
+    indices are single 16-bit loads and stores, as a Linux driver's are (``struct.pack_into``
+    clears a field before it writes it, so the device could read 0 meanwhile)."""
+
+    def __init__(self, q: DriverQueue, ram: memoryview, words: memoryview, notify_fd: int, irq_fd: int):
+        self.ram, self.words, self.size = ram, words, q.size
+        self.notify_fd, self.irq_fd = notify_fd, irq_fd
+        self._avail_ring, self._used_ring = q.avail + 4, q.used + 4
+        self._avail_idx_w, self._used_idx_w = (q.avail + 2) >> 1, (q.used + 2) >> 1
+        self._used_event_w = (q.avail + 4 + 2 * q.size) >> 1
+        self._avail_event_w = (q.used + 4 + 8 * q.size) >> 1
+        self._poll = select.poll()
+        self._poll.register(irq_fd, select.POLLIN)
+        self.avail_idx = self.last_used = 0
+
+    def post(self, heads: list[int]) -> None:
+        """Make these chains available (one write of the entries, then the index)."""
+        size, first, k = self.size, self.avail_idx % self.size, len(heads)
+        if first + k <= size:
+            struct.pack_into(f"<{k}H", self.ram, self._avail_ring + 2 * first, *heads)
+        else:
+            struct.pack_into(f"<{size - first}H", self.ram, self._avail_ring + 2 * first, *heads[:size - first])
+            struct.pack_into(f"<{first + k - size}H", self.ram, self._avail_ring, *heads[size - first:])
+        self.avail_idx = (self.avail_idx + k) & 0xFFFF
+        self.words[self._avail_idx_w] = self.avail_idx
+
+    def kick_if_asked(self, old: int) -> None:
+        """EVENT_IDX: notify only if the device asked for it at an entry made available since
+        ``avail_idx`` was ``old``."""
+        if vring_need_event(self.words[self._avail_event_w], self.avail_idx, old):
+            os.eventfd_write(self.notify_fd, 1)
+
+    def take_used(self) -> tuple[int, ...]:
+        """The heads of the chains used since the last call (none: an empty tuple)."""
+        used = self.words[self._used_idx_w]
+        last = self.last_used
+        if used == last:
+            return ()
+        size, k, first = self.size, (used - last) & 0xFFFF, last % self.size
+        if first + k <= size:
+            elems = struct.unpack_from(f"<{2 * k}I", self.ram, self._used_ring + 8 * first)
+        else:
+            elems = (struct.unpack_from(f"<{2 * (size - first)}I", self.ram, self._used_ring + 8 * first)
+                     + struct.unpack_from(f"<{2 * (first + k - size)}I", self.ram, self._used_ring))
+        self.last_used = used
+        return elems[::2]
+
+    def sleep(self, timeout_ms: int) -> None:
+        """As Linux does before it sleeps: ask for an interrupt at the next used entry, look once
+        more (the device may have used it before it saw the request), then wait for it."""
+        self.words[self._used_event_w] = self.last_used
+        if self.words[self._used_idx_w] == self.last_used:
+            self._poll.poll(timeout_ms)
+            try:
+                os.eventfd_read(self.irq_fd)
+            except BlockingIOError:
+                pass
