@@ -11,7 +11,6 @@ checks its result, so a life cycle that "passes" really did each thing.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import time
@@ -19,7 +18,7 @@ import zlib
 from pathlib import Path
 
 from helpers.netns import NetNs, recv_from_guest
-from helpers.vmproc import Qmp, VmProcess, wait_for_path
+from helpers.vmproc import Qmp, VmProcess, probe_value, wait_for_path
 
 MiB = 1 << 20
 RAM = 256 * MiB
@@ -28,16 +27,6 @@ GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = bytes.fromhex("020000aabbcc")
 BALLOON_PATH = "/machine/peripheral/balloon"
 POOL = 0x2000000  # the probe's balloon pages start at 32 MiB
-
-
-def _kv(lines: list[str], key: str) -> str:
-    for ln in lines:
-        m = re.match(rf"{key}[:=] ?(.*)", ln)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no {key} in {lines}")
-
-
 
 
 def _ok(qmp: Qmp, command: str, arguments: dict | None = None) -> tuple[list[dict], object]:
@@ -88,9 +77,9 @@ class Lifecycle:
         assert vm is not None and qmp is not None
         # Boot disk: read, write, flush.
         data = self.root.read_bytes()
-        assert _kv(vm.command("blk 0 read 0 8", timeout), "crc32") == f"0x{zlib.crc32(data[:8 * SECTOR]):08x}"
-        assert _kv(vm.command("blk 0 write 100 2 5a", timeout), "status") == "0"
-        assert _kv(vm.command("blk 0 flush", timeout), "status") == "0"
+        assert probe_value(vm.command("blk 0 read 0 8", timeout), "crc32") == f"0x{zlib.crc32(data[:8 * SECTOR]):08x}"
+        assert probe_value(vm.command("blk 0 write 100 2 5a", timeout), "status") == "0"
+        assert probe_value(vm.command("blk 0 flush", timeout), "status") == "0"
         assert self.root.read_bytes()[100 * SECTOR:102 * SECTOR] == b"\x5a" * (2 * SECTOR)
 
         # Boot NIC: a frame each way.
@@ -127,19 +116,19 @@ class Lifecycle:
         _ok(qmp, "blockdev-add", {"node-name": "drive-1", "file": {"driver": "file", "filename": str(self.extra_disk)},
                                   "cache": {"direct": False}})
         _ok(qmp, "device_add", {"id": "drive-1", "driver": "virtio-blk-mmio", "addr": "0x1"})
-        assert _kv(vm.command("blk 1 wait-config 10000", timeout), "capacity") == str(len(extra) // SECTOR)
-        assert _kv(vm.command("blk 1 read 64 16", timeout), "crc32") == \
+        assert probe_value(vm.command("blk 1 wait-config 10000", timeout), "capacity") == str(len(extra) // SECTOR)
+        assert probe_value(vm.command("blk 1 read 64 16", timeout), "crc32") == \
             f"0x{zlib.crc32(extra[64 * SECTOR:80 * SECTOR]):08x}"
-        assert _kv(vm.command("blk 1 write 7 1 pattern", timeout), "status") == "0"
+        assert probe_value(vm.command("blk 1 write 7 1 pattern", timeout), "status") == "0"
         events, _ = _ok(qmp, "device_del", {"id": "drive-1"})
         assert [e["event"] for e in events] == ["DEVICE_DELETED"]
-        assert _kv(vm.command("blk 1 wait-config 10000", timeout), "capacity") == "0"
+        assert probe_value(vm.command("blk 1 wait-config 10000", timeout), "capacity") == "0"
 
         # NIC hot-plug into slot 1 (the tap is opened by name: /dev/net/tun), traffic, unplug.
         _ok(qmp, "netdev_add", {"id": "net-1", "ifname": "tap1"})
         _ok(qmp, "device_add", {"id": "net-1", "driver": "virtio-net-mmio", "addr": "0x1"})
         deadline = time.monotonic() + timeout
-        while _kv(vm.command("net 1 info", timeout), "link") != "up":
+        while probe_value(vm.command("net 1 info", timeout), "link") != "up":
             assert time.monotonic() < deadline, "the hot-plugged NIC's link never came up"
             time.sleep(0.1)
         peer = self.ns.packet_socket("tap1")

@@ -86,8 +86,6 @@ class NetNs:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-
-
 def recv_from_guest(s: socket.socket, ethertype: int, timeout: float = 10) -> bytes:
     """The next frame of ``ethertype`` on a packet socket (others are skipped)."""
     deadline = time.monotonic() + timeout

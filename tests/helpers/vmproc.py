@@ -167,6 +167,17 @@ class VmProcess:
         self.kill()
 
 
+def probe_value(lines: list[str], key: str, *, sep: str = r"[:=] ?", value: str = r".*") -> str:
+    """The value in the first of a probe command's reply lines that reads ``key``, ``sep``,
+    ``value`` (regular expressions; the probe answers "key: value" or "key=value"), or an
+    AssertionError naming what was missing."""
+    for ln in lines:
+        m = re.match(rf"{key}{sep}({value})", ln)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"no {key} in {lines}")
+
+
 def vmm_rss(pid: int) -> int:
     """The resident memory of a process, in bytes (``/proc/PID/smaps_rollup``)."""
     with open(f"/proc/{pid}/smaps_rollup") as f:

@@ -15,7 +15,7 @@ import zlib
 import pytest
 
 from helpers.netns import recv_from_guest
-from helpers.vmproc import STRATOVIRT, Qmp, VmProcess, run_stratovirt
+from helpers.vmproc import STRATOVIRT, Qmp, VmProcess, probe_value, run_stratovirt
 
 pytestmark = pytest.mark.kvm
 
@@ -26,14 +26,6 @@ UUID = "6e7b0e90-3b2e-4179-bc30-43d2b5b5964f"
 # StratoVirt's log line (util/src/logger.rs): what hydropper and Kata parse.
 LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{9}: \[(\d+)\]\[(\d+)\]\[[^\]]+: \d+\]:"
                       r"(ERROR|WARN|INFO|DEBUG|TRACE): (.*)$")
-
-
-def kv(lines: list[str], key: str) -> str:
-    for ln in lines:
-        m = re.match(rf"{key}[:=] ?(.*)", ln)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no {key} in {lines}")
 
 
 def base_argv(probe_elf, sock, *extra: str) -> list[str]:
@@ -62,27 +54,27 @@ def test_disk_from_drive_and_device_is_read_by_the_guest(probe_elf, tmp_path):
                      "-drive", f"id=spare,file={spare},direct=off")  # no -device: registered for hot-plug
     with boot(argv) as vm, Qmp(sock) as qmp:
         info = vm.command("blk 0 info")
-        assert kv(info, "capacity") == str(len(data) // SECTOR)
-        assert "serial=KATA-ROOT" in info and "RO" in kv(info, "features")
+        assert probe_value(info, "capacity") == str(len(data) // SECTOR)
+        assert "serial=KATA-ROOT" in info and "RO" in probe_value(info, "features")
         out = vm.command("blk 0 read 8 16")
-        assert kv(out, "crc32") == f"0x{zlib.crc32(data[8 * SECTOR:24 * SECTOR]):08x}"
-        assert kv(vm.command("blk 1 info"), "capacity") == "0"
+        assert probe_value(out, "crc32") == f"0x{zlib.crc32(data[8 * SECTOR:24 * SECTOR]):08x}"
+        assert probe_value(vm.command("blk 1 info"), "capacity") == "0"
 
         # The spare -drive waits as after blockdev-add: device_add plugs it by its drive id.
         assert qmp.execute("device_add", {"id": "virtio-blk1", "driver": "virtio-blk-mmio", "addr": "0x1",
                                           "drive": "spare"})[1] == {"return": {}}
         deadline = time.monotonic() + 10
-        while kv(vm.command("blk 1 info"), "capacity") == "0":
+        while probe_value(vm.command("blk 1 info"), "capacity") == "0":
             assert time.monotonic() < deadline
             time.sleep(0.1)
         out = vm.command("blk 1 read 0 4")
-        assert kv(out, "crc32") == f"0x{zlib.crc32(spare.read_bytes()[:4 * SECTOR]):08x}"
+        assert probe_value(out, "crc32") == f"0x{zlib.crc32(spare.read_bytes()[:4 * SECTOR]):08x}"
         qmp.execute("quit")
         assert vm.wait_exit() == 0
 
 
 def _frames_both_ways(vm: VmProcess, peer: socket.socket) -> None:
-    assert kv(vm.command("net 0 info"), "link") == "up"
+    assert probe_value(vm.command("net 0 info"), "link") == "up"
     vm.command(f"net 0 send {PEER_MAC.hex(':')} 88b5 200 5c")
     frame = recv_from_guest(peer, 0x88B5)
     assert frame[6:12] == bytes.fromhex(GUEST_MAC.replace(":", "")) and frame[14:] == b"\x5c" * 186

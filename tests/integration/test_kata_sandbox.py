@@ -45,6 +45,7 @@ import pytest
 from helpers.decoders import GO_CPU_INFO, go_decode
 from helpers.hvc import HvcConsole
 from helpers.netns import recv_from_guest
+from helpers.vmproc import probe_value
 
 pytestmark = pytest.mark.kvm
 
@@ -310,18 +311,9 @@ def kata_params(sandbox: str, vm_path: Path, kernel: str, image: Path, taps: lis
     return params
 
 
-def kv(lines: list[str], key: str) -> str:
-    for ln in lines:
-        m = re.match(rf"{key}[:=] ?(.*)", ln)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no {key} in {lines}")
-
-
-
 def frame_from_guest(hvc: HvcConsole, nic: int, peer: socket.socket, mac: str, fill: int) -> None:
-    assert kv(hvc.command(f"net {nic} info"), "link") == "up"
-    assert kv(hvc.command(f"net {nic} info"), "mac") == mac
+    assert probe_value(hvc.command(f"net {nic} info"), "link") == "up"
+    assert probe_value(hvc.command(f"net {nic} info"), "mac") == mac
     hvc.command(f"net {nic} send {PEER_MAC.hex(':')} 88b5 120 {fill:02x}")
     frame = recv_from_guest(peer, 0x88B5)
     assert frame[6:12] == bytes.fromhex(mac.replace(":", "")) and frame[14:] == bytes([fill]) * 106
@@ -376,9 +368,9 @@ def test_a_sandbox_life_as_katas_driver_runs_it(probe_elf, ns, tmp_path, vc_dir,
         with HvcConsole(vm_path / "console.socket") as hvc:
             hvc.wait_ready()
             assert f"cmdline: {KERNEL_PARAMS}" in " ".join(hvc.command("cmdline"))
-            assert kv(hvc.command("blk 0 read 16 8"), "crc32") == \
+            assert probe_value(hvc.command("blk 0 read 16 8"), "crc32") == \
                 f"0x{zlib.crc32(root_data[16 * SECTOR:24 * SECTOR]):08x}"
-            assert "RO" in kv(hvc.command("blk 0 info"), "features")
+            assert "RO" in probe_value(hvc.command("blk 0 info"), "features")
             assert "bytes=64" in hvc.command("rng read 64")[0]
             frame_from_guest(hvc, 0, peers[0], macs[0], 0x5a)   # the tap passed as fd 3
             frame_from_guest(hvc, 1, peers[1], macs[1], 0xa5)   # the tap opened by name
@@ -414,17 +406,17 @@ def test_a_sandbox_life_as_katas_driver_runs_it(probe_elf, ns, tmp_path, vc_dir,
                 b'{"arguments":{"addr":"1","drive":"' + drive.encode() + b'","driver":"virtio-blk-mmio","id":"' +
                 drive.encode() + b'","romfile":""},"execute":"device_add"}\n']
             # The guest sees vdb and reads it.
-            assert kv(hvc.command("blk 1 wait-config 10000"), "capacity") == str(len(data) // SECTOR)
-            assert kv(hvc.command("blk 1 read 2048 64"), "crc32") == \
+            assert probe_value(hvc.command("blk 1 wait-config 10000"), "capacity") == str(len(data) // SECTOR)
+            assert probe_value(hvc.command("blk 1 read 2048 64"), "crc32") == \
                 f"0x{zlib.crc32(data[2048 * SECTOR:2112 * SECTOR]):08x}"
-            assert kv(hvc.command("blk 1 write 4000 8 pattern"), "status") == "0"
+            assert probe_value(hvc.command("blk 1 write 4000 8 pattern"), "status") == "0"
             kata.get_thread_ids(2)                 # CreateContainer/StartContainer pin again
 
             # HotplugRemoveDevice: done only once the reply and DEVICE_DELETED are both in.
             kata.hotplug_remove_blk(drive, slot)
             assert qmp.sent[-1] == b'{"arguments":{"id":"' + drive.encode() + b'"},"execute":"device_del"}\n'
             assert [(e["event"], e["data"]["device"]) for e in qmp.events] == [("DEVICE_DELETED", drive)]
-            assert kv(hvc.command("blk 1 wait-config 10000"), "capacity") == "0"
+            assert probe_value(hvc.command("blk 1 wait-config 10000"), "capacity") == "0"
             assert qmp.unexpected == []
 
         # StopVM: qmpSetup (open: nothing sent), SIGKILL, no quit.

@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 
-from helpers.vmproc import Qmp, VmProcess, wait_for_path
+from helpers.vmproc import Qmp, VmProcess, probe_value, wait_for_path
 
 pytestmark = pytest.mark.kvm
 
@@ -30,14 +30,6 @@ def make_image(path, size: int, seed: int) -> bytes:
     data = bytes(((i * seed) >> 3) & 0xFF for i in range(size))
     path.write_bytes(data)
     return data
-
-
-def kv(lines: list[str], key: str) -> str:
-    for ln in lines:
-        m = re.match(rf"{key}[:=] ?(.*)", ln)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no {key} in {lines}")
 
 
 @pytest.fixture
@@ -61,25 +53,25 @@ def test_six_block_slots_and_boot_drive(probe_elf, disks):
         text = vm.serial()
         assert len(re.findall(r"virtio: \d base=0x[0-9a-f]+ irq=\d+ id=2 \(blk\)", text)) == 6
         info = vm.command("blk 0 info")
-        assert kv(info, "capacity") == str(len(data) // SECTOR)
+        assert probe_value(info, "capacity") == str(len(data) // SECTOR)
         assert "serial=SN-42" in info
-        assert "FLUSH" in kv(info, "features")
+        assert "FLUSH" in probe_value(info, "features")
         for slot in range(1, 6):  # empty slots are disks of capacity 0
-            assert kv(vm.command(f"blk {slot} info"), "capacity") == "0"
+            assert probe_value(vm.command(f"blk {slot} info"), "capacity") == "0"
 
 
 def test_guest_reads_host_data_and_host_sees_guest_writes(probe_elf, disks):
     tmp, root, data = disks
     with boot(probe_elf, tmp / "s", "-drive", f"file={root},id=rootfs,direct=off") as vm:
         out = vm.command("blk 0 read 0 8")
-        assert kv(out, "crc32") == f"0x{zlib.crc32(data[:8 * SECTOR]):08x}"
-        assert kv(out, "status") == "0"
+        assert probe_value(out, "crc32") == f"0x{zlib.crc32(data[:8 * SECTOR]):08x}"
+        assert probe_value(out, "status") == "0"
         out = vm.command("blk 0 read 2000 48")
-        assert kv(out, "crc32") == f"0x{zlib.crc32(data[2000 * SECTOR:2048 * SECTOR]):08x}"
+        assert probe_value(out, "crc32") == f"0x{zlib.crc32(data[2000 * SECTOR:2048 * SECTOR]):08x}"
 
-        assert kv(vm.command("blk 0 write 100 4 pattern"), "status") == "0"
-        assert kv(vm.command("blk 0 write 200 2 5a"), "status") == "0"
-        assert kv(vm.command("blk 0 flush"), "status") == "0"
+        assert probe_value(vm.command("blk 0 write 100 4 pattern"), "status") == "0"
+        assert probe_value(vm.command("blk 0 write 200 2 5a"), "status") == "0"
+        assert probe_value(vm.command("blk 0 flush"), "status") == "0"
         disk = root.read_bytes()
         assert disk[100 * SECTOR:104 * SECTOR] == pattern(100, 4)
         assert disk[200 * SECTOR:202 * SECTOR] == b"\x5a" * (2 * SECTOR)
@@ -90,10 +82,10 @@ def test_guest_reads_host_data_and_host_sees_guest_writes(probe_elf, disks):
         with open(root, "r+b") as f:
             f.seek(500 * SECTOR)
             f.write(fresh)
-        assert kv(vm.command("blk 0 read 500 4"), "crc32") == f"0x{zlib.crc32(fresh):08x}"
+        assert probe_value(vm.command("blk 0 read 500 4"), "crc32") == f"0x{zlib.crc32(fresh):08x}"
 
         # Past the end of the disk: an I/O error for the guest, nothing for the host file.
-        assert kv(vm.command("blk 0 read 2047 2"), "status") == "1"
+        assert probe_value(vm.command("blk 0 read 2047 2"), "status") == "1"
 
 
 def test_direct_io_drive(probe_elf, tmp_path):
@@ -105,8 +97,8 @@ def test_direct_io_drive(probe_elf, tmp_path):
         with open(img, "wb") as f:
             f.write(b"\0" * (1 << 20))
         with boot(probe_elf, tmp_path / "s", "-drive", f"file={img},id=d0,direct=on") as vm:
-            assert kv(vm.command("blk 0 write 3 5 pattern"), "status") == "0"
-            assert kv(vm.command("blk 0 read 3 5"), "crc32") == f"0x{zlib.crc32(pattern(3, 5)):08x}"
+            assert probe_value(vm.command("blk 0 write 3 5 pattern"), "status") == "0"
+            assert probe_value(vm.command("blk 0 read 3 5"), "crc32") == f"0x{zlib.crc32(pattern(3, 5)):08x}"
             vm.send("reboot\n")
             assert vm.wait_exit(30) == 0
         with open(img, "rb") as f:
@@ -120,8 +112,8 @@ def test_direct_io_drive(probe_elf, tmp_path):
 def test_read_only_drive_refuses_writes(probe_elf, disks):
     tmp, root, data = disks
     with boot(probe_elf, tmp / "s", "-drive", f"file={root},id=rootfs,readonly=on,direct=off") as vm:
-        assert "RO" in kv(vm.command("blk 0 info"), "features").split()
-        assert kv(vm.command("blk 0 write 0 1 ff force"), "status") == "1"
+        assert "RO" in probe_value(vm.command("blk 0 info"), "features").split()
+        assert probe_value(vm.command("blk 0 write 0 1 ff force"), "status") == "1"
     assert root.read_bytes() == data
 
 
@@ -129,7 +121,7 @@ def test_quit_flushes_guest_writes(probe_elf, disks):
     tmp, root, _ = disks
     sock = tmp / "s"
     with boot(probe_elf, sock, "-drive", f"file={root},id=rootfs,direct=off") as vm, Qmp(sock) as qmp:
-        assert kv(vm.command("blk 0 write 40 8 pattern"), "status") == "0"
+        assert probe_value(vm.command("blk 0 write 40 8 pattern"), "status") == "0"
         qmp.execute("quit")
         assert vm.wait_exit(30) == 0
     assert root.read_bytes()[40 * SECTOR:48 * SECTOR] == pattern(40, 8)
@@ -148,25 +140,25 @@ def test_hot_plug_and_unplug(probe_elf, disks):
         reply = qmp.execute("device_add", {"id": "drive-0", "driver": "virtio-blk-mmio", "addr": "0x1"})[1]
         assert reply == {"return": {}}
         out = vm.command("blk 1 wait-config 10000")
-        assert kv(out, "capacity") == str(len(extra_data) // SECTOR)
+        assert probe_value(out, "capacity") == str(len(extra_data) // SECTOR)
         expected_crc = zlib.crc32(extra_data[6000 * SECTOR:6016 * SECTOR])
-        assert kv(vm.command("blk 1 read 6000 16"), "crc32") == f"0x{expected_crc:08x}"
-        assert kv(vm.command("blk 1 write 7 1 pattern"), "status") == "0"
+        assert probe_value(vm.command("blk 1 read 6000 16"), "crc32") == f"0x{expected_crc:08x}"
+        assert probe_value(vm.command("blk 1 write 7 1 pattern"), "status") == "0"
 
         events, reply = qmp.execute("device_del", {"id": "drive-0"})
         assert reply == {"return": {}}
         assert [(e["event"], e["data"]) for e in events] == [
             ("DEVICE_DELETED", {"device": "drive-0", "path": "drive-0"})]
-        assert kv(vm.command("blk 1 wait-config 10000"), "capacity") == "0"
+        assert probe_value(vm.command("blk 1 wait-config 10000"), "capacity") == "0"
         assert extra.read_bytes()[7 * SECTOR:8 * SECTOR] == pattern(7, 1)  # flushed on unplug
 
         # The slot can be used again, with lun (lun 0 is vdb, i.e. slot 1).
         qmp.execute("blockdev-add", {"node-name": "drive-1", "file": {"driver": "file", "filename": str(extra)},
                                      "cache": {"direct": False}})
         assert qmp.execute("device_add", {"id": "drive-1", "driver": "virtio-blk-mmio", "lun": 0})[1] == {"return": {}}
-        assert kv(vm.command("blk 1 wait-config 10000"), "capacity") == str(len(extra_data) // SECTOR)
+        assert probe_value(vm.command("blk 1 wait-config 10000"), "capacity") == str(len(extra_data) // SECTOR)
         # The other disk was never disturbed.
-        assert kv(vm.command("blk 0 info"), "capacity") == str((1 << 20) // SECTOR)
+        assert probe_value(vm.command("blk 0 info"), "capacity") == str((1 << 20) // SECTOR)
 
 
 def test_hot_plug_errors_leave_the_vm_untouched(probe_elf, disks):
@@ -200,13 +192,13 @@ def test_hot_plug_errors_leave_the_vm_untouched(probe_elf, disks):
         _, reply = qmp.execute("device_del", {"id": "nothing"})
         assert reply["error"] == {"class": "DeviceNotFound", "desc": "Device nothing not found"}
         # Nothing changed: the root disk still reads its data, the other slots are empty.
-        assert kv(vm.command("blk 0 read 0 4"), "crc32") == f"0x{zlib.crc32(data[:4 * SECTOR]):08x}"
+        assert probe_value(vm.command("blk 0 read 0 4"), "crc32") == f"0x{zlib.crc32(data[:4 * SECTOR]):08x}"
         for slot in range(1, 6):
-            assert kv(vm.command(f"blk {slot} info"), "capacity") == "0"
+            assert probe_value(vm.command(f"blk {slot} info"), "capacity") == "0"
         # And the registered backend still plugs in fine afterwards.
         reply = qmp.execute("device_add", {"id": "drive-9", "driver": "virtio-blk-mmio", "addr": "0x5"})[1]
         assert reply == {"return": {}}
-        assert kv(vm.command("blk 5 wait-config 10000"), "capacity") == str((1 << 20) // SECTOR)
+        assert probe_value(vm.command("blk 5 wait-config 10000"), "capacity") == str((1 << 20) // SECTOR)
 
 
 def test_permission_denied_is_a_clear_error(probe_elf, tmp_path):
@@ -299,7 +291,7 @@ def test_host_io_errors_reach_qmp_as_block_io_error(probe_elf, tmp_path, tiny_tm
             # Fill the host file system: 32 KiB per request until the host says no.
             sector, failed_at = 0, None
             while sector < 1024:
-                if kv(vm.command(f"blk 0 write {sector} 64 pattern"), "status") != "0":
+                if probe_value(vm.command(f"blk 0 write {sector} 64 pattern"), "status") != "0":
                     failed_at = sector
                     break
                 sector += 64
@@ -312,7 +304,7 @@ def test_host_io_errors_reach_qmp_as_block_io_error(probe_elf, tmp_path, tiny_tm
             # A guest that keeps failing for ~3 s: one event per second, never one per error.
             started, failures = time.monotonic(), 0
             while time.monotonic() - started < 3.0:
-                assert kv(vm.command(f"blk 0 write {failed_at + 64} 8 a5"), "status") == "1"
+                assert probe_value(vm.command(f"blk 0 write {failed_at + 64} 8 a5"), "status") == "1"
                 failures += 1
             burst = io_errors(qmp, [], 2.5)   # the last window's held report comes at its end
             assert failures >= 10, failures
@@ -322,7 +314,7 @@ def test_host_io_errors_reach_qmp_as_block_io_error(probe_elf, tmp_path, tiny_tm
             assert all(e["data"]["nospace"] and e["data"]["device"] == "disk-full" for e in burst)
 
             # Reads of what was written still work; the VM runs on.
-            assert kv(vm.command("blk 0 read 0 64"), "crc32") == f"0x{zlib.crc32(pattern(0, 64)):08x}"
+            assert probe_value(vm.command("blk 0 read 0 64"), "crc32") == f"0x{zlib.crc32(pattern(0, 64)):08x}"
             assert qmp.execute("query-status")[1]["return"]["status"] == "running"
             qmp.execute("quit")
         assert vm.wait_exit() == 0

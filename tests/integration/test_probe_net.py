@@ -8,20 +8,18 @@ outside the namespace is ever used.
 from __future__ import annotations
 
 import os
-import re
 import time
 import zlib
 
 import pytest
 
 from helpers.netns import NetNs, recv_from_guest
-from helpers.vmproc import Qmp, VmProcess, wait_for_path
+from helpers.vmproc import Qmp, VmProcess, probe_value, wait_for_path
 
 pytestmark = pytest.mark.kvm
 
 GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = bytes.fromhex("020000aabbcc")
-
 
 
 def boot(probe_elf, ns: NetNs, sock, *args) -> VmProcess:
@@ -32,22 +30,13 @@ def boot(probe_elf, ns: NetNs, sock, *args) -> VmProcess:
     return vm
 
 
-
-def kv(lines, key):
-    for ln in lines:
-        m = re.match(rf"{key}: (.*)", ln)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no {key} in {lines}")
-
-
 def test_frames_both_ways_on_a_boot_nic(probe_elf, ns, tmp_path):
     ns.add_tap("tap0")
     peer = ns.packet_socket("tap0")
     with boot(probe_elf, ns, tmp_path / "s", "-netdev", f"id=net0,netdev=tap0,mac={GUEST_MAC}") as vm:
         info = vm.command("net 0 info")
-        assert kv(info, "mac") == GUEST_MAC and kv(info, "link") == "up"
-        assert kv(vm.command("net 1 info"), "link") == "down"  # the empty slot
+        assert probe_value(info, "mac", sep=": ") == GUEST_MAC and probe_value(info, "link", sep=": ") == "up"
+        assert probe_value(vm.command("net 1 info"), "link", sep=": ") == "down"  # the empty slot
 
         # Guest -> host: exact bytes, MAC and length.
         vm.command(f"net 0 send {PEER_MAC.hex(':')} 88b5 300 a7")
@@ -72,12 +61,12 @@ def test_nic_hot_plug_traffic_and_unplug(probe_elf, ns, tmp_path):
     ns.add_tap("tap1")
     sock = tmp_path / "s"
     with boot(probe_elf, ns, sock, "-netdev", "id=net0,netdev=tap0") as vm, Qmp(sock) as qmp:
-        assert kv(vm.command("net 1 info"), "link") == "down"
+        assert probe_value(vm.command("net 1 info"), "link", sep=": ") == "down"
         assert qmp.execute("netdev_add", {"id": "net-1", "ifname": "tap1"})[1] == {"return": {}}
         reply = qmp.execute("device_add", {"id": "net-1", "driver": "virtio-net-mmio", "addr": "0x1"})[1]
         assert reply == {"return": {}}
         deadline = time.monotonic() + 10
-        while kv(vm.command("net 1 info"), "link") != "up":
+        while probe_value(vm.command("net 1 info"), "link", sep=": ") != "up":
             assert time.monotonic() < deadline
             time.sleep(0.1)
         peer = ns.packet_socket("tap1")
@@ -87,7 +76,7 @@ def test_nic_hot_plug_traffic_and_unplug(probe_elf, ns, tmp_path):
         events, reply = qmp.execute("device_del", {"id": "net-1"})
         assert reply == {"return": {}}
         assert [(e["event"], e["data"]) for e in events] == [("DEVICE_DELETED", {"device": "net-1", "path": "net-1"})]
-        assert kv(vm.command("net 1 info"), "link") == "down"
+        assert probe_value(vm.command("net 1 info"), "link", sep=": ") == "down"
         peer.close()
 
         # Errors: each leaves the VM as it was.
@@ -102,7 +91,7 @@ def test_nic_hot_plug_traffic_and_unplug(probe_elf, ns, tmp_path):
             "Index 2 is out of bounds 2 for net to add replaceable device"
         assert "already used" in error("device_add", {"id": "net-2", "driver": "virtio-net-mmio", "addr": "0x0"})
         assert error("netdev_add", {"id": "net-2", "ifname": "tap1"}) == "Add the id net-2 repeatedly"
-        assert kv(vm.command("net 0 info"), "link") == "up"
+        assert probe_value(vm.command("net 0 info"), "link", sep=": ") == "up"
 
 
 def test_tap_deleted_under_running_vm(probe_elf, ns, tmp_path):
@@ -149,7 +138,7 @@ def test_nic_hot_plug_by_descriptor(probe_elf, ns, tmp_path):
                                                    "addr": hex(slot)})[1]
                 assert reply == {"return": {}}
             deadline = time.monotonic() + 10
-            while any(kv(vm.command(f"net {slot} info"), "link") != "up" for slot in (0, 1)):
+            while any(probe_value(vm.command(f"net {slot} info"), "link", sep=": ") != "up" for slot in (0, 1)):
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
 
@@ -159,7 +148,7 @@ def test_nic_hot_plug_by_descriptor(probe_elf, ns, tmp_path):
                 frame = recv_from_guest(peer, 0x88B5)
                 assert len(frame) == 100 + slot and frame[14:] == bytes([0x50 + slot]) * (86 + slot)
                 vm.command(f"net {slot} drain")
-                mac = bytes.fromhex(kv(vm.command(f"net {slot} info"), "mac").replace(":", ""))
+                mac = bytes.fromhex(probe_value(vm.command(f"net {slot} info"), "mac", sep=": ").replace(":", ""))
                 assert frame[6:12] == mac
                 out_frame = mac + PEER_MAC + b"\x88\xb6" + os.urandom(200)
                 peer.send(out_frame)
@@ -169,8 +158,8 @@ def test_nic_hot_plug_by_descriptor(probe_elf, ns, tmp_path):
 
             # Unplugging the first leaves the second working.
             assert qmp.execute("device_del", {"id": "net-0"})[1] == {"return": {}}
-            assert kv(vm.command("net 0 info"), "link") == "down"
-            assert kv(vm.command("net 1 info"), "link") == "up"
+            assert probe_value(vm.command("net 0 info"), "link", sep=": ") == "down"
+            assert probe_value(vm.command("net 1 info"), "link", sep=": ") == "up"
     finally:
         inherited.close()
         sent.close()

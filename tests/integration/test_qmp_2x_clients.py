@@ -6,13 +6,12 @@ Source of every message: ../shared/reference/stratovirt-2x-clients.md §1.6, §3
 from __future__ import annotations
 
 import os
-import re
 import zlib
 
 import pytest
 
 from helpers.decoders import GO_CPU_INFO, GO_STATUS, go_decode, serde_cpu_infos, serde_status
-from helpers.vmproc import Qmp, VmProcess, wait_for_path
+from helpers.vmproc import Qmp, VmProcess, probe_value, wait_for_path
 
 pytestmark = pytest.mark.kvm
 
@@ -28,14 +27,6 @@ def image():
         f.write(data)
     yield path, data
     os.unlink(path)
-
-
-def kv(lines, key):
-    for ln in lines:
-        m = re.match(rf"{key}: (.*)", ln)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no {key} in {lines}")
 
 
 def exchange(qmp: Qmp, line: bytes) -> tuple[list[dict], dict]:
@@ -73,8 +64,8 @@ def test_kata_and_kuasar_transcripts(probe_elf, tmp_path, image):
             dev = (b'{"arguments":{"addr":"1","drive":"drive-abc","driver":"virtio-blk-mmio",'
                    b'"id":"drive-abc","romfile":""},"execute":"device_add"}\n')
             assert exchange(qmp, dev)[1] == {"return": {}}
-            assert kv(vm.command("blk 1 wait-config 10000"), "capacity") == str(len(data) // SECTOR)
-            assert kv(vm.command("blk 1 read 100 8"), "crc32") == \
+            assert probe_value(vm.command("blk 1 wait-config 10000"), "capacity", sep=": ") == str(len(data) // SECTOR)
+            assert probe_value(vm.command("blk 1 read 100 8"), "crc32", sep=": ") == \
                 f"0x{zlib.crc32(data[100 * SECTOR:108 * SECTOR]):08x}"
             events, reply = exchange(qmp, b'{"arguments":{"id":"drive-abc"},"execute":"device_del"}\n')
             assert reply == {"return": {}}
@@ -88,10 +79,10 @@ def test_kata_and_kuasar_transcripts(probe_elf, tmp_path, image):
             dev = (b'{"arguments":{"addr":"2","drive":"d2","driver":"virtio-blk-pci","id":"d2",'
                    b'"romfile":"","share-rw":"on"},"execute":"device_add"}\n')
             assert exchange(qmp, dev)[1] == {"return": {}}
-            assert kv(vm.command("blk 2 wait-config 10000"), "capacity") == str(len(data) // SECTOR)
+            assert probe_value(vm.command("blk 2 wait-config 10000"), "capacity", sep=": ") == str(len(data) // SECTOR)
             # read-only is honoured (the slot's features were fixed at boot, so the guest learns
             # it from the refused write, not from VIRTIO_BLK_F_RO).
-            assert kv(vm.command("blk 2 write 0 1 ff force"), "status") == "1"
+            assert probe_value(vm.command("blk 2 write 0 1 ff force"), "status", sep=": ") == "1"
             assert exchange(qmp, b'{"arguments":{"id":"d2"},"execute":"device_del"}\n')[1] == \
                 {"return": {}}
 

@@ -17,7 +17,7 @@ import zlib
 import pytest
 
 from helpers.netns import recv_from_guest
-from helpers.vmproc import Qmp, VmProcess, run_stratovirt, wait_for_path
+from helpers.vmproc import Qmp, VmProcess, probe_value, run_stratovirt, wait_for_path
 from pystratovirt.cpu import pvm
 
 pytestmark = pytest.mark.kvm
@@ -27,6 +27,11 @@ SECTOR = 512
 AREA = 0x4000000            # 64 MiB: free RAM above the probe (loaded at 16 MiB)
 GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = bytes.fromhex("020000aabbcc")
+
+
+def kv(lines: list[str], key: str) -> str:
+    """A probe reply's value up to its first space (one line may carry several key=value pairs)."""
+    return probe_value(lines, key, value=r"\S*")
 
 
 def start(probe_elf, sock, *extra, ready: bool = True, prefix=None) -> VmProcess:
@@ -54,14 +59,6 @@ def snapshot_and_quit(vm: VmProcess, sock, directory) -> dict:
 def restore(probe_elf, sock, directory, *extra, prefix=None) -> VmProcess:
     vm = start(probe_elf, sock, *extra, "-incoming", f"file:{directory}", ready=False, prefix=prefix)
     return vm
-
-
-def kv(lines, key):
-    for ln in lines:
-        m = re.match(rf"{key}[:=] ?(\S*)", ln)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no {key} in {lines}")
 
 
 def ticks(vm) -> int:
