@@ -57,7 +57,7 @@ from pystratovirt.memory.guest import GuestMemory  # noqa: E402
 from pystratovirt.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlk  # noqa: E402
 from pystratovirt.virtio.block_backend import BackendError, DriveConfig, FileBackend  # noqa: E402
 from pystratovirt.virtio.mmio import IO_POLL, VirtioMmio  # noqa: E402
-from pystratovirt.virtio.mock_driver import BLK_HEADER, BlkDriver, BulkRing  # noqa: E402
+from pystratovirt.virtio.mock_driver import BLK_HEADER, BlkDriver, BulkRing, DriverProcess  # noqa: E402
 from pystratovirt.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -168,33 +168,10 @@ def run_device(path: str, direct: bool, bs: int, rand: bool, write: bool, depth:
             slots.append((hdr, (data, bs), status))
         sectors = [off >> 9 for off in offsets(file_size, bs, rand)]
         (notify_fd, _), = transport.notify_eventfds()
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()   # before the I/O thread exists: the child is single-threaded
-        if pid == 0:
-            code = 0
-            try:
-                os.close(read_fd)
-                _drive(mem, drv, slots, write, sectors, seconds, notify_fd, transport.irq_eventfd, write_fd,
-                       polling)
-            except BaseException as exc:
-                os.write(write_fd, f"error {exc!r}\n".encode())
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(write_fd)
+        driver = DriverProcess(lambda report_fd: _drive(mem, drv, slots, write, sectors, seconds, notify_fd,
+                                                        transport.irq_eventfd, report_fd, polling))
         transport.start()
-        try:
-            report = b""
-            while chunk := os.read(read_fd, 256):
-                report += chunk
-        finally:
-            os.close(read_fd)
-            _, status = os.waitpid(pid, 0)
-        text = report.decode().strip()
-        if not text or text.startswith("error"):
-            raise RuntimeError(f"the benchmark driver failed: {text or 'no report'} (status {status})")
-        n, elapsed = text.split()
-        return int(n), float(elapsed)
+        return driver.result()
     finally:
         transport.close(timeout=10)
         mem.close()

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))  # the checkout's package
 from pystratovirt.memory.guest import GuestMemory  # noqa: E402
 from pystratovirt.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, bit  # noqa: E402
 from pystratovirt.virtio.mmio import VirtioMmio  # noqa: E402
-from pystratovirt.virtio.mock_driver import BulkRing, VirtioDriver  # noqa: E402
+from pystratovirt.virtio.mock_driver import BulkRing, DriverProcess, VirtioDriver  # noqa: E402
 from pystratovirt.virtio.net import HDR_LEN, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VirtioNet  # noqa: E402
 from pystratovirt.virtio.queue import VIRTQ_DESC_F_WRITE  # noqa: E402
 from pystratovirt.virtio.tap import Tap  # noqa: E402
@@ -184,33 +184,12 @@ def one_run(ns: Namespace, direction: str, size: int, seconds: float) -> dict:
                 mem.write(addr, bytes(HDR_LEN) + frame)
             bufs.append((addr, length))
         (notify_fd, _), = [(fd, i) for fd, i in t.notify_eventfds() if i == qi]
-        read_fd, write_fd = os.pipe()
         before = ns.tap_stats()
-        pid = os.fork()   # before the I/O thread exists: the child is single-threaded
-        if pid == 0:
-            code = 0
-            try:
-                os.close(read_fd)
-                _guest(mem, drv, qi, bufs, seconds, notify_fd, t.irq_eventfd, write_fd)
-            except BaseException as exc:
-                os.write(write_fd, f"error {exc!r}\n".encode())
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(write_fd)
+        driver = DriverProcess(lambda report_fd: _guest(mem, drv, qi, bufs, seconds, notify_fd, t.irq_eventfd,
+                                                         report_fd))
         t.start()
         sender = _sender(ns, frame, seconds) if direction == "RX" else None
-        try:
-            report = b""
-            while chunk := os.read(read_fd, 256):
-                report += chunk
-        finally:
-            os.close(read_fd)
-            os.waitpid(pid, 0)
-        text = report.decode().strip()
-        if not text or text.startswith("error"):
-            raise RuntimeError(f"the benchmark driver failed: {text or 'no report'}")
-        done, elapsed = int(text.split()[0]), float(text.split()[1])
+        done, elapsed = driver.result()
         time.sleep(0.05)
         after = ns.tap_stats()
         if direction == "TX":

@@ -12,6 +12,7 @@ import os
 import select
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..memory.guest import GuestMemory
@@ -371,3 +372,41 @@ class BulkRing:
                 os.eventfd_read(self.irq_fd)
             except BlockingIOError:
                 pass
+
+
+class DriverProcess:
+    """A benchmark's driver in a process of its own, as a guest runs on its own vCPUs: forked at
+    construction (before the device's I/O thread exists, so the child is single-threaded), it
+    runs ``drive(report_fd)``, which writes "<count> <elapsed seconds>" to the pipe;
+    :meth:`result` waits for it. Guest RAM must be shared with the child (``GuestMemory.shared``)."""
+
+    def __init__(self, drive: Callable[[int], None]):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(read_fd)
+                drive(write_fd)
+            except BaseException as exc:
+                os.write(write_fd, f"error {exc!r}\n".encode())
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        self.pid, self._read_fd = pid, read_fd
+
+    def result(self) -> tuple[int, float]:
+        """The child's count and elapsed seconds, once it has exited; RuntimeError if it failed."""
+        try:
+            report = b""
+            while chunk := os.read(self._read_fd, 256):
+                report += chunk
+        finally:
+            os.close(self._read_fd)
+            _, status = os.waitpid(self.pid, 0)
+        text = report.decode().strip()
+        if not text or text.startswith("error"):
+            raise RuntimeError(f"the benchmark driver failed: {text or 'no report'} (status {status})")
+        count, elapsed = text.split()
+        return int(count), float(elapsed)
