@@ -10,11 +10,10 @@ Linux's hvc0.
 from __future__ import annotations
 
 import re
-import socket
 import time
 from pathlib import Path
 
-from helpers.vmproc import wait_for_path
+from helpers.vmproc import connect_unix
 
 _RESULT = re.compile(rb"(?m)^(ok|error: [^\n]*)\n")
 
@@ -23,18 +22,7 @@ class HvcConsole:
     """A client of the console socket: ``command(line)`` runs one probe command."""
 
     def __init__(self, path: str | Path, timeout: float = 30.0):
-        wait_for_path(path, timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except ConnectionRefusedError:   # bound, not listening yet
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        self.sock = connect_unix(path, timeout)
         self.sock.settimeout(timeout)
         self.buf = b""
 

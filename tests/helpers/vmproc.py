@@ -200,24 +200,29 @@ def wait_for_path(path: str | Path, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def connect_unix(path: str | Path, timeout: float = 30.0) -> socket.socket:
+    """A stream socket connected to ``path`` once the VMM listens there: the file exists from
+    bind() on, and listen() follows a moment later."""
+    wait_for_path(path, timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except ConnectionRefusedError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Qmp:
     """A raw QMP connection: exact bytes in, parsed messages out."""
 
     def __init__(self, path: str | Path, timeout: float = 30.0):
-        wait_for_path(path, timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            try:
-                self.sock.connect(str(path))
-                break
-            except ConnectionRefusedError:
-                # The file exists from bind() on; listen() follows a moment later.
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        self.sock = connect_unix(path, timeout)
+        self.sock.settimeout(timeout)
         self.buf = b""
         self.greeting_line = self.read_line()
         self.greeting = json.loads(self.greeting_line)

@@ -21,13 +21,12 @@ What is observed without guest user space:
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 
 import pytest
 
-from helpers.vmproc import Qmp, VmProcess, wait_for_path
+from helpers.vmproc import Qmp, VmProcess, connect_unix, wait_for_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
@@ -56,16 +55,7 @@ def boot(lean_guest, tmp_path_factory):
     received = bytearray()
     try:
         wait_for_path(con, 60)
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.connect(str(con))
-                break
-            except ConnectionRefusedError:   # bound, not yet listening
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        client = connect_unix(con, 10)
 
         def pump() -> None:
             while chunk := client.recv(65536):
